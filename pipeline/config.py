@@ -78,6 +78,8 @@ class TrainConfig:
     num_threads: int = 0  # 0 = torch default
     num_workers: int = 0
     max_train_batches: int = 0  # 0 = all; >0 caps each epoch (tests, smoke runs)
+    flip_default: str = "h"  # flips for classes not in flip_policy: both | h | v | none
+    flip_policy: dict = field(default_factory=dict)  # class -> both | h | v | none (orientation matters for some)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return tuple(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {unicodedata.normalize("NFC", str(k)): v for k, v in value.items()}
     return value
 
 
@@ -168,7 +174,8 @@ def _build(section: str, cls: type, raw: Any) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{key} is required")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else ""
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
         kwargs[name] = _coerce(key, raw[name], default)
     return cls(**kwargs)
 
@@ -188,6 +195,11 @@ def _check(cfg: Config) -> None:
     freeze = cfg.model.freeze
     if not (freeze in ("none", "backbone") or (freeze.startswith("all_but_last:") and freeze.split(":")[1].isdigit())):
         raise ConfigError(f"model.freeze must be none, backbone or all_but_last:N, got {freeze!r}")
+    flips = ("both", "h", "v", "none")
+    for cls_, flip in [("train.flip_default", cfg.train.flip_default),
+                       *((f"train.flip_policy.{c}", f) for c, f in cfg.train.flip_policy.items())]:
+        if flip not in flips:
+            raise ConfigError(f"{cls_} must be one of {flips}, got {flip!r}")
     if not cfg.bag.seeds:
         raise ConfigError("bag.seeds must list at least one seed")
     if not cfg.data.landing_uri.startswith("s3://"):

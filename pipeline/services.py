@@ -169,11 +169,11 @@ def start_s3(stack: Stack) -> None:
     env = _s3_env()
     base = stack.s3_port
     # weed mini opens many listeners; derive them all from S3_PORT and switch off what we do not use.
-    ports = {"master": base + 1, "volume": base + 2, "filer": base + 3}
+    ports = {"master": base + 1, "volume": base + 2, "filer": base + 3, "admin": base + 4}
     for port in [base, *ports.values(), *(p + 10000 for p in ports.values()), base + 10000]:
         if port_busy(stack.host, port):
             raise ServiceError(f"port {port} on {stack.host} is busy; SeaweedFS needs S3_PORT={base} and "
-                               f"{base + 1}-{base + 3} (+10000 for gRPC): stop what holds it or set S3_PORT")
+                               f"{base + 1}-{base + 4} (+10000 for gRPC): stop what holds it or set S3_PORT")
     data_dir = stack.root / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [_bin("weed"), "mini", f"-dir={data_dir}", f"-ip={stack.host}", f"-ip.bind={stack.host}",
@@ -181,6 +181,7 @@ def start_s3(stack: Stack) -> None:
            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master'] + 10000}",
            f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume'] + 10000}",
            f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer'] + 10000}",
+           f"-admin.port={base + 4}", f"-admin.port.grpc={base + 10004}",
            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
     _logger.info("starting SeaweedFS S3 on %s", stack.s3_url)
     _spawn(stack, "seaweedfs", cmd, env)
@@ -217,9 +218,10 @@ def migrate_airflow() -> None:
     if marker.exists() and (home / "airflow.db").exists():
         return
     _logger.info("migrating the Airflow database in %s", home)
-    out = subprocess.run([_bin("airflow"), "db", "migrate"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise ServiceError(f"`airflow db migrate` failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    for cmd in (["db", "migrate"], ["pools", "set", "dvc_workspace", "1", "one dvc repro per DVC workspace"]):
+        out = subprocess.run([_bin("airflow"), *cmd], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise ServiceError(f"`airflow {' '.join(cmd)}` failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     marker.write_text("ok\n")
 
 

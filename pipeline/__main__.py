@@ -1,0 +1,169 @@
+"""Command line: ``python -m pipeline <stage> [options]``; one subcommand per DVC stage plus helpers.
+
+A :class:`PipelineError` (bad params, unreachable S3/MLflow, failed validation) prints one
+``error: ...`` line and exits with code 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+
+def _params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="sync the landing prefix into data/raw")
+    _params(p)
+    p.add_argument("--raw-dir", type=Path, default=Path("data/raw"))
+    p.add_argument("--manifest", type=Path, default=Path("data/manifest.csv"))
+    p.add_argument("--rejects", type=Path, default=Path("data/ingest_rejects.csv"))
+
+    p = sub.add_parser("validate", help="Great Expectations rules; quarantine bad files")
+    _params(p)
+    p.add_argument("--raw-dir", type=Path, default=Path("data/raw"))
+    p.add_argument("--manifest", type=Path, default=Path("data/manifest.csv"))
+    p.add_argument("--rejects", type=Path, default=Path("data/ingest_rejects.csv"))
+    p.add_argument("--validated", type=Path, default=Path("data/validated.csv"))
+    p.add_argument("--quarantine", type=Path, default=Path("data/quarantine.csv"))
+    p.add_argument("--report", type=Path, default=Path("reports/validation.json"))
+    p.add_argument("--docs-dir", type=Path, default=None, help="write GX Data Docs (HTML) here")
+
+    p = sub.add_parser("split", help="stratified, duplicate-aware train/val/test split")
+    _params(p)
+    p.add_argument("--validated", type=Path, default=Path("data/validated.csv"))
+    p.add_argument("--split", type=Path, default=Path("data/split.csv"))
+    p.add_argument("--report", type=Path, default=Path("reports/split.json"))
+
+    p = sub.add_parser("train", help="train one bag member")
+    _params(p)
+    p.add_argument("--split", type=Path, default=Path("data/split.csv"))
+    p.add_argument("--raw-dir", type=Path, default=Path("data/raw"))
+    p.add_argument("--member", type=int, required=True, help="bag member = its seed")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--cache-dir", type=Path, default=Path(".cache/images"))
+    p.add_argument("--ckpt-dir", type=Path, default=Path(".cache/checkpoints"))
+
+    p = sub.add_parser("evaluate", help="score the members and the bag on the test split")
+    _params(p)
+    p.add_argument("--split", type=Path, default=Path("data/split.csv"))
+    p.add_argument("--raw-dir", type=Path, default=Path("data/raw"))
+    p.add_argument("--models-dir", type=Path, default=Path("models"))
+    p.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
+    p.add_argument("--reports-dir", type=Path, default=Path("reports/eval"))
+    p.add_argument("--cache-dir", type=Path, default=Path(".cache/images"))
+
+    p = sub.add_parser("register", help="log to MLflow, register the bag, gate, set aliases")
+    _params(p)
+    p.add_argument("--split", type=Path, default=Path("data/split.csv"))
+    p.add_argument("--raw-dir", type=Path, default=Path("data/raw"))
+    p.add_argument("--models-dir", type=Path, default=Path("models"))
+    p.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
+    p.add_argument("--reports-dir", type=Path, default=Path("reports"))
+    p.add_argument("--decision", type=Path, default=Path("registry/decision.json"))
+
+    p = sub.add_parser("demo-data", help="put the ELPV demo data into the landing bucket (idempotent)")
+    p.add_argument("--landing-uri", default="s3://landing/elpv/")
+    p.add_argument("--limit-per-class", type=int, default=0)
+
+    p = sub.add_parser("workspace", help="create/refresh the DVC workspace for a profile")
+    p.add_argument("--profile", default="cpu-demo")
+    p.add_argument("--dir", type=Path, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+
+    p = sub.add_parser("run-dag", help="run a DAG once with `airflow dags test`, failing if it fails")
+    p.add_argument("dag_id")
+    p.add_argument("--conf", default="{}")
+
+    p = sub.add_parser("summary", help="print the last run's outcome and machine-readable lines")
+    p.add_argument("--dir", type=Path, default=None)
+    p.add_argument("--profile", default="")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd in ("ingest", "validate", "split", "train", "evaluate", "register"):
+        from pipeline.config import load_config
+
+        cfg = load_config(args.params)
+    if cmd == "ingest":
+        from pipeline.ingest import run_ingest
+
+        print(json.dumps(run_ingest(cfg, args.raw_dir, args.manifest, args.rejects)))
+    elif cmd == "validate":
+        from pipeline.validate import run_validate
+
+        report = run_validate(cfg, args.raw_dir, args.manifest, args.rejects, args.validated, args.quarantine,
+                              args.report, args.docs_dir)
+        print(json.dumps({k: report[k] for k in ("validated", "quarantined", "fingerprint")}))
+    elif cmd == "split":
+        from pipeline.split import run_split
+
+        run_split(cfg, args.validated, args.split, args.report)
+    elif cmd == "train":
+        from pipeline.train import run_train
+
+        run_train(cfg, args.split, args.raw_dir, args.member, args.out_dir, args.cache_dir, args.ckpt_dir)
+    elif cmd == "evaluate":
+        from pipeline.evaluate import run_evaluate
+
+        run_evaluate(cfg, args.split, args.raw_dir, args.models_dir, args.metrics, args.reports_dir, args.cache_dir)
+    elif cmd == "register":
+        from pipeline.register import run_register
+
+        print(json.dumps(run_register(cfg, args.split, args.raw_dir, args.models_dir, args.metrics,
+                                      args.reports_dir, args.decision)))
+    elif cmd == "demo-data":
+        from pipeline.demo_data import upload_demo_data
+
+        print(json.dumps(upload_demo_data(args.landing_uri, args.limit_per_class)))
+    elif cmd == "workspace":
+        from pipeline.config import parse_set
+        from pipeline.workspace import default_workspace, prepare_workspace
+
+        print(prepare_workspace(args.dir or default_workspace(), args.profile, parse_set(args.set)))
+    elif cmd == "run-dag":
+        return _run_dag(args.dag_id, args.conf)
+    elif cmd == "summary":
+        from pipeline.summary import print_summary
+
+        return print_summary(args.dir)
+    return 0
+
+
+def _run_dag(dag_id: str, conf: str) -> int:
+    json.loads(conf)  # fail early on bad JSON
+    airflow = str(Path(sys.executable).parent / "airflow")
+    proc = subprocess.run([airflow, "dags", "test", dag_id, "--conf", conf])
+    if proc.returncode != 0:
+        raise PipelineError(f"DAG {dag_id} failed (exit {proc.returncode}); the task log above says why")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "botocore", "urllib3", "alembic", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Training data: split file → decoded-image cache → dataset with per-class flips → weighted sampler.
+
+The cache holds every image once, decoded, normalised to RGB and resized to the model's input
+size as uint8 (N×H×W×3). It is saved as ``.npy`` keyed by the file hashes and the size, so bag
+members and later epochs reuse it instead of decoding PNGs again; that keeps the model busy.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from pipeline.images import decode_rgb, resize_uint8
+from pipeline.ingest import read_csv
+
+_logger = logging.getLogger(__name__)
+
+# A published per-class flip policy for the DACON classes (orientation matters for some defects).
+DACON_FLIPS = {
+    **{c: "both" for c in ("곰팡이", "녹오염", "면불량", "오염", "피스", "반점", "석고수정", "울음", "오타공", "훼손")},
+    **{c: "h" for c in ("가구수정", "걸레받이수정", "꼬임", "들뜸", "몰딩수정", "창틀,문틀수정", "터짐", "틈새과다")},
+    "이음부불량": "v",
+}
+
+
+@dataclass(frozen=True)
+class SplitData:
+    class_names: tuple[str, ...]
+    paths: dict[str, list[str]]  # split -> relative paths
+    labels: dict[str, list[int]]  # split -> label indices
+    sha256: dict[str, list[str]]
+
+
+def load_split(split_fp: Path) -> SplitData:
+    rows = read_csv(split_fp)
+    class_names = tuple(sorted({r["class_name"] for r in rows}))
+    index = {c: i for i, c in enumerate(class_names)}
+    paths, labels, shas = ({s: [] for s in ("train", "val", "test")} for _ in range(3))
+    for r in rows:
+        paths[r["split"]].append(r["path"])
+        labels[r["split"]].append(index[r["class_name"]])
+        shas[r["split"]].append(r["sha256"])
+    return SplitData(class_names, paths, labels, shas)
+
+
+def build_cache(raw_dir: Path, paths: list[str], shas: list[str], size: int, cache_dir: Path | None) -> np.ndarray:
+    """Decode and resize ``paths`` once; reuse ``cache_dir/<key>.npy`` when it exists."""
+    key = hashlib.sha256(("\n".join(shas) + f"|{size}").encode()).hexdigest()[:20]
+    cache_fp = cache_dir / f"images-{size}-{key}.npy" if cache_dir else None
+    if cache_fp is not None and cache_fp.exists():
+        return np.load(cache_fp, mmap_mode="r")
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, rel in enumerate(paths):
+        out[i] = resize_uint8(decode_rgb(str(raw_dir / rel)), size)
+    if cache_fp is not None:
+        cache_fp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_fp.with_name(f".{cache_fp.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, out)
+        os.replace(tmp, cache_fp)
+    return out
+
+
+class CachedImageDataset(Dataset):
+    """Items are ``(uint8 CHW tensor, label)``; flips follow the per-class policy when training."""
+
+    def __init__(self, images: np.ndarray, labels: list[int], indices: list[int] | None = None,
+                 flips: list[str] | None = None, seed: int = 0):
+        self.images = images
+        self.labels = labels
+        self.indices = list(range(len(labels))) if indices is None else list(indices)
+        self.flips = flips  # per label: both | h | v | none; None = no augmentation
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = self.indices[i]
+        img = torch.from_numpy(np.ascontiguousarray(self.images[j])).permute(2, 0, 1)
+        label = self.labels[j]
+        if self.flips is not None:
+            allowed = self.flips[label]
+            if allowed in ("both", "h") and self.rng.random() < 0.5:
+                img = img.flip(-1)
+            if allowed in ("both", "v") and self.rng.random() < 0.5:
+                img = img.flip(-2)
+        return img, label
+
+    def target_labels(self) -> list[int]:
+        return [self.labels[j] for j in self.indices]
+
+
+def flips_per_label(class_names: tuple[str, ...], policy: dict[str, str], default: str) -> list[str]:
+    return [policy.get(c, DACON_FLIPS.get(c, default)) for c in class_names]
+
+
+def bootstrap_indices(n: int, seed: int) -> list[int]:
+    """A bootstrap resample (with replacement) of ``range(n)``, deterministic per seed."""
+    return np.random.default_rng(seed).integers(0, n, size=n).tolist()
+
+
+def create_sampler(labels: list[int], power: float, seed: int) -> WeightedRandomSampler | None:
+    """Weighted random sampler with weight = class_count ** -power (power 1 ≈ uniform over classes)."""
+    if power == 0:
+        return None
+    counts = Counter(labels)
+    weights = torch.tensor([counts[y] ** -power for y in labels], dtype=torch.double)
+    gen = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=gen)
+
+
+def normalize_batch(x: torch.Tensor, mean: tuple, std: tuple, channels_last: bool) -> torch.Tensor:
+    """uint8 NCHW → float, normalised with the model's mean/std (done per batch: cheaper than per image)."""
+    x = x.float().div_(255)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,95 @@
+"""Stage ``evaluate``: score each bag member and the bag on the held-out test split.
+
+    python -m pipeline evaluate --params params.yaml --split data/split.csv --raw-dir data/raw \
+        --models-dir models --metrics metrics/eval.json --reports-dir reports/eval
+
+The test split is never seen by training or early stopping. Writes weighted F1 (the competition
+metric), macro F1 and accuracy as DVC metrics, per-class precision/recall/F1, the confusion
+matrix as JSON/CSV (for ``dvc plots``) and PNG (for MLflow).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from pipeline.config import Config
+from pipeline.data import build_cache, load_split
+from pipeline.inference import BagPredictor
+
+_logger = logging.getLogger(__name__)
+
+
+def score(y_true: list[int], y_pred: list[int] | np.ndarray) -> dict[str, float]:
+    return {"weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(y_true, y_pred))}
+
+
+def member_dirs(cfg: Config, models_dir: Path) -> list[Path]:
+    return [models_dir / f"member_{seed}" for seed in cfg.bag.seeds]
+
+
+def test_arrays(raw_dir: Path, split_fp: Path, sizes: set[int], cache_dir: Path | None) -> tuple[dict, list[int]]:
+    split = load_split(split_fp)
+    arrays = {s: build_cache(raw_dir, split.paths["test"], split.sha256["test"], s, cache_dir) for s in sizes}
+    return arrays, split.labels["test"]
+
+
+def _plot_confusion(cm: np.ndarray, names: list[str], png_fp: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 1 + 0.45 * len(names)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(png_fp, dpi=100)
+    plt.close(fig)
+
+
+def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
+                 reports_dir: Path, cache_dir: Path | None = None) -> dict:
+    bag = BagPredictor(member_dirs(cfg, models_dir))
+    arrays, y_true = test_arrays(raw_dir, split_fp, bag.sizes(), cache_dir)
+    if not y_true:
+        raise ValueError(f"the test split in {split_fp} is empty; add data or lower split.min_class_for_split")
+    members = {}
+    for seed, member in zip(cfg.bag.seeds, bag.members):
+        single = BagPredictor.__new__(BagPredictor)
+        single.members, single.class_names = [member], bag.class_names
+        members[f"member_{seed}"] = score(y_true, single.predict_proba_arrays(arrays).argmax(1))
+    probs = bag.predict_proba_arrays(arrays)
+    y_pred = probs.argmax(1)
+    metrics = {**score(y_true, y_pred), "n_test": len(y_true), "members": members}
+    labels = list(range(len(bag.class_names)))
+    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    per_class = [{"class_name": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                  "support": int(n[i])} for i, c in enumerate(bag.class_names)]
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    metrics_fp.parent.mkdir(parents=True, exist_ok=True)
+    metrics_fp.write_text(json.dumps(metrics, indent=2) + "\n")
+    (reports_dir / "per_class.json").write_text(json.dumps(per_class, indent=2, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+    with open(reports_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["actual", "predicted"])  # dvc plots confusion-matrix input
+        writer.writerows((bag.class_names[t], bag.class_names[q]) for t, q in zip(y_true, y_pred))
+    (reports_dir / "confusion.json").write_text(json.dumps({"labels": bag.class_names, "matrix": cm.tolist()},
+                                                           ensure_ascii=False) + "\n", encoding="utf-8")
+    _plot_confusion(cm, bag.class_names, reports_dir / "confusion.png")
+    _logger.info("evaluate: bag weighted F1 %.4f, macro F1 %.4f on %d test images", metrics["weighted_f1"],
+                 metrics["macro_f1"], len(y_true))
+    return metrics

@@ -1,0 +1,64 @@
+"""The bag as one MLflow pyfunc: base64 ``image`` in, ``label`` + ``confidence`` out.
+
+Input: a DataFrame with column ``image`` = base64 of an encoded image file (PNG/JPEG/...).
+Output: a DataFrame with ``label`` (class name) and ``confidence`` (0..1), one row per input row.
+A row whose image cannot be decoded gets ``label`` empty, ``confidence`` 0 and an ``error``; the
+other rows are still predicted. Works with ``mlflow models serve -m models:/<name>@champion``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+
+def encode_image_file(path: str | Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def decode_rows(values) -> tuple[list, list[str]]:
+    """Decode base64 images; returns (PIL images or None, error strings)."""
+    from pipeline.images import decode_rgb
+
+    images, errors = [], []
+    for value in values:
+        try:
+            data = base64.b64decode(value, validate=True) if isinstance(value, str) else bytes(value)
+            images.append(decode_rgb(data, max_pixels=40_000_000))
+            errors.append("")
+        except (ValueError, TypeError, binascii.Error) as exc:
+            images.append(None)
+            errors.append(str(exc) or type(exc).__name__)
+    return images, errors
+
+
+def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
+    if "image" not in frame.columns:
+        raise ValueError("input must have a column named 'image' holding base64-encoded image files")
+    images, errors = decode_rows(frame["image"].tolist())
+    ok = [i for i, im in enumerate(images) if im is not None]
+    labels = [""] * len(images)
+    conf = np.zeros(len(images), dtype=np.float64)
+    if ok:
+        probs = predictor.predict_proba([images[i] for i in ok])
+        for row, p in zip(ok, probs):
+            labels[row] = predictor.class_names[int(p.argmax())]
+            conf[row] = float(p.max())
+    return pd.DataFrame({"label": labels, "confidence": conf, "error": errors})
+
+
+class BagModel(mlflow.pyfunc.PythonModel):
+    """Loads every ``member_*`` artifact folder and averages their probabilities."""
+
+    def load_context(self, context):
+        from pipeline.inference import BagPredictor
+
+        dirs = [Path(context.artifacts[k]) for k in sorted(context.artifacts) if k.startswith("member_")]
+        self.predictor = BagPredictor(dirs)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return predict_frame(self.predictor, model_input)

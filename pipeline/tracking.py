@@ -1,0 +1,161 @@
+"""Everything that talks to MLflow: runs, the bag pyfunc, the registry, aliases and tags.
+
+The tracking server comes from ``MLFLOW_TRACKING_URI`` (the Makefile points it at the embedded
+server on 127.0.0.1:5000). The training core never imports this module.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from pipeline.errors import PipelineError
+
+_logger = logging.getLogger(__name__)
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class TrackingError(PipelineError):
+    """The MLflow server is unreachable or refused a request."""
+
+
+def connect(experiment: str) -> MlflowClient:
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient()
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        raise TrackingError(f"cannot reach the MLflow server at {uri} ({type(exc).__name__}); is it running? "
+                            "`make services-up` starts the embedded one; MLFLOW_TRACKING_URI selects another") from None
+    mlflow.set_experiment(experiment)
+    return client
+
+
+def version_by_candidate(client: MlflowClient, name: str, candidate_id: str):
+    """The registered version built from exactly these model files, if any (makes register idempotent)."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:
+        return None
+    for v in versions:
+        if v.tags.get("candidate_id") == candidate_id:
+            return v
+    return None
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:
+        return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple, dict)) else str(v)
+    return out
+
+
+def _finite(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_dirs: list[Path],
+                  artifact_paths: list[Path], dataset_frame, dataset_source: str, lineage: dict[str, str],
+                  input_example, model_name: str) -> tuple[str, str]:
+    """One parent run with a nested run per member; logs and registers the bag. Returns (run_id, version)."""
+    from mlflow.models import infer_signature
+
+    from pipeline.serving import BagModel
+
+    with mlflow.start_run(run_name=f"pipeline-{candidate_id[:8]}", tags={"candidate_id": candidate_id}) as run:
+        params = _flatten(cfg_dict)
+        for i in range(0, len(params), 90):  # the server caps one batch at 100 params
+            mlflow.log_params(dict(list(params.items())[i:i + 90]))
+        mlflow.log_metrics({f"test_{k}": v for k, v in _finite(metrics).items()})
+        for member, scores in metrics.get("members", {}).items():
+            mlflow.log_metrics({f"test_{member}_{k}": v for k, v in _finite(scores).items()})
+        for path in artifact_paths:
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=path.name)
+            elif path.exists():
+                mlflow.log_artifact(str(path))
+        dataset = mlflow.data.from_pandas(dataset_frame, source=dataset_source, name="split",
+                                          targets="class_name")
+        mlflow.log_input(dataset, context="training", tags=lineage)
+        for d in member_dirs:
+            _log_member(d)
+        output = input_example.assign(label=["x"] * len(input_example), confidence=[0.5] * len(input_example),
+                                      error=[""] * len(input_example))[["label", "confidence", "error"]]
+        info = mlflow.pyfunc.log_model(
+            name="bag", python_model=BagModel(), artifacts={d.name: str(d) for d in member_dirs},
+            code_paths=[str(PACKAGE_DIR)], signature=infer_signature(input_example, output),
+            input_example=input_example, registered_model_name=model_name,
+            pip_requirements=_requirements(), await_registration_for=120)
+        version = str(info.registered_model_version)
+        MlflowClient().set_model_version_tag(model_name, version, "candidate_id", candidate_id)
+        return run.info.run_id, version
+
+
+def _log_member(member_dir: Path) -> None:
+    meta = json.loads((member_dir / "meta.json").read_text(encoding="utf-8"))
+    history = json.loads((member_dir / "history.json").read_text())
+    with mlflow.start_run(run_name=member_dir.name, nested=True):
+        mlflow.log_params({k: v for k, v in meta.items() if k != "class_names"})
+        for row in history:
+            step = int(row["epoch"])
+            mlflow.log_metrics({k: v for k, v in _finite(row).items() if k != "epoch"}, step=step)
+        mlflow.log_artifacts(str(member_dir), artifact_path="member")
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "timm", "pillow", "numpy", "pandas",
+                                            "mlflow", "scikit-learn", "PyYAML", "tqdm")]
+
+
+def load_pyfunc(uri: str):
+    return mlflow.pyfunc.load_model(uri)
+
+
+def finish_version(client: MlflowClient, name: str, version: str, tags: dict[str, str], description: str,
+                   promote: bool) -> str | None:
+    """Tag and describe ``version``, then switch aliases. Returns the previous champion's version, if any."""
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    client.update_model_version(name, version, description=description)
+    previous = version_by_alias(client, name, "champion")
+    if promote:
+        if previous is not None and previous.version != version:
+            client.set_registered_model_alias(name, "previous_champion", previous.version)
+        # One alias write is the switch: readers see the old champion or the new one, never neither.
+        client.set_registered_model_alias(name, "champion", version)
+    else:
+        client.set_registered_model_alias(name, "challenger", version)
+    return previous.version if previous is not None else None
+
+
+def git_commit(home: str | None) -> str:
+    import subprocess
+
+    home = home or os.environ.get("PIPELINE_HOME", ".")
+    try:
+        sha = subprocess.run(["git", "-C", home, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", home, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"

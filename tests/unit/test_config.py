@@ -1,0 +1,70 @@
+import pytest
+
+from pipeline.config import config_from_dict, deep_merge, load_config, parse_set, read_yaml
+from pipeline.errors import ConfigError
+from pipeline.workspace import merged_params
+
+pytestmark = pytest.mark.unit
+
+
+def base():
+    return {"data": {"landing_uri": "s3://landing/x/"}}
+
+
+def test_committed_params_and_profiles_are_valid(tmp_path):
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.model.backbone == "tf_efficientnetv2_m" and cfg.bag.seeds == (0, 1, 2)
+    assert len(cfg.data.expected_classes) == 19
+    for profile in ("cpu-demo", "test"):
+        assert config_from_dict(merged_params(ROOT, profile, {})).profile == profile
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("train", "lr", "fast", "train.lr must be a number"),
+    ("train", "epochs", 0, "train.epochs must be > 0"),
+    ("train", "amp", "fp8", "train.amp must be one of"),
+    ("model", "freeze", "half", "model.freeze must be"),
+    ("split", "test_fraction", 1.5, "split.test_fraction must be between 0 and 1"),
+    ("train", "learning_rate", 0.1, "train.learning_rate is not a known key"),
+    ("train", "flip_policy", {"a": "diagonal"}, "train.flip_policy.a must be one of"),
+])
+def test_bad_value_names_the_key(section, key, value, needle):
+    raw = deep_merge(base(), {section: {key: value}})
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_from_dict(raw)
+
+
+def test_landing_uri_must_be_s3():
+    with pytest.raises(ConfigError, match="data.landing_uri"):
+        config_from_dict({"data": {"landing_uri": "/tmp/x"}})
+
+
+def test_unknown_profile_is_refused():
+    from tests.conftest import ROOT
+
+    with pytest.raises(ConfigError, match="unknown profile 'gpu-huge'"):
+        merged_params(ROOT, "gpu-huge", {})
+
+
+def test_overrides_parse_and_merge():
+    over = parse_set(["train.epochs=2", "bag.seeds=[0, 1]"])
+    merged = deep_merge(base(), over)
+    cfg = config_from_dict(merged)
+    assert cfg.train.epochs == 2 and cfg.bag.seeds == (0, 1)
+
+
+def test_nfd_class_names_are_normalised():
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "곰팡이")
+    cfg = config_from_dict(deep_merge(base(), {"data": {"expected_classes": [nfd]}}))
+    assert cfg.data.expected_classes == ("곰팡이",)
+
+
+def test_yaml_error_names_file(tmp_path):
+    fp = tmp_path / "params.yaml"
+    fp.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(fp)
