@@ -24,10 +24,29 @@ POOL = "dvc_workspace"
 TRANSIENT = {"retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
 
+def _stage(ws: str, name: str) -> None:
+    """Run one DVC stage; a non-transient failure (bad data, bad params) fails at once, without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.errors import StageFailed
+    from pipeline.workspace import run_stage
+
+    try:
+        run_stage(ws, name)
+    except StageFailed as exc:
+        if not exc.transient:
+            raise AirflowFailException(str(exc)) from None
+        raise
+
+
 @task(pool=POOL, **TRANSIENT)
 def prepare() -> str:
     """Create/refresh the DVC workspace with the chosen profile and overrides; returns its path."""
     from pipeline.workspace import default_workspace, prepare_workspace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.errors import PipelineError
 
     p = get_current_context()["params"]
     overrides: dict = {"data": {"landing_uri": p["landing_uri"]}}
@@ -37,31 +56,30 @@ def prepare() -> str:
         overrides["bag"] = {"seeds": list(range(int(p["bag_size"])))}
     if p.get("backbone"):
         overrides["model"] = {"backbone": p["backbone"]}
-    return str(prepare_workspace(default_workspace(), p["profile"], overrides))
+    try:
+        return str(prepare_workspace(default_workspace(), p["profile"], overrides))
+    except PipelineError as exc:
+        if exc.transient:
+            raise
+        raise AirflowFailException(str(exc)) from None
 
 
 @task(pool=POOL, **TRANSIENT)
 def ingest(ws: str) -> str:
-    from pipeline.workspace import run_stage
-
-    run_stage(ws, "ingest")
+    _stage(ws, "ingest")
     return ws
 
 
 @task(pool=POOL, retries=0)
 def validate(ws: str) -> str:
     """No retries: a dataset that breaks a rule stays broken until someone fixes the data."""
-    from pipeline.workspace import run_stage
-
-    run_stage(ws, "validate")
+    _stage(ws, "validate")
     return ws
 
 
 @task(pool=POOL, retries=0)
 def split(ws: str) -> str:
-    from pipeline.workspace import run_stage
-
-    run_stage(ws, "split")
+    _stage(ws, "split")
     return ws
 
 
@@ -78,9 +96,7 @@ def bag_members(ws: str) -> list[int]:
 @task(pool=POOL, retries=1, retry_delay=timedelta(seconds=10))
 def train(ws: str, member: int) -> str:
     """A retry resumes from the member's last epoch checkpoint."""
-    from pipeline.workspace import run_stage
-
-    run_stage(ws, f"train@{member}")
+    _stage(ws, f"train@{member}")
     return ws
 
 
@@ -89,9 +105,7 @@ def evaluate(ws: str, trained: list[str]) -> dict:
     import json
     from pathlib import Path
 
-    from pipeline.workspace import run_stage
-
-    run_stage(ws, "evaluate")
+    _stage(ws, "evaluate")
     m = json.loads((Path(ws) / "metrics" / "eval.json").read_text())
     return {"weighted_f1": m["weighted_f1"], "macro_f1": m["macro_f1"], "n_test": m["n_test"]}
 
@@ -101,9 +115,7 @@ def register(ws: str, metrics: dict) -> dict:
     import json
     from pathlib import Path
 
-    from pipeline.workspace import run_stage
-
-    run_stage(ws, "register")
+    _stage(ws, "register")
     return json.loads((Path(ws) / "registry" / "decision.json").read_text(encoding="utf-8"))
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,12 +144,47 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHOW = ("[DAG TEST] starting", "pipeline.", "error", "ERROR", "DagRun Finished", "Exception:", "]   - ")
+
+
+_STRUCTLOG = re.compile(r"^\S+T(\d\d:\d\d:\d\d)\S* \[\s*\w+\s*\] (.*)$")
+_TRAILER = re.compile(r"\s+\[[\w.]+\] loc=\S+.*$")
+
+
+def _compact(line: str) -> str:
+    """Airflow's structlog line -> ``HH:MM:SS message`` (the full line stays in the log file)."""
+    m = _STRUCTLOG.match(line.rstrip())
+    if not m:
+        return line.rstrip()[:300]
+    msg = _TRAILER.sub("", m.group(2))
+    msg = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ", "", msg)
+    return f"{m.group(1)} {msg}"[:300]
+
+
 def _run_dag(dag_id: str, conf: str) -> int:
-    json.loads(conf)  # fail early on bad JSON
+    """``airflow dags test`` with its full log in a file; the console gets task starts, our stage lines, errors."""
+    import time
+
+    try:
+        json.loads(conf)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"--conf is not valid JSON: {exc}") from None
+    log_dir = Path(os.environ.get("PIPELINE_LOCAL", ".local")) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_fp = log_dir / f"{dag_id}-{time.strftime('%Y%m%dT%H%M%S')}.log"
     airflow = str(Path(sys.executable).parent / "airflow")
-    proc = subprocess.run([airflow, "dags", "test", dag_id, "--conf", conf])
-    if proc.returncode != 0:
-        raise PipelineError(f"DAG {dag_id} failed (exit {proc.returncode}); the task log above says why")
+    print(f"running DAG {dag_id} with `airflow dags test` (full log: {log_fp})", flush=True)
+    with open(log_fp, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen([airflow, "dags", "test", dag_id, "--conf", conf], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if any(s in line for s in _SHOW) and "Skipping registering" not in line:
+                print(_compact(line), flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise PipelineError(f"DAG {dag_id} failed (exit {code}); the lines above and {log_fp} say why")
     return 0
 
 
@@ -161,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # run_stage reads this line back: "error (transient):" marks a failure worth retrying.
+        print(f"error{' (transient)' if exc.transient else ''}: {exc}", file=sys.stderr)
         return 2
 
 

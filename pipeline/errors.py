@@ -2,7 +2,13 @@
 
 
 class PipelineError(Exception):
-    """Base class: the CLI prints ``str(exc)`` and exits with code 2."""
+    """Base class: the CLI prints ``str(exc)`` and exits with code 2.
+
+    ``transient`` says whether retrying the same step later may succeed (a server was down) or not
+    (bad params, bad data); the Airflow tasks retry only transient failures.
+    """
+
+    transient = False
 
 
 class ConfigError(PipelineError):
@@ -12,9 +18,19 @@ class ConfigError(PipelineError):
 class StorageError(PipelineError):
     """Object storage is unreachable, refuses our credentials, or lacks a bucket."""
 
+    transient = True
+
 
 class ServiceError(PipelineError):
     """An embedded service could not start (busy port, missing binary, failed health check)."""
+
+
+class StageFailed(PipelineError):
+    """A DVC stage run by the orchestrator failed; ``transient`` comes from the stage's own error."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
 
 
 class ValidationFailed(PipelineError):

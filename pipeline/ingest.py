@@ -137,6 +137,7 @@ def run_ingest(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path) 
         for idx, row in pool.map(fetch, to_fetch):
             rows[idx] = row
     downloaded = len(to_fetch)
+    raw_dir.mkdir(parents=True, exist_ok=True)  # even when empty: validation then says "no images"
     removed = _remove_vanished(raw_dir, {r["path"] for r in rows})
     write_csv(manifest_fp, rows, MANIFEST_FIELDS)
     write_csv(rejects_fp, rejects, REJECT_FIELDS)

@@ -86,9 +86,17 @@ def _http_status(url: str) -> int | None:
 def _pid_alive(pidfile: Path) -> int | None:
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child, else it lingers as a zombie
+    except ChildProcessError:
+        pass
+    try:
+        import psutil
+
+        return pid if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
         return None
 
 

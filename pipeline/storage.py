@@ -63,7 +63,9 @@ def _new_client():
 
     cfg = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=16,
                  s3={"addressing_style": "path"})
-    return boto3.client("s3", config=cfg, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    # A fresh session: boto3's default session caches the credentials it saw first, even after the env changes.
+    return boto3.session.Session().client("s3", config=cfg,
+                                          region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
 @contextmanager

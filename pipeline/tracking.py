@@ -23,6 +23,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 class TrackingError(PipelineError):
     """The MLflow server is unreachable or refused a request."""
 
+    transient = True
+
 
 def connect(experiment: str) -> MlflowClient:
     uri = mlflow.get_tracking_uri()

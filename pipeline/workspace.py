@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import config_from_dict, deep_merge, read_yaml
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, StageFailed
 
 _logger = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ def run_stage(ws: Path, stage: str) -> str:
         _logger.info("%s", line)
         tail = (tail + [line])[-40:]
     if proc.wait() != 0:
-        errors = [t for t in tail if t.startswith("error:")]
-        raise PipelineError(f"stage {stage} failed: " + (errors[-1][7:] if errors else "\n".join(tail[-15:])))
+        starts = [i for i, t in enumerate(tail) if t.startswith(("error:", "error (transient):"))]
+        if starts:
+            body = [t for t in tail[starts[-1]:] if not t.startswith("ERROR: failed to reproduce")]
+            head, _, message = "\n".join(body).partition(": ")
+            raise StageFailed(f"stage {stage} failed: {message}", transient=head == "error (transient)")
+        # DVC itself failed (lock held, missing output...): worth one more try.
+        raise StageFailed(f"stage {stage} failed:\n" + "\n".join(tail[-15:]), transient=True)
     return stage
