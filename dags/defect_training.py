@@ -41,23 +41,15 @@ def _stage(ws: str, name: str) -> None:
 
 @task(pool=POOL, **TRANSIENT)
 def prepare() -> str:
-    """Create/refresh the DVC workspace with the chosen profile and overrides; returns its path."""
-    from pipeline.workspace import default_workspace, prepare_workspace
-
+    """Create/refresh the DVC workspace with the chosen profile and the form's overrides; returns its path."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from pipeline.errors import PipelineError
+    from pipeline.workspace import default_workspace, form_overrides, prepare_workspace
 
     p = get_current_context()["params"]
-    overrides: dict = {"data": {"landing_uri": p["landing_uri"]}}
-    if p.get("epochs"):
-        overrides["train"] = {"epochs": int(p["epochs"])}
-    if p.get("bag_size"):
-        overrides["bag"] = {"seeds": list(range(int(p["bag_size"])))}
-    if p.get("backbone"):
-        overrides["model"] = {"backbone": p["backbone"]}
     try:
-        return str(prepare_workspace(default_workspace(), p["profile"], overrides))
+        return str(prepare_workspace(default_workspace(), p["profile"], form_overrides(p)))
     except PipelineError as exc:
         if exc.transient:
             raise
@@ -145,6 +137,8 @@ def push(ws: str, decision: dict) -> str:
         "bag_size": Param(None, type=["null", "integer"], minimum=1, maximum=10,
                           description="override the number of bag members"),
         "backbone": Param(None, type=["null", "string"], description="override model.backbone (a timm name)"),
+        "set": Param([], type="array", items={"type": "string"},
+                     description="more overrides as section.key=value, e.g. registry.min_delta=0.01"),
     },
 )
 def defect_training():

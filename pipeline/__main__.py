@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dag_id")
     p.add_argument("--conf", default="{}")
 
+    p = sub.add_parser("audit", help="what differs between two registered versions")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("version_a")
+    p.add_argument("version_b")
+
+    p = sub.add_parser("rollback", help="move alias champion back to an earlier version")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--to", required=True, help="the version to serve again")
+    p.add_argument("--reason", required=True, help="why (recorded as a tag)")
+
     p = sub.add_parser("summary", help="print the last run's outcome and machine-readable lines")
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--profile", default="")
@@ -137,6 +147,14 @@ def _run(args: argparse.Namespace) -> int:
         print(prepare_workspace(args.dir or default_workspace(), args.profile, parse_set(args.set)))
     elif cmd == "run-dag":
         return _run_dag(args.dag_id, args.conf)
+    elif cmd == "audit":
+        from pipeline.audit import print_diff
+
+        return print_diff(args.model, args.version_a, args.version_b)
+    elif cmd == "rollback":
+        from pipeline.audit import rollback
+
+        print(json.dumps(rollback(args.model, args.to, args.reason), ensure_ascii=False))
     elif cmd == "summary":
         from pipeline.summary import print_summary
 

@@ -84,7 +84,7 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = self.indices[i]
-        img = torch.from_numpy(np.ascontiguousarray(self.images[j])).permute(2, 0, 1)
+        img = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1)
         label = self.labels[j]
         if self.flips is not None:
             allowed = self.flips[label]

@@ -54,7 +54,7 @@ class BagPredictor:
             arr = images[m.meta["img_size"]]
             out = []
             for i in range(0, len(arr), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(arr[i:i + batch_size])).permute(0, 3, 1, 2)
+                x = torch.from_numpy(np.array(arr[i:i + batch_size])).permute(0, 3, 1, 2)
                 x = normalize_batch(x, tuple(m.meta["mean"]), tuple(m.meta["std"]), channels_last=False)
                 out.append(torch.softmax(m.model(x).float(), dim=1).numpy())
             p = np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)

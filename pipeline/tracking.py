@@ -27,6 +27,13 @@ class TrackingError(PipelineError):
 
 
 def connect(experiment: str) -> MlflowClient:
+    client = connect_registry()
+    mlflow.set_experiment(experiment)
+    return client
+
+
+def connect_registry() -> MlflowClient:
+    """A client for the tracking server, checked once so an unreachable server gives one clear line."""
     uri = mlflow.get_tracking_uri()
     client = MlflowClient()
     try:
@@ -34,7 +41,6 @@ def connect(experiment: str) -> MlflowClient:
     except Exception as exc:
         raise TrackingError(f"cannot reach the MLflow server at {uri} ({type(exc).__name__}); is it running? "
                             "`make services-up` starts the embedded one; MLFLOW_TRACKING_URI selects another") from None
-    mlflow.set_experiment(experiment)
     return client
 
 

@@ -77,7 +77,7 @@ def predict_logits(model, images: np.ndarray, cfg: Config, device, mean, std, ba
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)
         x = normalize_batch(x.to(device), mean, std, cfg.train.channels_last)
         with _autocast(cfg, device):
             out.append(model(x).float().cpu().numpy())

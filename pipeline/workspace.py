@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import config_from_dict, deep_merge, read_yaml
+from pipeline.config import config_from_dict, deep_merge, parse_set, read_yaml
 from pipeline.errors import ConfigError, PipelineError, StageFailed
 
 _logger = logging.getLogger(__name__)
@@ -46,6 +46,18 @@ def merged_params(home: Path, profile: str, overrides: dict) -> dict:
     params["profile"] = profile or "full"
     config_from_dict(params)  # fail here, naming the key, before any stage runs
     return params
+
+
+def form_overrides(form: dict) -> dict:
+    """The training DAG's Params (a form in the UI) as a params override mapping."""
+    overrides: dict = {"data": {"landing_uri": form["landing_uri"]}}
+    if form.get("epochs"):
+        overrides["train"] = {"epochs": int(form["epochs"])}
+    if form.get("bag_size"):
+        overrides["bag"] = {"seeds": list(range(int(form["bag_size"])))}
+    if form.get("backbone"):
+        overrides["model"] = {"backbone": form["backbone"]}
+    return deep_merge(overrides, parse_set(list(form.get("set") or [])))
 
 
 def _sync_tree(src: Path, dst: Path) -> None:

@@ -1,0 +1,41 @@
+"""Benchmarks, side by side in one process (ratios, because shared machines are noisy).
+
+    python -m bench            # or: make bench
+
+Prints ``KEY=value`` lines and rewrites the generated block of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    results = train_step.run()
+    for k, v in results.items():
+        print(f"{k}={v}")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.processor() or ''}"
+    block = "\n".join(f"| `{k}` | {v} |" for k, v in results.items())
+    doc = ROOT / "docs" / "BENCHMARKS.md"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    body = (f"{start}\nLast `make bench` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}):\n\n"
+            f"| key | value |\n|---|---|\n{block}\n{end}")
+    text = text[:text.index(start)] + body + text[text.index(end) + len(end):] if start in text else text + "\n" + body + "\n"
+    doc.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
