@@ -6,6 +6,7 @@ Every image the product accepts (RGB, RGBA, palette, CMYK, 16-bit, greyscale) is
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +27,10 @@ class ImageInfo:
 def read_header(data: bytes | str) -> ImageInfo:
     """Read size, mode and format without decoding pixels (raises on non-images)."""
     src = io.BytesIO(data) if isinstance(data, bytes) else data
-    with Image.open(src) as im:
-        return ImageInfo(im.width, im.height, im.mode, im.format or "")
+    with warnings.catch_warnings():  # a huge header is judged by validation's pixel limit, not by a warning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(src) as im:
+            return ImageInfo(im.width, im.height, im.mode, im.format or "")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
