@@ -15,14 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import train_step
+from bench import data_pipeline, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    results = train_step.run()
+    which = sys.argv[1:] or ["data", "train"]
+    results: dict[str, str] = {}
+    if "data" in which:
+        results.update(data_pipeline.run())
+    if "train" in which:
+        results.update(train_step.run())
     for k, v in results.items():
         print(f"{k}={v}")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.processor() or ''}"

@@ -67,6 +67,26 @@ def decode_rgb(data: bytes | str, max_pixels: int | None = None) -> Image.Image:
         raise ValueError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
 
 
+def check_decode(path: str, max_pixels: int) -> str:
+    """Fully decode the file at ``path`` (raising ValueError with a reason) and return its dHash.
+
+    Skips the RGB conversion that :func:`decode_rgb` does: validation only needs to know that every pixel
+    decodes, and the hash works on grey levels anyway.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
+                                 f"{im.width * im.height} pixels > {max_pixels}")
+            im.load()
+            grey = im.convert("L") if im.mode in ("L", "RGB", "RGBA", "P", "CMYK", "LA", "PA") else to_rgb(im)
+            return dhash(grey)
+    except ValueError:
+        raise
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
 def dhash(im: Image.Image, size: int = 8) -> str:
     """Difference hash (64 bits as 16 hex chars): equal for near-identical pictures."""
     small = np.asarray(im.convert("L").resize((size + 1, size), Image.Resampling.BILINEAR), dtype=np.int16)
