@@ -29,10 +29,20 @@ _logger = logging.getLogger(__name__)
 
 
 def candidate_id(dirs: list[Path], metrics_fp: Path) -> str:
+    """Hash of what the bag computes: member weights (tensor bytes), classes, input size and test metrics.
+
+    Timing and host details in meta.json are left out, so retraining to identical weights is no new candidate.
+    """
+    import torch
+
     h = hashlib.sha256()
     for d in dirs:
-        for name in ("model.pt", "meta.json"):
-            h.update((d / name).read_bytes())
+        state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+        for key in sorted(state):
+            h.update(key.encode())
+            h.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        h.update(json.dumps([meta["backbone"], meta["img_size"], meta["class_names"]], ensure_ascii=False).encode())
     h.update(metrics_fp.read_bytes())
     return h.hexdigest()
 

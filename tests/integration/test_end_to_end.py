@@ -137,3 +137,16 @@ def test_worse_candidate_is_rejected_and_champion_untouched_then_rollback(traine
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion_before
     assert client.get_model_version_by_alias(MODEL, "previous_champion").version == decision["model_version"]
     assert client.get_model_version(MODEL, champion_before).tags["rollback_reason"] == "test"
+
+
+def test_dvc_pull_restores_data_and_models_from_the_s3_remote(trained, stack_env):
+    import shutil
+
+    raw_files = sorted(p.relative_to(trained) for p in (trained / "data" / "raw").rglob("*") if p.is_file())
+    model_bytes = (trained / "models" / "member_0" / "model.pt").read_bytes()
+    for path in (".dvc/cache", "data/raw", "models"):
+        shutil.rmtree(trained / path)
+    out = run_cli(["dvc", "pull"], stack_env, cwd=trained)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.relative_to(trained) for p in (trained / "data" / "raw").rglob("*") if p.is_file()) == raw_files
+    assert (trained / "models" / "member_0" / "model.pt").read_bytes() == model_bytes
