@@ -150,6 +150,7 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
             "gate_reason": reason, "champion_f1_rescored": "" if champion_f1 is None else f"{champion_f1:.6f}",
             "champion_version_at_gate": "" if champion is None else champion.version, "profile": cfg.profile}
     # The decision tag goes last, with the alias switch: a version without it is unfinished and is resumed.
+    tracking.log_text(client, run_id, card, "model_card.md")
     tracking.finish_version(client, name, version, tags, card, promote)
     client.set_model_version_tag(name, version, "gate", decision)
     _logger.info("registered %s v%s: %s (%s)", name, version, decision, reason)

@@ -155,6 +155,10 @@ def finish_version(client: MlflowClient, name: str, version: str, tags: dict[str
     return previous.version if previous is not None else None
 
 
+def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
 def git_commit(home: str | None) -> str:
     import subprocess
 
