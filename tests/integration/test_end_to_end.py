@@ -36,7 +36,11 @@ def test_dag_registers_a_champion_with_lineage_tags(trained, stack):
     assert decision["gate"] == "promoted" and decision["model_version"] == champ.version
     assert champ.tags["gate"] == "promoted"
     assert champ.tags["data_fingerprint"] == validation["fingerprint"]
-    assert len(champ.tags["dvc_data_md5"]) > 10 and champ.tags["params_hash"]
+    import yaml
+
+    lock = yaml.safe_load((trained / "dvc.lock").read_text())
+    raw_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
+    assert champ.tags["dvc_data_md5"] == raw_md5 and champ.tags["params_hash"]
     assert champ.tags["git_commit"] != ""
     assert f"{float(champ.tags['weighted_f1']):.4f}" == f"{decision['weighted_f1']:.4f}"
     assert "Gate:" in champ.description and "stain" in champ.description
