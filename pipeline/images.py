@@ -53,12 +53,15 @@ def decode_rgb(data: bytes | str, max_pixels: int | None = None) -> Image.Image:
     """Fully decode an image (bytes or path) to RGB; raises ValueError with a reason on any problem."""
     src = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        with Image.open(src) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
-                                 f"{im.width * im.height} pixels > {max_pixels}")
-            im.load()
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            if max_pixels is not None:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(src) as im:
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
+                                     f"{im.width * im.height} pixels > {max_pixels}")
+                im.load()
+                return to_rgb(im)
     except ValueError:
         raise
     except Image.DecompressionBombError as exc:
@@ -74,14 +77,15 @@ def check_decode(path: str, max_pixels: int) -> str:
     decodes, and the hash works on grey levels anyway.
     """
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            if im.width * im.height > max_pixels:
-                raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
-                                 f"{im.width * im.height} pixels > {max_pixels}")
-            im.load()
-            grey = im.convert("L") if im.mode in ("L", "RGB", "RGBA", "P", "CMYK", "LA", "PA") else to_rgb(im)
-            return dhash(grey)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit decides
+            with Image.open(path) as im:
+                if im.width * im.height > max_pixels:
+                    raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
+                                     f"{im.width * im.height} pixels > {max_pixels}")
+                im.load()
+                grey = im.convert("L") if im.mode in ("L", "RGB", "RGBA", "P", "CMYK", "LA", "PA") else to_rgb(im)
+                return dhash(grey)
     except ValueError:
         raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)

@@ -119,9 +119,9 @@ def test_worse_candidate_is_rejected_and_champion_untouched_then_rollback(traine
 
     client = MlflowClient()
     champion_before = client.get_model_version_by_alias(MODEL, "champion").version
-    # A different model (2 epochs) that must beat the champion by 1.0 weighted F1: impossible, so rejected.
-    conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test", "epochs": 2,
-                       "set": ["registry.min_delta=1.0"]})
+    # A different model (another learning rate) that must beat the champion by 1.0 weighted F1: impossible.
+    conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test",
+                       "set": ["registry.min_delta=1.0", "train.lr=0.003"]})
     out = run_cli(["pipeline", "run-dag", "defect_training", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:]
     decision = json.loads((trained / "registry" / "decision.json").read_text())
@@ -131,7 +131,7 @@ def test_worse_candidate_is_rejected_and_champion_untouched_then_rollback(traine
     assert client.get_model_version_by_alias(MODEL, "challenger").version == decision["model_version"]
 
     audit = run_cli(["pipeline", "audit", "--model", MODEL, champion_before, decision["model_version"]], stack_env)
-    assert audit.returncode == 0 and "param train.epochs" in audit.stdout and "tag gate" in audit.stdout
+    assert audit.returncode == 0 and "param train.lr" in audit.stdout and "tag gate" in audit.stdout
 
     # Promote the challenger by hand, then roll back to the old champion with a recorded reason.
     client.set_registered_model_alias(MODEL, "champion", decision["model_version"])
