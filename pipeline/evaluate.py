@@ -61,15 +61,13 @@ def _plot_confusion(cm: np.ndarray, names: list[str], png_fp: Path) -> None:
 
 def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
                  reports_dir: Path, cache_dir: Path | None = None) -> dict:
-    bag = BagPredictor(member_dirs(cfg, models_dir))
+    bag = BagPredictor.from_dirs(member_dirs(cfg, models_dir))
     arrays, y_true = test_arrays(raw_dir, split_fp, bag.sizes(), cache_dir)
     if not y_true:
         raise ValueError(f"the test split in {split_fp} is empty; add data or lower split.min_class_for_split")
     members = {}
     for seed, member in zip(cfg.bag.seeds, bag.members):
-        single = BagPredictor.__new__(BagPredictor)
-        single.members, single.class_names = [member], bag.class_names
-        members[f"member_{seed}"] = score(y_true, single.predict_proba_arrays(arrays).argmax(1))
+        members[f"member_{seed}"] = score(y_true, BagPredictor([member]).predict_proba_arrays(arrays).argmax(1))
     probs = bag.predict_proba_arrays(arrays)
     y_pred = probs.argmax(1)
     metrics = {**score(y_true, y_pred), "n_test": len(y_true), "members": members}

@@ -37,14 +37,18 @@ def load_member(member_dir: Path) -> Member:
 class BagPredictor:
     """Average of member probabilities over one shared class list."""
 
-    def __init__(self, member_dirs: list[Path]):
-        if not member_dirs:
+    def __init__(self, members: list[Member]):
+        if not members:
             raise ValueError("a bag needs at least one member")
-        self.members = [load_member(Path(d)) for d in member_dirs]
-        names = {tuple(m.meta["class_names"]) for m in self.members}
+        names = {tuple(m.meta["class_names"]) for m in members}
         if len(names) != 1:
             raise ValueError("bag members disagree on the class list")
+        self.members = members
         self.class_names = list(names.pop())
+
+    @classmethod
+    def from_dirs(cls, member_dirs: list[Path]) -> "BagPredictor":
+        return cls([load_member(Path(d)) for d in member_dirs])
 
     @torch.no_grad()
     def predict_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64) -> np.ndarray:

@@ -58,7 +58,7 @@ class BagModel(mlflow.pyfunc.PythonModel):
         from pipeline.inference import BagPredictor
 
         dirs = [Path(context.artifacts[k]) for k in sorted(context.artifacts) if k.startswith("member_")]
-        self.predictor = BagPredictor(dirs)
+        self.predictor = BagPredictor.from_dirs(dirs)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return predict_frame(self.predictor, model_input)
