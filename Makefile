@@ -35,7 +35,7 @@ help:
 	@echo "make test          the full test suite (what CI runs)"
 	@echo "make services-up   start SeaweedFS S3 (:$(S3_PORT)) and MLflow (:$(MLFLOW_PORT)); migrate Airflow's DB"
 	@echo "make services-down stop them"
-	@echo "make ui            Airflow UI (:8080) and MLflow UI (:$(MLFLOW_PORT)) on 127.0.0.1"
+	@echo "make ui            also start Airflow (api-server :8080, scheduler, dag-processor, triggerer) on 127.0.0.1"
 	@echo "make bench         benchmarks in bench/, results to docs/BENCHMARKS.md"
 
 # The venv is built once and reused; it is rebuilt only when the pins change.
@@ -60,10 +60,8 @@ demo: demo-data
 	$(PY) -m pipeline run-dag defect_training --conf '{"landing_uri": "$(LANDING_URI)", "profile": "$(PROFILE)"}'
 	$(PY) -m pipeline summary --profile $(PROFILE)
 
-ui: services-up
-	@echo "MLflow UI: $(MLFLOW_TRACKING_URI)"
-	@echo "Airflow UI: http://127.0.0.1:8080 (admin password: $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated)"
-	airflow standalone
+ui: venv
+	$(PY) -m pipeline.services ui
 
 test: venv
 	$(PY) -m pytest tests

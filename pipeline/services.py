@@ -14,6 +14,7 @@ stacks (the demo and the tests) can run side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -38,12 +39,14 @@ class Stack:
     root: Path  # where data, pids and logs go
     s3_port: int = 8333
     mlflow_port: int = 5000
+    airflow_port: int = 8080
     host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls) -> "Stack":
         return cls(root=Path(os.environ.get("PIPELINE_LOCAL", ".local")).resolve(),
-                   s3_port=_env_port("S3_PORT", 8333), mlflow_port=_env_port("MLFLOW_PORT", 5000))
+                   s3_port=_env_port("S3_PORT", 8333), mlflow_port=_env_port("MLFLOW_PORT", 5000),
+                   airflow_port=_env_port("AIRFLOW_PORT", 8080))
 
     @property
     def s3_url(self) -> str:
@@ -233,6 +236,48 @@ def migrate_airflow() -> None:
     marker.write_text("ok\n")
 
 
+AIRFLOW_ROLES = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")
+
+
+def airflow_healthy(stack: Stack) -> bool:
+    return _http_status(f"http://{stack.host}:{stack.airflow_port}/api/v2/monitor/health") == 200
+
+
+def start_airflow(stack: Stack) -> None:
+    """The Airflow components `airflow standalone` runs, started one by one so every listener is on 127.0.0.1.
+
+    (standalone's scheduler and triggerer open log servers on all interfaces; task logs are read from the
+    shared AIRFLOW_HOME here, so we skip those servers.)
+    """
+    migrate_airflow()
+    if _pid_alive(stack.pidfile("airflow-api-server")) and airflow_healthy(stack):
+        _logger.info("Airflow already healthy on http://%s:%d", stack.host, stack.airflow_port)
+        return
+    if port_busy(stack.host, stack.airflow_port):
+        raise ServiceError(f"port {stack.airflow_port} on {stack.host} is busy; stop what holds it or set "
+                           "AIRFLOW_PORT to another port")
+    airflow = _bin("airflow")
+    commands = {
+        "airflow-api-server": [airflow, "api-server", "--host", stack.host, "--port", str(stack.airflow_port)],
+        "airflow-scheduler": [airflow, "scheduler", "--skip-serve-logs"],
+        "airflow-dag-processor": [airflow, "dag-processor"],
+        "airflow-triggerer": [airflow, "triggerer", "--skip-serve-logs"],
+    }
+    for name, cmd in commands.items():
+        if _pid_alive(stack.pidfile(name)) is None:
+            _spawn(stack, name, cmd, dict(os.environ))
+    _logger.info("starting Airflow on http://%s:%d", stack.host, stack.airflow_port)
+    _wait(stack, "airflow-api-server", lambda: airflow_healthy(stack), timeout=240)
+
+
+def airflow_admin_password() -> str:
+    fp = Path(os.environ["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+    try:
+        return json.loads(fp.read_text()).get("admin", "?")
+    except (FileNotFoundError, ValueError):
+        return f"(see {fp})"
+
+
 def stop(stack: Stack, name: str) -> bool:
     pid = _pid_alive(stack.pidfile(name))
     if pid is None:
@@ -259,7 +304,7 @@ def up(stack: Stack, airflow: bool = True) -> None:
 
 
 def down(stack: Stack) -> None:
-    for name in ("mlflow", "seaweedfs"):
+    for name in (*AIRFLOW_ROLES, "mlflow", "seaweedfs"):
         if stop(stack, name):
             _logger.info("stopped %s", name)
 
@@ -271,17 +316,22 @@ def status(stack: Stack) -> dict[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("action", choices=("up", "ui", "down", "status"))
     parser.add_argument("--no-airflow", action="store_true", help="skip the Airflow database migration")
     args = parser.parse_args(argv)
     try:
         stack = Stack.from_env()
-        if args.action == "up":
+        if args.action in ("up", "ui"):
             up(stack, airflow=not args.no_airflow)
             print(f"S3 (SeaweedFS): {stack.s3_url}   MLflow: {stack.mlflow_url}   data: {stack.root}")
+        if args.action == "ui":
+            start_airflow(stack)
+            print(f"MLflow UI : {stack.mlflow_url}")
+            print(f"Airflow UI: http://{stack.host}:{stack.airflow_port}  user admin, password "
+                  f"{airflow_admin_password()}   (stop everything: make services-down)")
         elif args.action == "down":
             down(stack)
-        else:
+        elif args.action == "status":
             state = status(stack)
             for name, ok in state.items():
                 print(f"{name}: {'healthy' if ok else 'down'}")
