@@ -47,9 +47,15 @@ def prepare() -> str:
     from pipeline.errors import PipelineError
     from pipeline.workspace import default_workspace, form_overrides, prepare_workspace
 
-    p = get_current_context()["params"]
+    context = get_current_context()
+    form = dict(context["params"])
+    # Started by the data watch: train on the prefix whose new data fired the Asset event.
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            if (event.extra or {}).get("landing_uri"):
+                form["landing_uri"] = event.extra["landing_uri"]
     try:
-        return str(prepare_workspace(default_workspace(), p["profile"], form_overrides(p)))
+        return str(prepare_workspace(default_workspace(), form["profile"], form_overrides(form)))
     except PipelineError as exc:
         if exc.transient:
             raise

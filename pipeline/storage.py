@@ -93,12 +93,15 @@ def storage_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: S3 request to {endpoint()} failed: {exc}") from None
 
 
-def list_objects(uri: str) -> list[ObjectInfo]:
-    """All objects under an ``s3://bucket/prefix/`` (keys are full keys, ETags without quotes)."""
+def list_objects(uri: str, s3_client=None) -> list[ObjectInfo]:
+    """All objects under an ``s3://bucket/prefix/`` (keys are full keys, ETags without quotes).
+
+    ``s3_client`` lets Airflow pass the client of its S3 hook (an Airflow connection); default: the environment.
+    """
     bucket, prefix = parse_s3_uri(uri)
     out: list[ObjectInfo] = []
     with storage_errors(f"listing {uri}"):
-        paginator = client().get_paginator("list_objects_v2")
+        paginator = (s3_client or client()).get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 out.append(ObjectInfo(obj["Key"], obj.get("ETag", "").strip('"'), int(obj.get("Size", 0))))

@@ -1,0 +1,77 @@
+"""
+### Wallpaper-defect data watch
+
+Looks at the landing prefix through the Amazon provider's S3 hook (Airflow connection `aws_conn_id`, or the
+`AWS_*` variables and `AWS_ENDPOINT_URL`), fingerprints it (keys + ETags + sizes), waits until two listings a
+settle window apart agree (a half-finished upload never starts training), and emits an event on the Asset
+`landing_data` only when the fingerprint differs from the last one it emitted. That last fingerprint is an
+Airflow Variable (`defect_watch_last_fingerprint:<landing uri>`), so it survives restarts. The event's extra
+carries the fingerprint, object count and landing URI; `defect_training` is scheduled on that Asset.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Asset, Param, Variable, dag, get_current_context, task
+
+LANDING_DATA = Asset(name="landing_data", uri="s3://landing/")
+
+
+def _var_key(landing_uri: str) -> str:
+    return f"defect_watch_last_fingerprint:{landing_uri}"
+
+
+@task(retries=2, retry_delay=timedelta(seconds=15), retry_exponential_backoff=True)
+def stable_fingerprint() -> dict | None:
+    """None when the prefix is still changing: then nothing is emitted this time."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from pipeline import storage
+    from pipeline.watch import wait_until_stable
+
+    p = get_current_context()["params"]
+    client = S3Hook(aws_conn_id=p["aws_conn_id"]).get_conn()
+    found = wait_until_stable(lambda: storage.list_objects(p["landing_uri"], client), p["settle_seconds"],
+                              p["max_checks"])
+    if found is None:
+        return None
+    return {"fingerprint": found[0], "objects": found[1], "landing_uri": p["landing_uri"]}
+
+
+@task(outlets=[LANDING_DATA], retries=1)
+def emit_if_new(found: dict | None) -> str:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if found is None:
+        raise AirflowSkipException("landing prefix still changing; will look again next time")
+    if found["objects"] == 0:
+        raise AirflowSkipException(f"{found['landing_uri']} is empty")
+    key = _var_key(found["landing_uri"])
+    if Variable.get(key, default=None) == found["fingerprint"]:
+        raise AirflowSkipException(f"same data as last time ({found['fingerprint'][:12]}); no event")
+    get_current_context()["outlet_events"][LANDING_DATA].extra = found
+    Variable.set(key, found["fingerprint"])
+    return found["fingerprint"]
+
+
+@dag(
+    dag_id="defect_data_watch",
+    schedule=timedelta(minutes=10),
+    start_date=None,
+    catchup=False,
+    max_active_runs=1,
+    tags=["wallpaper-defect", "data", "s3"],
+    doc_md=__doc__,
+    default_args={"owner": "ml-ops", "retries": 1},
+    params={
+        "landing_uri": Param("s3://landing/elpv/", type="string", pattern=r"^s3://[^/]+/.*"),
+        "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
+        "settle_seconds": Param(60, type="integer", minimum=0, description="listings this far apart must agree"),
+        "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),
+    },
+)
+def defect_data_watch():
+    emit_if_new(stable_fingerprint())
+
+
+defect_data_watch()

@@ -1,0 +1,72 @@
+"""The data-watch DAG for real (SeaweedFS + `airflow dags test`): one event per new data, none for the same data,
+none while an upload is still growing."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.integration.helpers import png_bytes
+
+pytestmark = pytest.mark.integration
+URI = "s3://landing/watch/"
+
+COUNT_EVENTS = """
+import json
+from airflow.models.asset import AssetEvent
+from airflow.utils.session import create_session
+with create_session() as s:
+    print(json.dumps([e.extra for e in s.query(AssetEvent).all() if (e.extra or {}).get("landing_uri") == %r]))
+""" % URI
+
+
+def _asset_events(env) -> list[dict]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", COUNT_EVENTS], env={**__import__("os").environ, **env},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _watch(env, settle: int = 1, checks: int = 2) -> None:
+    conf = json.dumps({"landing_uri": URI, "settle_seconds": settle, "max_checks": checks})
+    out = run_cli(["pipeline", "run-dag", "defect_data_watch", "--conf", conf], env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_new_data_fires_once_same_data_never_growing_upload_waits(stack, stack_env, s3):
+    for i in range(3):
+        s3.put_object(Bucket="landing", Key=f"watch/crack/{i}.png", Body=png_bytes(i))
+    _watch(stack_env)
+    events = _asset_events(stack_env)
+    assert len(events) == 1 and events[0]["objects"] == 3 and len(events[0]["fingerprint"]) == 64
+
+    _watch(stack_env)  # same data again
+    assert len(_asset_events(stack_env)) == 1
+
+    stop = threading.Event()
+
+    def keep_uploading():
+        i = 100
+        while not stop.is_set():
+            s3.put_object(Bucket="landing", Key=f"watch/crack/{i}.png", Body=png_bytes(i))
+            i += 1
+            time.sleep(0.5)
+
+    writer = threading.Thread(target=keep_uploading)
+    writer.start()
+    try:
+        _watch(stack_env, settle=2, checks=2)  # the prefix changes within every window: no event
+    finally:
+        stop.set()
+        writer.join()
+    assert len(_asset_events(stack_env)) == 1
+
+    _watch(stack_env)  # the upload has finished: one new event with the new count
+    events = _asset_events(stack_env)
+    assert len(events) == 2 and events[1]["objects"] > 3 and events[1]["fingerprint"] != events[0]["fingerprint"]
