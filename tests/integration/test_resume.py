@@ -1,0 +1,79 @@
+"""A training run killed with SIGKILL and restarted resumes from its last epoch checkpoint and ends with the
+same model as an uninterrupted run (bit for bit on CPU: every epoch re-seeds from (seed, epoch))."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.ingest import write_csv
+from pipeline.split import SPLIT_FIELDS
+from tests.integration.helpers import TINTS, png_bytes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def tiny_split(tmp_path):
+    raw = tmp_path / "raw"
+    rows = []
+    for c_i, (cls, tint) in enumerate(TINTS.items()):
+        for i in range(12):
+            fp = raw / cls / f"{i}.png"
+            fp.parent.mkdir(parents=True, exist_ok=True)
+            fp.write_bytes(png_bytes(c_i * 100 + i, tint=tint))
+            split = "val" if i < 2 else "train"
+            rows.append({"path": f"{cls}/{i}.png", "class_name": cls, "sha256": f"{c_i}-{i}", "split": split,
+                         "group": f"{c_i}-{i}"})
+    write_csv(tmp_path / "split.csv", rows, SPLIT_FIELDS)
+    params = {"data": {"landing_uri": "s3://x/"}, "model": {"backbone": "test_efficientnet", "img_size": 32,
+              "weights": "none"}, "train": {"epochs": 4, "batch_size": 4, "num_threads": 1, "num_workers": 0,
+              "amp": "none", "patience": 10}, "bag": {"seeds": [0]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def _train(ws: Path, out: str, ckpt: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--params", "params.yaml", "--split",
+                             "split.csv", "--raw-dir", "raw", "--member", "0", "--out-dir", out, "--cache-dir",
+                             "cache", "--ckpt-dir", ckpt], cwd=ws, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tiny_split):
+    ws = tiny_split
+    full = _train(ws, "full", "ckpt_full")
+    assert full.wait(timeout=600) == 0, full.stdout.read()[-3000:]
+
+    victim = _train(ws, "resumed", "ckpt_killed")
+    ckpt = ws / "ckpt_killed" / "member_0.pt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state"]
+            if 1 <= state["epoch"] < 4:
+                break
+        time.sleep(0.2)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_at = torch.load(ckpt, map_location="cpu", weights_only=True)["state"]["epoch"]
+    assert 1 <= killed_at < 4 and not (ws / "resumed" / "model.pt").exists()
+
+    again = _train(ws, "resumed", "ckpt_killed")
+    log = again.stdout.read()
+    assert again.wait(timeout=600) == 0, log[-3000:]
+    assert f"resuming member 0 from epoch {killed_at}" in log
+    a = torch.load(ws / "full" / "model.pt", weights_only=True)
+    b = torch.load(ws / "resumed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((ws / "full" / "history.json").read_text())
+    hb = json.loads((ws / "resumed" / "history.json").read_text())
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
