@@ -167,8 +167,9 @@ def run_validate(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path
     ok = pd.Series([i not in failures for i in table.index], index=table.index, dtype=bool)
     for idx, reason in label_conflicts(table, ok).items():
         failures[idx].append(reason)
+    rejects = read_csv(rejects_fp)
     quarantine = [{"source_key": r["source_key"], "path": "", "class_name": "", "reason": r["reason"]}
-                  for r in read_csv(rejects_fp)]
+                  for r in rejects]
     validated = []
     for idx, rec in table.iterrows():
         reasons = failures.get(idx)
@@ -180,7 +181,7 @@ def run_validate(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path
         else:
             validated.append({k: rec[k] for k in VALIDATED_FIELDS})
     counts = Counter(r["class_name"] for r in validated)
-    n_total = len(rows) + len(read_csv(rejects_fp))
+    n_total = len(rows) + len(rejects)
     problems = dataset_problems(cfg, counts, n_total, len(quarantine))
     report = {"files": len(rows), "validated": len(validated), "quarantined": len(quarantine),
               "class_counts": dict(sorted(counts.items())), "fingerprint": fingerprint(validated),
