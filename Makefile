@@ -25,6 +25,8 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__API__HOST            := 127.0.0.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export GIT_PYTHON_REFRESH := quiet
+# The registered model that `predict`, `submission` and the batch DAG use by default (the demo profile's).
+export PIPELINE_MODEL_NAME ?= elpv-defect-classifier
 
 LANDING_URI ?= s3://landing/elpv/
 PROFILE     ?= cpu-demo

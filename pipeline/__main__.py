@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports-dir", type=Path, default=Path("reports"))
     p.add_argument("--decision", type=Path, default=Path("registry/decision.json"))
 
+    default_model = "models:/" + os.environ.get("PIPELINE_MODEL_NAME", "wallpaper-defect-classifier") + "@champion"
+    p = sub.add_parser("predict", help="classify a folder or S3 prefix of photos into a CSV")
+    p.add_argument("--model", default=default_model,
+                   help=f"MLflow model URI or a local models/ folder (default {default_model})")
+    p.add_argument("--input", required=True, help="folder or s3://bucket/prefix/ of images")
+    p.add_argument("--out", type=Path, required=True, help="CSV: id,label,confidence,error,prob_<class>...")
+    p.add_argument("--tta", action="store_true", help="average over the flips each class allows")
+
+    p = sub.add_parser("submission", help="write the DACON submission.csv for a test folder")
+    p.add_argument("--model", default=default_model, help=f"MLflow model URI (default {default_model})")
+    p.add_argument("--dacon-dir", type=Path, required=True, help="holds test/, test.csv, sample_submission.csv")
+    p.add_argument("--out", type=Path, default=Path("submission.csv"))
+    p.add_argument("--tta", action="store_true", help="average over the flips each class allows")
+
     p = sub.add_parser("demo-data", help="put the ELPV demo data into the landing bucket (idempotent)")
     p.add_argument("--landing-uri", default="s3://landing/elpv/")
     p.add_argument("--limit-per-class", type=int, default=0)
@@ -136,6 +150,14 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(run_register(cfg, args.split, args.raw_dir, args.models_dir, args.metrics,
                                       args.reports_dir, args.decision)))
+    elif cmd == "predict":
+        from pipeline.predict import run_predict
+
+        print(json.dumps(run_predict(args.model, args.input, args.out, args.tta), ensure_ascii=False))
+    elif cmd == "submission":
+        from pipeline.predict import run_submission
+
+        print(json.dumps(run_submission(args.model, args.dacon_dir, args.out, args.tta), ensure_ascii=False))
     elif cmd == "demo-data":
         from pipeline.demo_data import upload_demo_data
 

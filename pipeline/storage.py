@@ -126,15 +126,15 @@ def upload_file(src: Path, bucket: str, key: str) -> None:
         client().upload_file(str(src), bucket, key)
 
 
-def put_bytes(bucket: str, key: str, data: bytes) -> None:
+def put_bytes(bucket: str, key: str, data: bytes, s3_client=None) -> None:
     with storage_errors(f"writing s3://{bucket}/{key}"):
-        client().put_object(Bucket=bucket, Key=key, Body=data)
+        (s3_client or client()).put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def get_bytes(uri: str) -> bytes:
+def get_bytes(uri: str, s3_client=None) -> bytes:
     bucket, _, key = uri[5:].partition("/")
     with storage_errors(f"reading {uri}"):
-        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return (s3_client or client()).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def check_bucket(bucket: str) -> None:

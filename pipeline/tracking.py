@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
 
@@ -135,7 +136,29 @@ def _requirements() -> list[str]:
 
 
 def load_pyfunc(uri: str):
-    return mlflow.pyfunc.load_model(uri)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot load model {uri}: {exc.message.splitlines()[0]}") from None
+
+
+def resolve_model_uri(uri: str) -> tuple[str, str, str]:
+    """``models:/name@alias`` or ``models:/name/N`` → (name, version, run_id); other URIs → ("", "", "")."""
+    if not uri.startswith("models:/"):
+        return "", "", ""
+    ref = uri[len("models:/"):].strip("/")
+    client = connect_registry()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            v = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.rpartition("/")
+            v = client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise PipelineError(f"model {uri} not found in the registry at {mlflow.get_tracking_uri()}: "
+                            f"{exc.message.splitlines()[0]}") from None
+    return v.name, str(v.version), v.run_id or ""
 
 
 def finish_version(client: MlflowClient, name: str, version: str, tags: dict[str, str], description: str,

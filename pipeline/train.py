@@ -206,7 +206,7 @@ def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: 
     _save_atomic(state["best_state"] or model.state_dict(), out_dir / "model.pt")
     meta = {"backbone": cfg.model.backbone, "img_size": size, "class_names": list(split.class_names),
             "mean": list(mean), "std": list(std), "weights_source": weights_source, "seed": seed,
-            "bootstrap": cfg.bag.bootstrap, "best_epoch": state["best_epoch"],
+            "bootstrap": cfg.bag.bootstrap, "flips": dict(zip(split.class_names, flips)), "best_epoch": state["best_epoch"],
             "best_val_weighted_f1": _none_if_nan(state["history"][state["best_epoch"] - 1]["val_weighted_f1"]),
             "epochs_run": state["epoch"], "train_seconds": round(time.perf_counter() - started, 1),
             "device": device.type, "params_hash": cfg.params_hash()}

@@ -59,6 +59,21 @@ def s3(stack):
     return storage.client()
 
 
+@pytest.fixture(scope="session")
+def trained(stack, stack_env):
+    """The training DAG (test profile) run once on tiny data; tests share its champion and workspace."""
+    import json
+
+    from pipeline import storage
+    from tests.integration.helpers import upload_tiny_dataset
+
+    upload_tiny_dataset(storage.client(), "landing", "tiny/", per_class=8)
+    conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test"})
+    out = run_cli(["pipeline", "run-dag", "defect_training", "--conf", conf], stack_env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return Path(stack_env["PIPELINE_WORKSPACE"])
+
+
 def run_cli(args: list[str], env: dict, cwd: Path | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], env={**os.environ, **env}, cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout)

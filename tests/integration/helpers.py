@@ -18,6 +18,7 @@ def png_bytes(seed: int, size: int = 48, mode: str = "RGB", tint: tuple = (0, 0,
     return buf.getvalue()
 
 
+MODEL = "test-defect-classifier"  # registry.model_name of profiles/test.yaml
 TINTS = {"crack": (150, 0, 0), "mold": (0, 150, 0), "stain": (0, 0, 150)}
 
 

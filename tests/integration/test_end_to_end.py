@@ -9,21 +9,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import run_cli
-from tests.integration.helpers import TINTS, png_bytes, upload_tiny_dataset
+from tests.integration.helpers import MODEL, TINTS, png_bytes
 
 pytestmark = pytest.mark.integration
-MODEL = "test-defect-classifier"
-
-
-@pytest.fixture(scope="module")
-def trained(stack, stack_env):
-    from pipeline import storage
-
-    upload_tiny_dataset(storage.client(), "landing", "tiny/", per_class=8)
-    conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test"})
-    out = run_cli(["pipeline", "run-dag", "defect_training", "--conf", conf], stack_env)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    return Path(stack_env["PIPELINE_WORKSPACE"])
 
 
 def test_dag_registers_a_champion_with_lineage_tags(trained, stack):

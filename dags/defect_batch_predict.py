@@ -1,0 +1,103 @@
+"""
+### Wallpaper-defect batch prediction
+
+Classifies new inspection photos under an `incoming/` prefix with whatever model version is `champion` now,
+and writes the results back to S3 next to them:
+
+* `<key>.prediction.json` beside each photo: label, confidence, per-class probabilities, per-photo error (a
+  non-image or corrupt file gets an error; the rest of the batch is still classified), model name, version, run id;
+* `<incoming>/_predictions/<dag run id>.csv`: every row of this run in one file.
+
+Same never-re-fire logic as `defect_data_watch`: the photos (not our outputs) are fingerprinted through the
+Amazon provider's S3 hook, the prefix must be stable for a settle window, and nothing runs when the fingerprint
+equals the last one processed (an Airflow Variable, so it survives restarts). A photo that already has a
+result is never classified again, so a retry or an overlapping run does no double work.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from airflow.sdk import Param, Variable, dag, get_current_context, task
+
+DEFAULT_MODEL = f"models:/{os.environ.get('PIPELINE_MODEL_NAME', 'wallpaper-defect-classifier')}@champion"
+
+
+def _var_key(uri: str) -> str:
+    return f"defect_batch_last_fingerprint:{uri}"
+
+
+def _s3_client(conn_id: str):
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id=conn_id).get_conn()
+
+
+@task(retries=2, retry_delay=timedelta(seconds=15), retry_exponential_backoff=True)
+def stable_photos() -> dict | None:
+    from pipeline import storage
+    from pipeline.predict import is_output_key
+    from pipeline.watch import wait_until_stable
+
+    p = get_current_context()["params"]
+    client = _s3_client(p["aws_conn_id"])
+    _, prefix = storage.parse_s3_uri(p["incoming_uri"])
+
+    def photos():
+        return [o for o in storage.list_objects(p["incoming_uri"], client) if not is_output_key(o.key[len(prefix):])]
+
+    found = wait_until_stable(photos, p["settle_seconds"], p["max_checks"])
+    return None if found is None else {"fingerprint": found[0], "objects": found[1]}
+
+
+@task(retries=3, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
+def classify_new(found: dict | None) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from pipeline.errors import PipelineError
+    from pipeline.predict import run_batch
+
+    ctx = get_current_context()
+    p = ctx["params"]
+    if found is None:
+        raise AirflowSkipException("incoming prefix still changing; will look again next time")
+    if found["objects"] == 0:
+        raise AirflowSkipException(f"{p['incoming_uri']} has no photos")
+    key = _var_key(p["incoming_uri"])
+    if Variable.get(key, default=None) == found["fingerprint"]:
+        raise AirflowSkipException(f"same photos as last time ({found['fingerprint'][:12]}); nothing to do")
+    try:
+        result = run_batch(p["incoming_uri"], p["model_uri"], _s3_client(p["aws_conn_id"]),
+                           run_label=ctx["run_id"], tta=p["tta"])
+    except PipelineError as exc:
+        if exc.transient:
+            raise  # S3 or MLflow away: retried with backoff
+        raise AirflowFailException(str(exc)) from None
+    Variable.set(key, found["fingerprint"])
+    return result
+
+
+@dag(
+    dag_id="defect_batch_predict",
+    schedule=timedelta(minutes=5),
+    start_date=None,
+    catchup=False,
+    max_active_runs=1,
+    tags=["wallpaper-defect", "inference", "s3"],
+    doc_md=__doc__,
+    default_args={"owner": "ml-ops", "retries": 1},
+    params={
+        "incoming_uri": Param("s3://landing/incoming/", type="string", pattern=r"^s3://[^/]+/.*",
+                              description="photos to classify (any depth under this prefix)"),
+        "model_uri": Param(DEFAULT_MODEL, type="string", description="MLflow model URI of the bag"),
+        "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
+        "settle_seconds": Param(30, type="integer", minimum=0, description="listings this far apart must agree"),
+        "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),
+        "tta": Param(False, type="boolean", description="average over the flips each class allows"),
+    },
+)
+def defect_batch_predict():
+    classify_new(stable_photos())
+
+
+defect_batch_predict()

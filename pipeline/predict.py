@@ -1,0 +1,296 @@
+"""Batch prediction with a registered bag: a folder or S3 prefix of photos → CSV; the DACON submission file.
+
+    python -m pipeline predict --model models:/<name>@champion --input DIR_OR_S3_PREFIX --out predictions.csv
+    python -m pipeline submission --model models:/<name>@champion --dacon-dir DIR --out submission.csv
+
+``--model`` is any MLflow model URI of the bag pyfunc (``models:/name@alias``, ``models:/name/3``,
+``runs:/...``) or a local folder holding ``member_*`` folders (a DVC workspace's ``models/``).
+Every input row gets a row out: a file that is not an image, is corrupt or too large gets an ``error``
+and an empty ``label``; the others are still predicted. ``--tta`` averages over the flips each class
+allows (the training flip policy stored with each member): class c's probability is averaged only
+over the views that are legal for c.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+_logger = logging.getLogger(__name__)
+# Written next to the inputs by the batch DAG; never inputs themselves (and never part of the fingerprint).
+SIDECAR_SUFFIX = ".prediction.json"
+RESULTS_DIR = "_predictions/"
+MAX_BYTES = 50_000_000
+MAX_PIXELS = 40_000_000
+_VIEWS = {"id": (False, False), "h": (True, False), "v": (False, True), "hv": (True, True)}
+_ALLOWED = {"both": ("id", "h", "v", "hv"), "h": ("id", "h"), "v": ("id", "v"), "none": ("id",)}
+
+
+@dataclass
+class LoadedModel:
+    predictor: object  # pipeline.inference.BagPredictor
+    uri: str
+    name: str = ""
+    version: str = ""
+    run_id: str = ""
+
+
+def load_model(uri: str) -> LoadedModel:
+    """Load the bag behind ``uri``; resolve ``models:/name@alias`` to the version it points at now."""
+    from pipeline.inference import BagPredictor
+
+    local = Path(uri)
+    if local.is_dir() and any(local.glob("member_*/meta.json")):
+        dirs = sorted(d for d in local.glob("member_*") if (d / "meta.json").exists())
+        return LoadedModel(BagPredictor.from_dirs(dirs), str(local.resolve()))
+    from pipeline import tracking
+
+    name, version, run_id = tracking.resolve_model_uri(uri)
+    # Pin the resolved version, so an alias moving while we load cannot mix two versions.
+    pinned = f"models:/{name}/{version}" if name and version else uri
+    pyfunc = tracking.load_pyfunc(pinned)
+    predictor = getattr(pyfunc.unwrap_python_model(), "predictor", None)
+    if predictor is None:
+        raise PipelineError(f"{uri} is not a bag model from this pipeline (no predictor inside the pyfunc)")
+    return LoadedModel(predictor, uri, name, version, run_id)
+
+
+def predict_images(predictor, images: list, tta: bool = False) -> np.ndarray:
+    """Probabilities (N × classes) for PIL images; with ``tta`` averaged over each class's legal flips."""
+    from pipeline.images import resize_uint8, to_rgb
+
+    arrays = {s: np.stack([resize_uint8(to_rgb(im), s) for im in images]) for s in predictor.sizes()}
+    base = predictor.predict_proba_arrays(arrays)
+    if not tta:
+        return base
+    flips = _class_flips(predictor)
+    needed = {v for c in predictor.class_names for v in _ALLOWED[flips.get(c, "none")]} - {"id"}
+    if not needed:
+        return base
+    views = {"id": base}
+    for view in sorted(needed):
+        hflip, vflip = _VIEWS[view]
+        views[view] = predictor.predict_proba_arrays(
+            {s: a[:, ::-1 if vflip else 1, ::-1 if hflip else 1] for s, a in arrays.items()})
+    out = np.empty_like(base)
+    for c, name in enumerate(predictor.class_names):
+        allowed = _ALLOWED[flips.get(name, "none")]
+        out[:, c] = np.mean([views[v][:, c] for v in allowed], axis=0)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def _class_flips(predictor) -> dict[str, str]:
+    """The strictest policy any member was trained with, per class (a flip must be legal for every member)."""
+    order = {"none": 0, "h": 1, "v": 1, "both": 2}
+    out: dict[str, str] = {}
+    for m in predictor.members:
+        for c, policy in m.meta.get("flips", {c: "none" for c in predictor.class_names}).items():
+            prev = out.get(c, policy)
+            if prev != policy and order[prev] == order[policy]:  # h vs v: only the identity is legal for both
+                out[c] = "none"
+            else:
+                out[c] = min(prev, policy, key=order.get)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Item:
+    id: str
+    read: Callable[[], bytes]  # raises on I/O errors; the row then gets the error
+
+
+def _local_items(folder: Path) -> list[Item]:
+    if not folder.exists():
+        raise PipelineError(f"input folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+    return [Item(p.relative_to(folder).as_posix(), p.read_bytes) for p in files if not is_output_key(p.name)]
+
+
+def is_output_key(key: str) -> bool:
+    return key.endswith(SIDECAR_SUFFIX) or f"/{RESULTS_DIR}" in f"/{key}"
+
+
+def s3_items(uri: str, s3_client=None) -> list[Item]:
+    """Every object under the prefix except our own outputs; ``id`` = key relative to the prefix."""
+    from pipeline import storage
+
+    bucket, prefix = storage.parse_s3_uri(uri)
+    items = []
+    for obj in storage.list_objects(uri, s3_client):
+        rel = obj.key[len(prefix):]
+        if not rel or obj.key.endswith("/") or is_output_key(rel):
+            continue
+        if obj.size > MAX_BYTES:
+            items.append(Item(rel, _too_large(obj.size)))
+            continue
+        items.append(Item(rel, lambda k=obj.key: storage.get_bytes(f"s3://{bucket}/{k}", s3_client)))
+    return items
+
+
+def _too_large(size: int) -> Callable[[], bytes]:
+    def read() -> bytes:
+        raise ValueError(f"file is {size} bytes, over the {MAX_BYTES}-byte limit")
+    return read
+
+
+def input_items(source: str, s3_client=None) -> list[Item]:
+    items = s3_items(source, s3_client) if source.startswith("s3://") else _local_items(Path(source))
+    if not items:
+        raise PipelineError(f"no files to classify under {source}")
+    return items
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def predict_items(model: LoadedModel, items: list[Item], tta: bool = False, batch_size: int = 32) -> Iterator[dict]:
+    """One row per item, in order: id, label, confidence, error, prob_<class>...; bad rows never stop the batch."""
+    from pipeline.images import decode_rgb
+    from pipeline.storage import StorageError
+
+    names = model.predictor.class_names
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        images, errors = [], []
+        for item in chunk:
+            try:
+                data = item.read()
+                if len(data) > MAX_BYTES:
+                    raise ValueError(f"file is {len(data)} bytes, over the {MAX_BYTES}-byte limit")
+                images.append(decode_rgb(data, max_pixels=MAX_PIXELS))
+                errors.append("")
+            except StorageError:
+                raise  # the store went away: a transient failure of the whole run, not of this photo
+            except (ValueError, OSError) as exc:
+                images.append(None)
+                errors.append(str(exc) or type(exc).__name__)
+        ok = [i for i, im in enumerate(images) if im is not None]
+        probs = predict_images(model.predictor, [images[i] for i in ok], tta) if ok else np.zeros((0, len(names)))
+        by_row = dict(zip(ok, probs))
+        for i, item in enumerate(chunk):
+            row = {"id": item.id, "label": "", "confidence": 0.0, "error": errors[i]}
+            p = by_row.get(i)
+            row.update({f"prob_{c}": (float(p[k]) if p is not None else "") for k, c in enumerate(names)})
+            if p is not None:
+                row.update(label=names[int(p.argmax())], confidence=float(p.max()))
+            yield row
+
+
+def write_csv(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        fields = list(rows[0]) if rows else ["id", "label", "confidence", "error"]
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out)
+
+
+def rows_to_csv_bytes(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def run_predict(model_uri: str, source: str, out: Path, tta: bool = False) -> dict:
+    model = load_model(model_uri)
+    rows = list(predict_items(model, input_items(source), tta))
+    write_csv(rows, out)
+    failed = sum(1 for r in rows if r["error"])
+    _logger.info("predict: %d rows (%d with errors) -> %s", len(rows), failed, out)
+    return {"rows": len(rows), "errors": failed, "out": str(out), "model_uri": model_uri,
+            "model_version": model.version}
+
+
+# ------------------------------------------------------------------------------------------------ DACON
+
+
+def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool = False) -> dict:
+    """``submission.csv`` in ``test.csv`` order with exactly ``sample_submission.csv``'s ids and header."""
+    from pipeline.ingest import read_csv
+
+    for name in ("test.csv", "sample_submission.csv"):
+        if not (dacon_dir / name).exists():
+            raise PipelineError(f"{dacon_dir / name} is missing; --dacon-dir must hold test/, test.csv and "
+                                "sample_submission.csv")
+    test = read_csv(dacon_dir / "test.csv")
+    sample = read_csv(dacon_dir / "sample_submission.csv")
+    if not test or not {"id", "img_path"} <= set(test[0]):
+        raise PipelineError(f"{dacon_dir / 'test.csv'} needs columns id,img_path")
+    if not sample or list(sample[0]) != ["id", "label"]:
+        raise PipelineError(f"{dacon_dir / 'sample_submission.csv'} needs the header id,label")
+    test_ids, sample_ids = [r["id"] for r in test], [r["id"] for r in sample]
+    if test_ids != sample_ids:
+        bad = next((i for i, (a, b) in enumerate(zip(test_ids, sample_ids)) if a != b), min(len(test_ids),
+                                                                                              len(sample_ids)))
+        raise PipelineError(f"test.csv and sample_submission.csv disagree at row {bad + 2} "
+                            f"({len(test_ids)} vs {len(sample_ids)} ids)")
+    root = dacon_dir.resolve()
+    items = []
+    for r in test:
+        path = (dacon_dir / r["img_path"]).resolve()
+        if not path.is_relative_to(root):
+            raise PipelineError(f"test.csv row {r['id']}: img_path {r['img_path']!r} leaves {dacon_dir}")
+        items.append(Item(r["id"], path.read_bytes))
+    model = load_model(model_uri)
+    rows = list(predict_items(model, items, tta))
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        listed = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:5])
+        raise PipelineError(f"{len(failed)} test image(s) could not be classified, so no submission was written "
+                            f"(a submission needs every id): {listed}")
+    write_csv([{"id": r["id"], "label": r["label"]} for r in rows], out)
+    return {"rows": len(rows), "out": str(out), "model_uri": model_uri, "model_version": model.version}
+
+
+# ------------------------------------------------------------------------------------------ batch (DAG)
+
+
+def run_batch(incoming_uri: str, model_uri: str, s3_client=None, run_label: str = "manual",
+              tta: bool = False) -> dict:
+    """Classify photos under ``incoming_uri`` that have no result yet; write results next to them.
+
+    Each photo ``k`` gets ``k.prediction.json`` (label, confidence, probabilities, model name/version);
+    the run also writes ``<incoming>_predictions/<run_label>.csv``. A photo with a result is never
+    classified again, so a retried or repeated run does no double work.
+    """
+    from pipeline import storage
+
+    bucket, prefix = storage.parse_s3_uri(incoming_uri)
+    listing = storage.list_objects(incoming_uri, s3_client)
+    done = {o.key[: -len(SIDECAR_SUFFIX)] for o in listing if o.key.endswith(SIDECAR_SUFFIX)}
+    todo = [it for it in s3_items(incoming_uri, s3_client) if f"{prefix}{it.id}" not in done]
+    if not todo:
+        return {"classified": 0, "errors": 0, "model_version": "", "results": ""}
+    model = load_model(model_uri)
+    rows = list(predict_items(model, todo, tta))
+    provenance = {"model_uri": model_uri, "model_name": model.name, "model_version": model.version,
+                  "model_run_id": model.run_id, "run": run_label}
+    for row in rows:
+        record = {**row, **provenance}
+        storage.put_bytes(bucket, f"{prefix}{row['id']}{SIDECAR_SUFFIX}",
+                          json.dumps(record, ensure_ascii=False, indent=1).encode("utf-8"), s3_client)
+    safe_label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_label)
+    results_key = f"{prefix}{RESULTS_DIR}{safe_label}.csv"
+    storage.put_bytes(bucket, results_key, rows_to_csv_bytes([{**r, **provenance} for r in rows]), s3_client)
+    failed = sum(1 for r in rows if r["error"])
+    _logger.info("batch: classified %d photos (%d errors) with %s version %s -> s3://%s/%s", len(rows), failed,
+                 model.name, model.version, bucket, results_key)
+    return {"classified": len(rows), "errors": failed, "model_version": model.version,
+            "results": f"s3://{bucket}/{results_key}"}
