@@ -30,8 +30,11 @@ export PIPELINE_MODEL_NAME ?= elpv-defect-classifier
 
 LANDING_URI ?= s3://landing/elpv/
 PROFILE     ?= cpu-demo
+# What the scheduled DAGs use when new data starts them (no form): the watched prefix and the profile.
+export PIPELINE_LANDING_URI ?= $(LANDING_URI)
+export PIPELINE_PROFILE     ?= $(PROFILE)
 
-.PHONY: help venv services-up services-down ui demo demo-data test bench clean
+.PHONY: help venv services-up services-down ui demo demo-data test bench bench-serve bench-loop clean
 help:
 	@echo "make demo          fresh clone -> services -> ELPV data -> training DAG -> registered model"
 	@echo "make test          the full test suite (what CI runs)"
@@ -39,6 +42,8 @@ help:
 	@echo "make services-down stop them"
 	@echo "make ui            also start Airflow (api-server :8080, scheduler, dag-processor, triggerer) on 127.0.0.1"
 	@echo "make bench         benchmarks in bench/, results to docs/BENCHMARKS.md"
+	@echo "make bench-serve   serving load test of the champion (after make demo)"
+	@echo "make bench-loop    timed event loop under a running scheduler (private stack, ~15 min)"
 
 # The venv is built once and reused; it is rebuilt only when the pins change.
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
@@ -70,6 +75,12 @@ test: venv
 
 bench: venv
 	$(PY) -m bench
+
+bench-serve: venv
+	$(PY) -m bench serve
+
+bench-loop: venv
+	$(PY) -m bench event-loop
 
 clean: services-down
 	rm -rf .local

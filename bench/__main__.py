@@ -1,6 +1,8 @@
 """Benchmarks, side by side in one process (ratios, because shared machines are noisy).
 
-    python -m bench            # or: make bench
+    python -m bench            # or: make bench (data + train)
+    python -m bench serve      # or: make bench-serve (needs the stack and a champion: `make demo` first)
+    python -m bench event-loop # or: make bench-loop (private stack + scheduler; new data → training, timed)
 
 Prints ``KEY=value`` lines and rewrites the generated block of docs/BENCHMARKS.md.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import data_pipeline, train_step
+from bench import data_pipeline, event_loop, serving, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,14 +30,19 @@ def main() -> int:
         results.update(data_pipeline.run())
     if "train" in which:
         results.update(train_step.run())
+    if "serve" in which:
+        results.update(serving.run())
+    if "event-loop" in which:
+        results.update(event_loop.run())
     for k, v in results.items():
         print(f"{k}={v}")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.processor() or ''}"
     block = "\n".join(f"| `{k}` | {v} |" for k, v in results.items())
     doc = ROOT / "docs" / "BENCHMARKS.md"
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    body = (f"{start}\nLast `make bench` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}):\n\n"
+    tag = "bench" if set(which) <= {"data", "train"} else "bench-" + "-".join(which)
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    body = (f"{start}\nLast `python -m bench {' '.join(which)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}):\n\n"
             f"| key | value |\n|---|---|\n{block}\n{end}")
     text = text[:text.index(start)] + body + text[text.index(end) + len(end):] if start in text else text + "\n" + body + "\n"
     doc.write_text(text, encoding="utf-8")

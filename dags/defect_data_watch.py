@@ -10,6 +10,7 @@ carries the fingerprint, object count and landing URI; `defect_training` is sche
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from airflow.sdk import Asset, Param, Variable, dag, get_current_context, task
@@ -64,7 +65,8 @@ def emit_if_new(found: dict | None) -> str:
     doc_md=__doc__,
     default_args={"owner": "ml-ops", "retries": 1},
     params={
-        "landing_uri": Param("s3://landing/elpv/", type="string", pattern=r"^s3://[^/]+/.*"),
+        "landing_uri": Param(os.environ.get("PIPELINE_LANDING_URI", "s3://landing/elpv/"), type="string",
+                             pattern=r"^s3://[^/]+/.*", description="the prefix to watch"),
         "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
         "settle_seconds": Param(60, type="integer", minimum=0, description="listings this far apart must agree"),
         "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),

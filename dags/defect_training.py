@@ -2,7 +2,11 @@
 ### Wallpaper-defect training
 
 Runs the DVC stages of the pipeline in a DVC workspace, one task per stage:
-`ingest → validate → split → train[member…] → evaluate → register → push`.
+`ingest → validate → split → backbone[name…] + train[member…] → evaluate → register → push`.
+
+* **Tracking:** `start_tracking` opens one MLflow parent run per DAG run (the resolved config as params, the
+  DAG run id as a tag); `register` logs metrics, artifacts, lineage and a nested run per backbone and per bag
+  member into it; `finish_tracking` closes it with the gate decision, and a failed task marks it `FAILED`.
 
 * **Triggers:** new data (the `landing_data` Asset, emitted by the data-watch DAG) or by hand with the
   form below (landing URI, profile, epochs, bag size, backbone).
@@ -15,6 +19,7 @@ Runs the DVC stages of the pipeline in a DVC workspace, one task per stage:
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
@@ -24,7 +29,7 @@ POOL = "dvc_workspace"
 TRANSIENT = {"retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
 
-def _stage(ws: str, name: str) -> None:
+def _stage(ws: str, name: str, extra_env: dict[str, str] | None = None) -> None:
     """Run one DVC stage; a non-transient failure (bad data, bad params) fails at once, without retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -32,7 +37,7 @@ def _stage(ws: str, name: str) -> None:
     from pipeline.workspace import run_stage
 
     try:
-        run_stage(ws, name)
+        run_stage(ws, name, extra_env)
     except StageFailed as exc:
         if not exc.transient:
             raise AirflowFailException(str(exc)) from None
@@ -60,6 +65,34 @@ def prepare() -> str:
         if exc.transient:
             raise
         raise AirflowFailException(str(exc)) from None
+
+
+@task(**TRANSIENT)
+def start_tracking(ws: str) -> str:
+    """Open this DAG run's MLflow parent run; returns its id."""
+    from pathlib import Path
+
+    from pipeline import tracking
+    from pipeline.config import load_config
+
+    ctx = get_current_context()
+    cfg = load_config(Path(ws) / "params.yaml")
+    tags = {"airflow_dag_id": ctx["dag"].dag_id, "airflow_run_id": ctx["run_id"], "profile": cfg.profile,
+            "landing_uri": cfg.data.landing_uri, "git_commit": tracking.git_commit(None)}
+    return tracking.open_pipeline_run(cfg.registry.experiment, cfg.to_dict(), f"airflow-{ctx['run_id']}", tags)
+
+
+def _mark_run_failed(context) -> None:
+    """on_failure_callback: a task failed for good, so this DAG run's MLflow parent run is FAILED."""
+    try:
+        run_id = context["ti"].xcom_pull(task_ids="start_tracking")
+        if run_id:
+            from pipeline import tracking
+
+            tracking.close_pipeline_run(run_id, "FAILED", {"failed_task": context["ti"].task_id,
+                                                           "failure": str(context.get("exception", ""))[:2000]})
+    except Exception as exc:  # never hide the task's own failure behind a tracking error
+        print(f"could not mark the MLflow run failed: {exc}")
 
 
 @task(pool=POOL, **TRANSIENT)
@@ -91,6 +124,23 @@ def bag_members(ws: str) -> list[int]:
     return list(load_config(Path(ws) / "params.yaml").bag.seeds)
 
 
+@task
+def backbone_names(ws: str) -> list[str]:
+    """The `backbones` entries from the workspace params (one mapped backbone task each)."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    return list(load_config(Path(ws) / "params.yaml").backbones)
+
+
+@task(pool=POOL, retries=1, retry_delay=timedelta(seconds=10))
+def backbone(ws: str, name: str) -> str:
+    """Transfer-train one backbone (seed 0) so evaluate can compare it; a retry resumes from its checkpoint."""
+    _stage(ws, f"backbone@{name}")
+    return ws
+
+
 @task(pool=POOL, retries=1, retry_delay=timedelta(seconds=10))
 def train(ws: str, member: int) -> str:
     """A retry resumes from the member's last epoch checkpoint."""
@@ -98,8 +148,9 @@ def train(ws: str, member: int) -> str:
     return ws
 
 
-@task(pool=POOL, retries=0, trigger_rule="all_success")
-def evaluate(ws: str, trained: list[str]) -> dict:
+@task(pool=POOL, retries=0, trigger_rule="none_failed")
+def evaluate(ws: str, trained: list[str], compared: list[str]) -> dict:
+    """Runs when every member and backbone succeeded (an empty `backbones` list is skipped, not failed)."""
     import json
     from pathlib import Path
 
@@ -109,11 +160,11 @@ def evaluate(ws: str, trained: list[str]) -> dict:
 
 
 @task(pool=POOL, **TRANSIENT)
-def register(ws: str, metrics: dict) -> dict:
+def register(ws: str, metrics: dict, parent_run: str) -> dict:
     import json
     from pathlib import Path
 
-    _stage(ws, "register")
+    _stage(ws, "register", {"PIPELINE_PARENT_RUN_ID": parent_run})
     return json.loads((Path(ws) / "registry" / "decision.json").read_text(encoding="utf-8"))
 
 
@@ -126,6 +177,16 @@ def push(ws: str, decision: dict) -> str:
     return decision["model_version"]
 
 
+@task(**TRANSIENT)
+def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
+    """Close the parent run with the outcome (also when DVC found everything up to date and nothing retrained)."""
+    from pipeline import tracking
+
+    tracking.close_pipeline_run(parent_run, "FINISHED", {
+        "gate": decision["gate"], "model_name": decision["model_name"], "model_version": decision["model_version"],
+        "registered_in_run": decision["run_id"], "gate_reason": decision["reason"]})
+
+
 @dag(
     dag_id="defect_training",
     schedule=[LANDING_DATA],
@@ -133,11 +194,15 @@ def push(ws: str, decision: dict) -> str:
     max_active_runs=1,
     tags=["wallpaper-defect", "training", "dvc", "mlflow"],
     doc_md=__doc__,
-    default_args={"owner": "ml-ops", "retries": 1, "retry_delay": timedelta(seconds=30)},
+    default_args={"owner": "ml-ops", "retries": 1, "retry_delay": timedelta(seconds=30),
+                  "on_failure_callback": _mark_run_failed},
     params={
-        "landing_uri": Param("s3://landing/elpv/", type="string", pattern=r"^s3://[^/]+/.*",
-                             description="s3://bucket/prefix/ holding <class>/<image> folders"),
-        "profile": Param("cpu-demo", enum=["cpu-demo", "test", "full"],
+        "landing_uri": Param(os.environ.get("PIPELINE_LANDING_URI", "s3://landing/elpv/"), type="string",
+                             pattern=r"^s3://[^/]+/.*",
+                             description="s3://bucket/prefix/ holding <class>/<image> folders (an Asset event "
+                                         "from the data watch sets it)"),
+        # Runs started by new data use the defaults: PIPELINE_PROFILE picks the profile for them.
+        "profile": Param(os.environ.get("PIPELINE_PROFILE", "cpu-demo"), enum=["cpu-demo", "test", "full"],
                          description="params override from profiles/ (full = params.yaml as committed)"),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="override train.epochs"),
         "bag_size": Param(None, type=["null", "integer"], minimum=1, maximum=10,
@@ -148,10 +213,14 @@ def push(ws: str, decision: dict) -> str:
     },
 )
 def defect_training():
-    ws = split(validate(ingest(prepare())))
+    ws0 = prepare()
+    parent_run = start_tracking(ws0)
+    ws = split(validate(ingest(ws0)))
+    parent_run >> ws
+    compared = backbone.partial(ws=ws).expand(name=backbone_names(ws))
     trained = train.partial(ws=ws).expand(member=bag_members(ws))
-    decision = register(ws, evaluate(ws, trained))
-    push(ws, decision)
+    decision = register(ws, evaluate(ws, trained, compared), parent_run)
+    finish_tracking(parent_run, decision, push(ws, decision))
 
 
 defect_training()

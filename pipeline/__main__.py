@@ -47,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, default=Path("data/split.csv"))
     p.add_argument("--report", type=Path, default=Path("reports/split.json"))
 
-    p = sub.add_parser("train", help="train one bag member")
+    p = sub.add_parser("train", help="train one bag member, or one entry of `backbones`")
     _params(p)
     p.add_argument("--split", type=Path, default=Path("data/split.csv"))
     p.add_argument("--raw-dir", type=Path, default=Path("data/raw"))
-    p.add_argument("--member", type=int, required=True, help="bag member = its seed")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--member", type=int, help="bag member = its seed")
+    who.add_argument("--backbone", help="a key of `backbones` (seed 0, whole train split)")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/images"))
     p.add_argument("--ckpt-dir", type=Path, default=Path(".cache/checkpoints"))
@@ -140,7 +142,11 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "train":
         from pipeline.train import run_train
 
-        run_train(cfg, args.split, args.raw_dir, args.member, args.out_dir, args.cache_dir, args.ckpt_dir)
+        if args.backbone:
+            run_train(cfg.for_backbone(args.backbone), args.split, args.raw_dir, 0, args.out_dir, args.cache_dir,
+                      args.ckpt_dir, name=f"backbone_{args.backbone}")
+        else:
+            run_train(cfg, args.split, args.raw_dir, args.member, args.out_dir, args.cache_dir, args.ckpt_dir)
     elif cmd == "evaluate":
         from pipeline.evaluate import run_evaluate
 
@@ -187,6 +193,7 @@ def _run(args: argparse.Namespace) -> int:
 _SHOW = ("[DAG TEST] starting", "pipeline.", "error", "ERROR", "DagRun Finished", "Exception:", "]   - ")
 
 
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed\w*|Interrupt): ")  # a traceback's last line
 _STRUCTLOG = re.compile(r"^\S+T(\d\d:\d\d:\d\d)\S* \[\s*\w+\s*\] (.*)$")
 _TRAILER = re.compile(r"\s+\[[\w.]+\] loc=\S+.*$")
 
@@ -220,7 +227,7 @@ def _run_dag(dag_id: str, conf: str) -> int:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if any(s in line for s in _SHOW) and "Skipping registering" not in line:
+            if (any(s in line for s in _SHOW) or _EXC_LINE.match(line)) and "Skipping registering" not in line:
                 print(_compact(line), flush=True)
         code = proc.wait()
     if code != 0:

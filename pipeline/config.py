@@ -83,6 +83,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class BackboneSpec:
+    """One entry of ``backbones``: a timm model transfer-trained once to compare backbones (0/"" = inherit)."""
+
+    img_size: int = 0  # 0 = model.img_size
+    weights: str = ""  # "" = model.weights
+    freeze: str = ""  # "" = model.freeze
+    epochs: int = 0  # 0 = train.epochs
+
+
+@dataclass(frozen=True)
 class BagConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # one bag member per seed
     bootstrap: bool = True  # each member trains on a bootstrap resample of the train split
@@ -105,7 +115,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     bag: BagConfig = field(default_factory=BagConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # name -> spec; the `backbone` DVC stage trains each once (seed 0, whole train split) and evaluate scores it.
+    backbones: dict = field(default_factory=dict)
     profile: str = "full"  # which profile produced this file (informational)
+
+    def for_backbone(self, name: str) -> "Config":
+        """This config with ``model`` set to backbone ``name``: one member, seed 0, no bootstrap resample."""
+        if name not in self.backbones:
+            raise ConfigError(f"backbones.{name} is not listed (listed: {', '.join(self.backbones) or 'none'})")
+        spec: BackboneSpec = self.backbones[name]
+        model = dataclasses.replace(self.model, backbone=name, img_size=spec.img_size or self.model.img_size,
+                                    weights=spec.weights or self.model.weights,
+                                    freeze=spec.freeze or self.model.freeze)
+        train = dataclasses.replace(self.train, epochs=spec.epochs or self.train.epochs)
+        return dataclasses.replace(self, model=model, train=train, bag=BagConfig(seeds=(0,), bootstrap=False))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +203,27 @@ def _build(section: str, cls: type, raw: Any) -> Any:
     return cls(**kwargs)
 
 
+def _check_freeze(key: str, freeze: str) -> None:
+    if not (freeze in ("none", "backbone") or (freeze.startswith("all_but_last:") and freeze.split(":")[1].isdigit())):
+        raise ConfigError(f"{key} must be none, backbone or all_but_last:N, got {freeze!r}")
+
+
+def _build_backbones(raw: Any) -> dict[str, BackboneSpec]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"backbones must be a mapping of timm model name -> settings, got {raw!r}")
+    out = {}
+    for name, spec in raw.items():
+        spec = _build(f"backbones.{name}", BackboneSpec, spec or {})
+        if spec.img_size < 0 or spec.epochs < 0:
+            raise ConfigError(f"backbones.{name}: img_size and epochs must be >= 0 (0 = inherit)")
+        if spec.freeze:
+            _check_freeze(f"backbones.{name}.freeze", spec.freeze)
+        out[str(name)] = spec
+    return out
+
+
 def _check(cfg: Config) -> None:
     flat = {f"{s}.{k}": v for s in _SECTIONS for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
     for key in _POSITIVE:
@@ -192,9 +236,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("split.val_fraction + split.test_fraction must be < 1")
     if cfg.train.amp not in _CHOICES["train.amp"]:
         raise ConfigError(f"train.amp must be one of {_CHOICES['train.amp']}, got {cfg.train.amp!r}")
-    freeze = cfg.model.freeze
-    if not (freeze in ("none", "backbone") or (freeze.startswith("all_but_last:") and freeze.split(":")[1].isdigit())):
-        raise ConfigError(f"model.freeze must be none, backbone or all_but_last:N, got {freeze!r}")
+    _check_freeze("model.freeze", cfg.model.freeze)
     flips = ("both", "h", "v", "none")
     for cls_, flip in [("train.flip_default", cfg.train.flip_default),
                        *((f"train.flip_policy.{c}", f) for c, f in cfg.train.flip_policy.items())]:
@@ -210,7 +252,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a parsed params mapping."""
     if not isinstance(raw, dict):
         raise ConfigError("params must be a mapping of sections")
-    allowed = set(_SECTIONS) | {"profile"}
+    allowed = set(_SECTIONS) | {"profile", "backbones"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a known section (known: {', '.join(sorted(allowed))})")
@@ -220,7 +262,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     data = parts["data"]
     parts["data"] = dataclasses.replace(
         data, expected_classes=tuple(unicodedata.normalize("NFC", c) for c in data.expected_classes))
-    cfg = Config(profile=str(raw.get("profile", "full")), **parts)
+    cfg = Config(profile=str(raw.get("profile", "full")), backbones=_build_backbones(raw.get("backbones")),
+                 **parts)
     _check(cfg)
     return cfg
 
@@ -248,11 +291,21 @@ def load_config(params_fp: str | Path = "params.yaml") -> Config:
         raise ConfigError(f"{params_fp}: {exc}") from None
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Return ``base`` updated recursively by ``override`` (lists are replaced, not merged)."""
+# Mappings a profile replaces whole instead of merging into (a CPU profile lists its own backbones).
+REPLACED_WHOLE = ("backbones",)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Return ``base`` updated recursively by ``override``.
+
+    Lists are replaced, not merged; so are the top-level keys named in ``replace`` (profiles pass
+    :data:`REPLACED_WHOLE`; ``--set`` overrides merge into them).
+    """
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if key in replace:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: score each bag member and the bag on the held-out test split.
+"""Stage ``evaluate``: score each backbone, each bag member and the bag on the held-out test split.
 
     python -m pipeline evaluate --params params.yaml --split data/split.csv --raw-dir data/raw \
         --models-dir models --metrics metrics/eval.json --reports-dir reports/eval
@@ -34,6 +34,12 @@ def member_dirs(cfg: Config, models_dir: Path) -> list[Path]:
     return [models_dir / f"member_{seed}" for seed in cfg.bag.seeds]
 
 
+def backbone_dirs(cfg: Config, models_dir: Path) -> dict[str, Path]:
+    """The `backbone` stage's outputs that exist (a workstation may run the bag without them)."""
+    return {name: models_dir / "backbones" / name for name in cfg.backbones
+            if (models_dir / "backbones" / name / "model.pt").exists()}
+
+
 def test_arrays(raw_dir: Path, split_fp: Path, sizes: set[int], cache_dir: Path | None) -> tuple[dict, list[int]]:
     split = load_split(split_fp)
     arrays = {s: build_cache(raw_dir, split.paths["test"], split.sha256["test"], s, cache_dir) for s in sizes}
@@ -62,16 +68,30 @@ def _plot_confusion(cm: np.ndarray, names: list[str], png_fp: Path) -> None:
 def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
                  reports_dir: Path, cache_dir: Path | None = None) -> dict:
     bag = BagPredictor.from_dirs(member_dirs(cfg, models_dir))
-    arrays, y_true = test_arrays(raw_dir, split_fp, bag.sizes(), cache_dir)
+    singles = {name: BagPredictor.from_dirs([d]) for name, d in backbone_dirs(cfg, models_dir).items()}
+    sizes = bag.sizes().union(*(b.sizes() for b in singles.values()))
+    arrays, y_true = test_arrays(raw_dir, split_fp, sizes, cache_dir)
     if not y_true:
         raise ValueError(f"the test split in {split_fp} is empty; add data or lower split.min_class_for_split")
     members = {}
     for seed, member in zip(cfg.bag.seeds, bag.members):
         members[f"member_{seed}"] = score(y_true, BagPredictor([member]).predict_proba_arrays(arrays).argmax(1))
+    labels = list(range(len(bag.class_names)))
+    backbones, backbone_reports = {}, {}
+    for name, single in singles.items():
+        if single.class_names != bag.class_names:
+            raise ValueError(f"backbone {name} was trained on other classes than the bag; rerun its stage")
+        pred = single.predict_proba_arrays(arrays).argmax(1)
+        backbones[name] = score(y_true, pred)
+        f = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)[2]
+        backbone_reports[name] = {**backbones[name], "img_size": single.members[0].meta["img_size"],
+                                  "weights_source": single.members[0].meta["weights_source"],
+                                  "train_seconds": single.members[0].meta["train_seconds"],
+                                  "per_class_f1": {c: float(f[i]) for i, c in enumerate(bag.class_names)},
+                                  "confusion": confusion_matrix(y_true, pred, labels=labels).tolist()}
     probs = bag.predict_proba_arrays(arrays)
     y_pred = probs.argmax(1)
-    metrics = {**score(y_true, y_pred), "n_test": len(y_true), "members": members}
-    labels = list(range(len(bag.class_names)))
+    metrics = {**score(y_true, y_pred), "n_test": len(y_true), "members": members, "backbones": backbones}
     p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = [{"class_name": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                   "support": int(n[i])} for i, c in enumerate(bag.class_names)]
@@ -88,6 +108,10 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     (reports_dir / "confusion.json").write_text(json.dumps({"labels": bag.class_names, "matrix": cm.tolist()},
                                                            ensure_ascii=False) + "\n", encoding="utf-8")
     _plot_confusion(cm, bag.class_names, reports_dir / "confusion.png")
+    (reports_dir / "backbones.json").write_text(json.dumps(backbone_reports, indent=2, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+    for name, b in backbones.items():
+        _logger.info("evaluate: backbone %s weighted F1 %.4f, macro F1 %.4f", name, b["weighted_f1"], b["macro_f1"])
     _logger.info("evaluate: bag weighted F1 %.4f, macro F1 %.4f on %d test images", metrics["weighted_f1"],
                  metrics["macro_f1"], len(y_true))
     return metrics

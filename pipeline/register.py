@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from sklearn.metrics import f1_score
 
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.evaluate import member_dirs
+from pipeline.evaluate import backbone_dirs, member_dirs
 from pipeline.ingest import read_csv
 
 _logger = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def dvc_hashes(lock_fp: Path) -> dict[str, str]:
 
 
 def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], counts: dict, lineage: dict,
-               decision: str, reason: str, members: list[dict]) -> str:
+               decision: str, reason: str, members: list[dict], backbones: dict | None = None) -> str:
+    backbones = backbones or {}
     lines = [f"# {cfg.registry.model_name} v{version}", "",
              f"**Gate:** {decision} — {reason}", "",
              "## Data", f"- landing: `{cfg.data.landing_uri}`",
@@ -98,6 +100,10 @@ def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], 
              "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
              *(f"| {r['class_name']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
                for r in per_class),
+             *(["", "## Backbones (each transfer-trained once, same test split)",
+                 "| backbone | weighted F1 | macro F1 | accuracy |", "|---|---|---|---|",
+                 *(f"| {b} | {m['weighted_f1']:.4f} | {m['macro_f1']:.4f} | {m['accuracy']:.4f} |"
+                   for b, m in backbones.items())] if backbones else []),
              "", "## Model",
              f"- bag of {len(members)} × `{cfg.model.backbone}` @ {cfg.model.img_size}px, weights "
              f"{members[0]['weights_source']}, freeze `{cfg.model.freeze}`",
@@ -131,7 +137,10 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
         run_id, version = tracking.log_candidate(
             cfg_dict=cfg.to_dict(), candidate_id=cid, metrics=metrics, member_dirs=dirs,
             artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"], dataset_frame=split_df,
-            dataset_source=cfg.data.landing_uri, lineage=lineage, input_example=frame.head(2), model_name=name)
+            dataset_source=cfg.data.landing_uri, lineage=lineage, input_example=frame.head(2), model_name=name,
+            backbone_dirs=backbone_dirs(cfg, models_dir),
+            # Set by the Airflow DAG (one parent run per DAG run); a workstation `dvc repro` opens its own.
+            parent_run_id=os.environ.get("PIPELINE_PARENT_RUN_ID") or None)
     else:  # registered by an earlier attempt that died before the gate: finish it
         run_id, version = existing.run_id, existing.version
     champion = tracking.version_by_alias(client, name, "champion")
@@ -143,8 +152,9 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     decision = "promoted" if promote else "rejected"
     per_class = json.loads((reports_dir / "eval" / "per_class.json").read_text(encoding="utf-8"))
     members = [json.loads((d / "meta.json").read_text(encoding="utf-8")) for d in dirs]
-    card = model_card(cfg, version, {k: v for k, v in metrics.items() if k != "members"}, per_class,
-                      validation["class_counts"], lineage, decision, reason, members)
+    card = model_card(cfg, version, {k: v for k, v in metrics.items() if k not in ("members", "backbones")},
+                      per_class, validation["class_counts"], lineage, decision, reason, members,
+                      metrics.get("backbones"))
     tags = {**lineage, "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
             "per_class_f1": json.dumps({r["class_name"]: round(r["f1"], 4) for r in per_class}, ensure_ascii=False),
             "gate_reason": reason, "champion_f1_rescored": "" if champion_f1 is None else f"{champion_f1:.6f}",

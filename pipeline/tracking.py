@@ -80,21 +80,53 @@ def _finite(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _log_params(client: MlflowClient, run_id: str, cfg_dict: dict) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(k, v[:6000]) for k, v in _flatten(cfg_dict).items()]
+    for i in range(0, len(params), 90):  # the server caps one batch at 100 params
+        client.log_batch(run_id, params=params[i:i + 90])
+
+
+def open_pipeline_run(experiment: str, cfg_dict: dict, run_name: str, tags: dict[str, str]) -> str:
+    """The parent run of one pipeline execution, opened when the execution starts; returns its id.
+
+    The DAG passes the id to the stages as ``PIPELINE_PARENT_RUN_ID``; ``register`` logs into it.
+    """
+    client = connect(experiment)
+    exp = client.get_experiment_by_name(experiment)
+    run = client.create_run(exp.experiment_id, run_name=run_name, tags=tags)
+    _log_params(client, run.info.run_id, cfg_dict)
+    return run.info.run_id
+
+
+def close_pipeline_run(run_id: str, status: str, tags: dict[str, str]) -> None:
+    """End the parent run with ``FINISHED`` or ``FAILED`` and a few outcome tags."""
+    client = connect_registry()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v)[:5000])
+    client.set_terminated(run_id, status=status)
+
+
 def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_dirs: list[Path],
                   artifact_paths: list[Path], dataset_frame, dataset_source: str, lineage: dict[str, str],
-                  input_example, model_name: str) -> tuple[str, str]:
-    """One parent run with a nested run per member; logs and registers the bag. Returns (run_id, version)."""
+                  input_example, model_name: str, backbone_dirs: dict[str, Path] | None = None,
+                  parent_run_id: str | None = None) -> tuple[str, str]:
+    """Log into the execution's parent run (``parent_run_id``, or a new one): config, metrics, artifacts,
+    lineage, a nested run per backbone and per bag member; register the bag. Returns (run_id, version)."""
     from mlflow.models import infer_signature
 
     from pipeline.serving import BagModel
 
-    with mlflow.start_run(run_name=f"pipeline-{candidate_id[:8]}", tags={"candidate_id": candidate_id}) as run:
-        params = _flatten(cfg_dict)
-        for i in range(0, len(params), 90):  # the server caps one batch at 100 params
-            mlflow.log_params(dict(list(params.items())[i:i + 90]))
+    start = (mlflow.start_run(run_id=parent_run_id) if parent_run_id
+             else mlflow.start_run(run_name=f"pipeline-{candidate_id[:8]}"))
+    with start as run:
+        mlflow.set_tag("candidate_id", candidate_id)
+        _log_params(MlflowClient(), run.info.run_id, cfg_dict)
         mlflow.log_metrics({f"test_{k}": v for k, v in _finite(metrics).items()})
-        for member, scores in metrics.get("members", {}).items():
-            mlflow.log_metrics({f"test_{member}_{k}": v for k, v in _finite(scores).items()})
+        for group in ("members", "backbones"):
+            for who, scores in metrics.get(group, {}).items():
+                mlflow.log_metrics({f"test_{who}_{k}": v for k, v in _finite(scores).items()})
         for path in artifact_paths:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
@@ -103,8 +135,10 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
         dataset = mlflow.data.from_pandas(dataset_frame, source=dataset_source, name="split",
                                           targets="class_name")
         mlflow.log_input(dataset, context="training", tags=lineage)
+        for name, d in (backbone_dirs or {}).items():
+            _log_trained(d, f"backbone-{name}", "backbone", metrics.get("backbones", {}).get(name, {}))
         for d in member_dirs:
-            _log_member(d)
+            _log_trained(d, d.name, "bag_member", metrics.get("members", {}).get(d.name, {}))
         output = input_example.assign(label=["x"] * len(input_example), confidence=[0.5] * len(input_example),
                                       error=[""] * len(input_example))[["label", "confidence", "error"]]
         info = mlflow.pyfunc.log_model(
@@ -117,15 +151,18 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
         return run.info.run_id, version
 
 
-def _log_member(member_dir: Path) -> None:
-    meta = json.loads((member_dir / "meta.json").read_text(encoding="utf-8"))
-    history = json.loads((member_dir / "history.json").read_text())
-    with mlflow.start_run(run_name=member_dir.name, nested=True):
-        mlflow.log_params({k: v for k, v in meta.items() if k != "class_names"})
+def _log_trained(model_dir: Path, run_name: str, role: str, test_scores: dict) -> None:
+    """A nested run for one trained network: its settings, per-epoch metrics, test scores and files."""
+    meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+    history = json.loads((model_dir / "history.json").read_text())
+    with mlflow.start_run(run_name=run_name, nested=True, tags={"role": role}):
+        mlflow.log_params({k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v)
+                           for k, v in meta.items() if k != "class_names"})
         for row in history:
             step = int(row["epoch"])
             mlflow.log_metrics({k: v for k, v in _finite(row).items() if k != "epoch"}, step=step)
-        mlflow.log_artifacts(str(member_dir), artifact_path="member")
+        mlflow.log_metrics({f"test_{k}": v for k, v in _finite(test_scores).items()})
+        mlflow.log_artifacts(str(model_dir), artifact_path="model_files")
 
 
 def _requirements() -> list[str]:

@@ -125,8 +125,13 @@ def _load_checkpoint(path: Path, key: str) -> dict | None:
 
 
 def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: Path,
-              cache_dir: Path | None = None, ckpt_dir: Path | None = None) -> dict:
-    """Train bag member ``member`` (its seed); write model.pt, meta.json and history.json to ``out_dir``."""
+              cache_dir: Path | None = None, ckpt_dir: Path | None = None, name: str = "") -> dict:
+    """Train bag member ``member`` (its seed); write model.pt, meta.json and history.json to ``out_dir``.
+
+    ``name`` names the checkpoint and log lines (default ``member_<member>``; the backbone stage passes
+    ``backbone_<timm name>``).
+    """
+    name = name or f"member_{member}"
     seed = member
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -163,7 +168,7 @@ def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: 
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.lr_gamma)
 
     key = _run_key(cfg, split_fp, seed)
-    ckpt_fp = (ckpt_dir or out_dir.parent / ".checkpoints") / f"member_{member}.pt"
+    ckpt_fp = (ckpt_dir or out_dir.parent / ".checkpoints") / f"{name}.pt"
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_state": None}
     ckpt = _load_checkpoint(ckpt_fp, key)
     if ckpt is not None:
@@ -171,7 +176,7 @@ def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: 
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
-        _logger.info("resuming member %d from epoch %d (%s)", member, state["epoch"], ckpt_fp)
+        _logger.info("resuming %s from epoch %d (%s)", name, state["epoch"], ckpt_fp)
 
     started = time.perf_counter()
     while state["epoch"] < cfg.train.epochs and state["bad_epochs"] < cfg.train.patience:
@@ -184,7 +189,7 @@ def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: 
                             generator=torch.Generator().manual_seed(seed * 1000 + epoch),
                             pin_memory=device.type == "cuda")
         metrics = train_one_epoch(model, loader, criterion, optimizer, mixup, cfg, device, mean, std, frozen_bn,
-                                  desc=f"member {member} epoch {epoch + 1}/{cfg.train.epochs}")
+                                  desc=f"{name} epoch {epoch + 1}/{cfg.train.epochs}")
         metrics.update(validate(model, val_imgs, split.labels["val"], cfg, device, mean, std))
         metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
         scheduler.step()
@@ -197,7 +202,7 @@ def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: 
             state["bad_epochs"] += 1
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
-        _logger.info("member %d epoch %d: loss %.4f, %.1f img/s, val weighted F1 %.4f", member, epoch + 1,
+        _logger.info("%s epoch %d: loss %.4f, %.1f img/s, val weighted F1 %.4f", name, epoch + 1,
                      metrics["train_loss"], metrics["train_img_s"], f1)
         _save_atomic({"run_key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "state": state}, ckpt_fp)
@@ -206,7 +211,8 @@ def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: 
     _save_atomic(state["best_state"] or model.state_dict(), out_dir / "model.pt")
     meta = {"backbone": cfg.model.backbone, "img_size": size, "class_names": list(split.class_names),
             "mean": list(mean), "std": list(std), "weights_source": weights_source, "seed": seed,
-            "bootstrap": cfg.bag.bootstrap, "flips": dict(zip(split.class_names, flips)), "best_epoch": state["best_epoch"],
+            "bootstrap": cfg.bag.bootstrap, "flips": dict(zip(split.class_names, flips)),
+            "freeze": cfg.model.freeze, "epochs": cfg.train.epochs, "best_epoch": state["best_epoch"],
             "best_val_weighted_f1": _none_if_nan(state["history"][state["best_epoch"] - 1]["val_weighted_f1"]),
             "epochs_run": state["epoch"], "train_seconds": round(time.perf_counter() - started, 1),
             "device": device.type, "params_hash": cfg.params_hash()}

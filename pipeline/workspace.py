@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import config_from_dict, deep_merge, parse_set, read_yaml
+from pipeline.config import REPLACED_WHOLE, config_from_dict, deep_merge, parse_set, read_yaml
 from pipeline.errors import ConfigError, PipelineError, StageFailed
 
 _logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def merged_params(home: Path, profile: str, overrides: dict) -> dict:
         if not prof_fp.exists():
             known = sorted(p.stem for p in (home / "profiles").glob("*.yaml"))
             raise ConfigError(f"unknown profile {profile!r}; known: full, {', '.join(known)}")
-        params = deep_merge(params, read_yaml(prof_fp))
+        params = deep_merge(params, read_yaml(prof_fp), replace=REPLACED_WHOLE)
     params = deep_merge(params, overrides)
     params["profile"] = profile or "full"
     config_from_dict(params)  # fail here, naming the key, before any stage runs
@@ -113,10 +113,13 @@ def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, hom
     return ws
 
 
-def run_stage(ws: Path, stage: str) -> str:
-    """``dvc repro --single-item <stage>`` in ``ws``; streams DVC's output into our log, raises on failure."""
+def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None) -> str:
+    """``dvc repro --single-item <stage>`` in ``ws``; streams DVC's output into our log, raises on failure.
+
+    ``extra_env`` reaches the stage's command (DVC passes its environment on), e.g. the MLflow parent run id.
+    """
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(extra_env or {}))
     cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
     _logger.info("running %s in %s", " ".join(cmd), ws)
     proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

