@@ -25,15 +25,23 @@ class AirflowAPI:
         headers = {"Content-Type": "application/json"}
         if auth:
             headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise PipelineError(f"Airflow API {method} {path}: HTTP {exc.code} {exc.read()[:500]!r}") from None
-        except OSError as exc:
-            raise PipelineError(f"Airflow API at {self.base} unreachable: {exc}") from None
-        return json.loads(raw) if raw else {}
+        # Reads are safe to repeat. A write that got HTTP 5xx from the embedded SQLite DB was rolled back (the
+        # lock wait fails before the endpoint writes), so it is repeated too.
+        attempts = 4
+        for attempt in range(attempts):
+            req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    raw = resp.read()
+                return json.loads(raw) if raw else {}
+            except urllib.error.HTTPError as exc:
+                if exc.code >= 500 and attempt + 1 < attempts:
+                    time.sleep(2 ** attempt)
+                    continue
+                raise PipelineError(f"Airflow API {method} {path}: HTTP {exc.code} {exc.read()[:500]!r}") from None
+            except OSError as exc:
+                raise PipelineError(f"Airflow API at {self.base} unreachable: {exc}") from None
+        raise AssertionError("unreachable")
 
     def get(self, path: str, **query) -> dict:
         return self._call("GET", path + (f"?{urlencode(query, doseq=True)}" if query else ""))

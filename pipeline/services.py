@@ -227,13 +227,35 @@ def migrate_airflow() -> None:
     home.mkdir(parents=True, exist_ok=True)
     marker = home / ".migrated"
     if marker.exists() and (home / "airflow.db").exists():
+        _sqlite_wal()
         return
     _logger.info("migrating the Airflow database in %s", home)
     for cmd in (["db", "migrate"], ["pools", "set", "dvc_workspace", "1", "one dvc repro per DVC workspace"]):
         out = subprocess.run([_bin("airflow"), *cmd], capture_output=True, text=True)
         if out.returncode != 0:
             raise ServiceError(f"`airflow {' '.join(cmd)}` failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    _sqlite_wal()
     marker.write_text("ok\n")
+
+
+def _airflow_db_file() -> Path | None:
+    """The SQLite file of Airflow's metadata DB, or None when AIRFLOW__DATABASE__SQL_ALCHEMY_CONN points elsewhere."""
+    conn = os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if conn and not conn.startswith("sqlite"):
+        return None
+    if conn:
+        return Path(conn.split(":///", 1)[1])
+    return Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"
+
+
+def _sqlite_wal() -> None:
+    """WAL journaling (persistent in the file): the api-server's reads no longer block the scheduler's writes."""
+    import sqlite3
+
+    db = _airflow_db_file()
+    if db is not None and db.exists():
+        with sqlite3.connect(db, timeout=60) as con:
+            con.execute("PRAGMA journal_mode=WAL")
 
 
 AIRFLOW_ROLES = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")
@@ -241,6 +263,10 @@ AIRFLOW_ROLES = ("airflow-api-server", "airflow-scheduler", "airflow-dag-process
 
 def airflow_healthy(stack: Stack) -> bool:
     return _http_status(f"http://{stack.host}:{stack.airflow_port}/api/v2/monitor/health") == 200
+
+
+def airflow_execution_url(stack: Stack) -> str:
+    return f"http://{stack.host}:{stack.airflow_port}/execution/"
 
 
 def start_airflow(stack: Stack) -> None:
@@ -263,9 +289,15 @@ def start_airflow(stack: Stack) -> None:
         "airflow-dag-processor": [airflow, "dag-processor"],
         "airflow-triggerer": [airflow, "triggerer", "--skip-serve-logs"],
     }
+    # Task processes report to the api-server's execution API; its default URL is localhost:8080, which is
+    # wrong for another AIRFLOW_PORT (and may resolve to ::1, where nothing listens).
+    env = dict(os.environ, AIRFLOW__CORE__EXECUTION_API_SERVER_URL=airflow_execution_url(stack))
+    if _airflow_db_file() is not None:  # the embedded SQLite DB: wait for locks instead of failing requests
+        env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "pipeline.airflow_sqlite.CONNECT_ARGS")
+        env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
     for name, cmd in commands.items():
         if _pid_alive(stack.pidfile(name)) is None:
-            _spawn(stack, name, cmd, dict(os.environ))
+            _spawn(stack, name, cmd, env)
     _logger.info("starting Airflow on http://%s:%d", stack.host, stack.airflow_port)
     _wait(stack, "airflow-api-server", lambda: airflow_healthy(stack), timeout=240)
 
