@@ -1,4 +1,4 @@
-"""Stage ``split``: a seeded, stratified, leakage-safe train/val/test split written to a file.
+"""Stage ``split``: a seeded, leakage-safe train/val/test split, stable when new data lands, written to a file.
 
     python -m pipeline split --params params.yaml --validated data/validated.csv --split data/split.csv
 
@@ -9,9 +9,9 @@ Classes with fewer than ``split.min_class_for_split`` images go to train only (D
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,33 +44,46 @@ def duplicate_groups(rows: list[dict[str, str]]) -> list[int]:
     return [find(i) for i in range(len(rows))]
 
 
+def _unit(seed: int, key: str) -> float:
+    """A fixed pseudo-random number in [0, 1) for a group: depends only on the seed and the group's own bytes."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16) / 16 ** 15
+
+
 def assign_splits(rows: list[dict[str, str]], cfg: Config) -> tuple[list[dict[str, str]], list[str]]:
-    """Return rows with ``split`` and ``group`` filled in, and the classes kept train-only."""
+    """Return rows with ``split`` and ``group`` filled in, and the classes kept train-only.
+
+    Stable under new data: a group's split depends only on its own content hash (``u < test_fraction`` → test,
+    ``u < test + val`` → val, else train), so images already split never move when more land. That keeps the
+    gate honest: the champion is re-scored on a test split it never trained on. Each splittable class still
+    gets at least one test and one val group (the lowest ``u`` not yet taken) and keeps one train group.
+    """
     groups = duplicate_groups(rows)
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[g].append(i)
+    key_of = {g: min(rows[i]["sha256"] for i in idxs) for g, idxs in members.items()}
+    u = {g: _unit(cfg.split.seed, key_of[g]) for g in members}
     by_class: dict[str, list[int]] = defaultdict(list)
     for g, idxs in members.items():
         by_class[rows[idxs[0]]["class_name"]].append(g)
-    rng = random.Random(cfg.split.seed)
+    tf, vf = cfg.split.test_fraction, cfg.split.val_fraction
     split_of: dict[int, str] = {}
     train_only = []
     for class_name in sorted(by_class):
-        gs = sorted(by_class[class_name])
-        rng.shuffle(gs)
+        gs = sorted(by_class[class_name], key=lambda g: (u[g], key_of[g]))
         n = sum(len(members[g]) for g in gs)
         if n < cfg.split.min_class_for_split or len(gs) < 3:
             train_only.append(class_name)
             split_of.update({g: "train" for g in gs})
             continue
-        want = {"test": max(1, round(n * cfg.split.test_fraction)), "val": max(1, round(n * cfg.split.val_fraction))}
-        taken = {"test": 0, "val": 0}
         for g in gs:
-            target = next((s for s in ("test", "val") if taken[s] < want[s]), "train")
-            split_of[g] = target
-            taken[target] = taken.get(target, 0) + len(members[g])
-    out = [dict(row, split=split_of[groups[i]], group=str(groups[i])) for i, row in enumerate(rows)]
+            split_of[g] = "test" if u[g] < tf else "val" if u[g] < tf + vf else "train"
+        for need in ("test", "val"):
+            if tf + vf > 0 and not any(split_of[g] == need for g in gs):
+                split_of[next(g for g in gs if split_of[g] == "train")] = need
+        if not any(split_of[g] == "train" for g in gs):
+            split_of[gs[-1]] = "train"
+    out = [dict(row, split=split_of[groups[i]], group=key_of[groups[i]][:12]) for i, row in enumerate(rows)]
     return out, train_only
 
 

@@ -49,3 +49,20 @@ def test_split_keeps_duplicates_together_and_small_classes_in_train():
     assert {r["split"] for r in out if r["class_name"] == "a"} == {"train", "val", "test"}
     again, _ = assign_splits(rows, cfg)
     assert again == out  # same seed, same split
+
+
+def test_split_is_stable_when_new_images_land():
+    """Images already split never move, so the champion is never re-scored on images it trained on."""
+    import hashlib
+
+    cfg = config_from_dict({"data": {"landing_uri": "s3://x/"}})
+
+    def rows(n: int) -> list[dict]:
+        return [{"path": f"{c}/{i}.png", "class_name": c, "sha256": hashlib.sha256(f"{c}{i}".encode()).hexdigest(),
+                 "dhash": hashlib.md5(f"{c}{i}".encode()).hexdigest()[:16]} for c in ("a", "b") for i in range(n)]
+
+    before = {r["path"]: r["split"] for r in assign_splits(rows(100), cfg)[0]}
+    after = {r["path"]: r["split"] for r in assign_splits(rows(120), cfg)[0]}
+    assert all(after[p] == s for p, s in before.items())
+    share = sum(s == "test" for s in after.values()) / len(after)
+    assert 0.08 < share < 0.22, share  # about test_fraction (0.15), by hash not by quota
