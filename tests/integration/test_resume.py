@@ -70,7 +70,7 @@ def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tiny_split):
     again = _train(ws, "resumed", "ckpt_killed")
     log = again.stdout.read()
     assert again.wait(timeout=600) == 0, log[-3000:]
-    assert f"resuming member 0 from epoch {killed_at}" in log
+    assert f"resuming member_0 from epoch {killed_at}" in log
     a = torch.load(ws / "full" / "model.pt", weights_only=True)
     b = torch.load(ws / "resumed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
