@@ -35,19 +35,12 @@ def _s3_client(conn_id: str):
 
 @task(retries=2, retry_delay=timedelta(seconds=15), retry_exponential_backoff=True)
 def stable_photos() -> dict | None:
-    from pipeline import storage
     from pipeline.predict import is_output_key
-    from pipeline.watch import wait_until_stable
+    from pipeline.watch import stable_listing
 
     p = get_current_context()["params"]
-    client = _s3_client(p["aws_conn_id"])
-    _, prefix = storage.parse_s3_uri(p["incoming_uri"])
-
-    def photos():
-        return [o for o in storage.list_objects(p["incoming_uri"], client) if not is_output_key(o.key[len(prefix):])]
-
-    found = wait_until_stable(photos, p["settle_seconds"], p["max_checks"])
-    return None if found is None else {"fingerprint": found[0], "objects": found[1]}
+    return stable_listing(p["incoming_uri"], _s3_client(p["aws_conn_id"]), p["settle_seconds"], p["max_checks"],
+                          exclude=is_output_key)
 
 
 @task(retries=3, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)

@@ -27,16 +27,12 @@ def stable_fingerprint() -> dict | None:
     """None when the prefix is still changing: then nothing is emitted this time."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from pipeline import storage
-    from pipeline.watch import wait_until_stable
+    from pipeline.watch import stable_listing
 
     p = get_current_context()["params"]
-    client = S3Hook(aws_conn_id=p["aws_conn_id"]).get_conn()
-    found = wait_until_stable(lambda: storage.list_objects(p["landing_uri"], client), p["settle_seconds"],
-                              p["max_checks"])
-    if found is None:
-        return None
-    return {"fingerprint": found[0], "objects": found[1], "landing_uri": p["landing_uri"]}
+    found = stable_listing(p["landing_uri"], S3Hook(aws_conn_id=p["aws_conn_id"]).get_conn(), p["settle_seconds"],
+                           p["max_checks"])
+    return None if found is None else {**found, "landing_uri": p["landing_uri"]}
 
 
 @task(outlets=[LANDING_DATA], retries=1)

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.ingest import write_csv
 
 _logger = logging.getLogger(__name__)
 # Written next to the inputs by the batch DAG; never inputs themselves (and never part of the fingerprint).
@@ -189,17 +189,6 @@ def predict_items(model: LoadedModel, items: list[Item], tta: bool = False, batc
             yield row
 
 
-def write_csv(rows: list[dict], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        fields = list(rows[0]) if rows else ["id", "label", "confidence", "error"]
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out)
-
-
 def rows_to_csv_bytes(rows: list[dict]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -211,7 +200,7 @@ def rows_to_csv_bytes(rows: list[dict]) -> bytes:
 def run_predict(model_uri: str, source: str, out: Path, tta: bool = False) -> dict:
     model = load_model(model_uri)
     rows = list(predict_items(model, input_items(source), tta))
-    write_csv(rows, out)
+    write_csv(out, rows, list(rows[0]))
     failed = sum(1 for r in rows if r["error"])
     _logger.info("predict: %d rows (%d with errors) -> %s", len(rows), failed, out)
     return {"rows": len(rows), "errors": failed, "out": str(out), "model_uri": model_uri,
@@ -255,7 +244,7 @@ def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool = False
         listed = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:5])
         raise PipelineError(f"{len(failed)} test image(s) could not be classified, so no submission was written "
                             f"(a submission needs every id): {listed}")
-    write_csv([{"id": r["id"], "label": r["label"]} for r in rows], out)
+    write_csv(out, rows, ["id", "label"])
     return {"rows": len(rows), "out": str(out), "model_uri": model_uri, "model_version": model.version}
 
 

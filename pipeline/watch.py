@@ -39,3 +39,21 @@ def wait_until_stable(list_fn: Callable[[], list[ObjectInfo]], settle_seconds: f
                      settle_seconds)
         before = now
     return None
+
+
+def stable_listing(uri: str, s3_client, settle_seconds: float, max_checks: int,
+                   exclude: Callable[[str], bool] | None = None) -> dict | None:
+    """What the watch DAGs' first task returns: ``{"fingerprint", "objects"}`` once the prefix is stable, else None.
+
+    ``exclude(key relative to the prefix)`` drops objects that must not count as new data (our own outputs).
+    """
+    from pipeline import storage
+
+    _, prefix = storage.parse_s3_uri(uri)
+
+    def listing() -> list[ObjectInfo]:
+        objects = storage.list_objects(uri, s3_client)
+        return [o for o in objects if not (exclude and exclude(o.key[len(prefix):]))]
+
+    found = wait_until_stable(listing, settle_seconds, max_checks)
+    return None if found is None else {"fingerprint": found[0], "objects": found[1]}
