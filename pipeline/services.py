@@ -199,6 +199,12 @@ def start_s3(stack: Stack) -> None:
     _wait(stack, "seaweedfs", lambda: s3_healthy(stack), timeout=90)
 
 
+def mlflow_server_args(backend_store_uri: str, host: str, port: int) -> list[str]:
+    """`mlflow server` arguments: one worker, artifacts proxied to the `mlflow` bucket (compose runs the same)."""
+    return ["server", "--backend-store-uri", backend_store_uri, "--artifacts-destination", "s3://mlflow/",
+            "--host", host, "--port", str(port), "--workers", "1"]
+
+
 def mlflow_healthy(stack: Stack) -> bool:
     return _http_status(f"{stack.mlflow_url}/health") == 200
 
@@ -211,9 +217,8 @@ def start_mlflow(stack: Stack) -> None:
         raise ServiceError(f"port {stack.mlflow_port} on {stack.host} is busy; stop what holds it or set "
                            "MLFLOW_PORT to another port")
     env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=stack.s3_url)
-    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{stack.root / 'mlflow.db'}",
-           "--artifacts-destination", "s3://mlflow/", "--host", stack.host, "--port", str(stack.mlflow_port),
-           "--workers", "1"]
+    cmd = [_bin("mlflow"), *mlflow_server_args(f"sqlite:///{stack.root / 'mlflow.db'}", stack.host,
+                                               stack.mlflow_port)]
     _logger.info("starting MLflow on %s", stack.mlflow_url)
     _spawn(stack, "mlflow", cmd, env)
     _wait(stack, "mlflow", lambda: mlflow_healthy(stack), timeout=180)
@@ -269,6 +274,21 @@ def airflow_execution_url(stack: Stack) -> str:
     return f"http://{stack.host}:{stack.airflow_port}/execution/"
 
 
+# The Celery worker of the scale-out setup (docker-compose.yaml, tests/celery): it takes ordinary tasks and the
+# `gpu` queue, where the training DAG routes its backbone and train tasks (PIPELINE_GPU_QUEUE).
+CELERY_WORKER_ARGS = ["celery", "worker", "--queues", "default,gpu", "--concurrency", "1"]
+
+
+def airflow_role_args(host: str, port: int) -> dict[str, list[str]]:
+    """`airflow` arguments per role, as `airflow standalone` would run them but with every listener on ``host``."""
+    return {
+        "airflow-api-server": ["api-server", "--host", host, "--port", str(port)],
+        "airflow-scheduler": ["scheduler", "--skip-serve-logs"],
+        "airflow-dag-processor": ["dag-processor"],
+        "airflow-triggerer": ["triggerer", "--skip-serve-logs"],
+    }
+
+
 def start_airflow(stack: Stack) -> None:
     """The Airflow components `airflow standalone` runs, started one by one so every listener is on 127.0.0.1.
 
@@ -283,12 +303,7 @@ def start_airflow(stack: Stack) -> None:
         raise ServiceError(f"port {stack.airflow_port} on {stack.host} is busy; stop what holds it or set "
                            "AIRFLOW_PORT to another port")
     airflow = _bin("airflow")
-    commands = {
-        "airflow-api-server": [airflow, "api-server", "--host", stack.host, "--port", str(stack.airflow_port)],
-        "airflow-scheduler": [airflow, "scheduler", "--skip-serve-logs"],
-        "airflow-dag-processor": [airflow, "dag-processor"],
-        "airflow-triggerer": [airflow, "triggerer", "--skip-serve-logs"],
-    }
+    commands = {name: [airflow, *args] for name, args in airflow_role_args(stack.host, stack.airflow_port).items()}
     # Task processes report to the api-server's execution API; its default URL is localhost:8080, which is
     # wrong for another AIRFLOW_PORT (and may resolve to ::1, where nothing listens).
     env = dict(os.environ, AIRFLOW__CORE__EXECUTION_API_SERVER_URL=airflow_execution_url(stack))
