@@ -39,3 +39,7 @@ class ValidationFailed(PipelineError):
 
 class WeightsError(PipelineError):
     """Pretrained weights could not be resolved or do not fit the model."""
+
+
+class CheckpointError(PipelineError):
+    """A weights or checkpoint file is missing, truncated, altered or holds more than tensors; never loaded."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import checkpoints
 from pipeline.data import normalize_batch
 from pipeline.images import resize_uint8, to_rgb
 
@@ -29,8 +30,9 @@ def load_member(member_dir: Path) -> Member:
 
     meta = json.loads((member_dir / "meta.json").read_text(encoding="utf-8"))
     model = timm.create_model(meta["backbone"], pretrained=False, num_classes=len(meta["class_names"]))
-    state = torch.load(member_dir / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    fp = member_dir / "model.pt"
+    state = checkpoints.load(fp, "model weights", meta.get("model_sha256"))
+    checkpoints.load_state_into(model, state, f"model weights {fp}")
     return Member(model.eval(), meta)
 
 

@@ -7,13 +7,13 @@ allows) → a clear refusal. ``none`` trains from scratch, and the outputs recor
 from __future__ import annotations
 
 import importlib
-import io
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline import checkpoints
 from pipeline.errors import WeightsError
 
 _logger = logging.getLogger(__name__)
@@ -46,14 +46,15 @@ def _read_weights(ref: str) -> dict[str, torch.Tensor]:
         if ref.endswith(".safetensors"):
             from safetensors.torch import load
             return load(data)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = checkpoints.load(data, f"model.weights {ref}")
+        return state.get("state_dict", state) if isinstance(state, dict) else state
     path = Path(ref)
     if not path.is_file():
         raise WeightsError(f"model.weights file not found: {ref}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoints.load(path, "model.weights file")
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from sklearn.metrics import f1_score
 
-from pipeline import tracking
+from pipeline import checkpoints, tracking
 from pipeline.config import Config
 from pipeline.evaluate import backbone_dirs, member_dirs
 from pipeline.ingest import read_csv
@@ -38,11 +38,11 @@ def candidate_id(dirs: list[Path], metrics_fp: Path) -> str:
 
     h = hashlib.sha256()
     for d in dirs:
-        state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        state = checkpoints.load(d / "model.pt", "model weights", meta.get("model_sha256"))
         for key in sorted(state):
             h.update(key.encode())
             h.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
         h.update(json.dumps([meta["backbone"], meta["img_size"], meta["class_names"]], ensure_ascii=False).encode())
     h.update(metrics_fp.read_bytes())
     return h.hexdigest()

@@ -112,11 +112,15 @@ def download(bucket: str, key: str, dest: Path) -> ObjectInfo:
     """Download one object to ``dest`` atomically (temp file + rename); returns what was fetched."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
-    with storage_errors(f"downloading s3://{bucket}/{key}"):
-        resp = client().get_object(Bucket=bucket, Key=key)
-        with open(tmp, "wb") as fh:
-            for chunk in resp["Body"].iter_chunks(1 << 20):
-                fh.write(chunk)
+    try:
+        with storage_errors(f"downloading s3://{bucket}/{key}"):
+            resp = client().get_object(Bucket=bucket, Key=key)
+            with open(tmp, "wb") as fh:
+                for chunk in resp["Body"].iter_chunks(1 << 20):
+                    fh.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a cut-off transfer leaves no partial file behind
+        raise
     os.replace(tmp, dest)
     return ObjectInfo(key, resp.get("ETag", "").strip('"'), int(resp.get("ContentLength", 0)))
 

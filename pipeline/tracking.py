@@ -49,8 +49,13 @@ def version_by_candidate(client: MlflowClient, name: str, candidate_id: str):
     """The registered version built from exactly these model files, if any (makes register idempotent)."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:
-        return None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise TrackingError(f"cannot list versions of {name}: {exc.message.splitlines()[0]}") from None
+    except Exception as exc:  # server unreachable: never guess "not registered" (that would register twice)
+        raise TrackingError(f"cannot list versions of {name} at {mlflow.get_tracking_uri()} "
+                            f"({type(exc).__name__})") from None
     for v in versions:
         if v.tags.get("candidate_id") == candidate_id:
             return v
@@ -144,11 +149,12 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
         info = mlflow.pyfunc.log_model(
             name="bag", python_model=BagModel(), artifacts={d.name: str(d) for d in member_dirs},
             code_paths=[str(PACKAGE_DIR)], signature=infer_signature(input_example, output),
-            input_example=input_example, registered_model_name=model_name,
-            pip_requirements=_requirements(), await_registration_for=120)
-        version = str(info.registered_model_version)
-        MlflowClient().set_model_version_tag(model_name, version, "candidate_id", candidate_id)
-        return run.info.run_id, version
+            input_example=input_example, pip_requirements=_requirements())
+        # The version is created with its candidate tag in one request: a retry after a crash finds it by that
+        # tag and finishes it, instead of registering a second version of the same files.
+        registered = mlflow.register_model(info.model_uri, model_name, await_registration_for=120,
+                                           tags={"candidate_id": candidate_id})
+        return run.info.run_id, str(registered.version)
 
 
 def _log_trained(model_dir: Path, run_name: str, role: str, test_scores: dict) -> None:

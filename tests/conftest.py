@@ -3,6 +3,7 @@ under a temporary folder, so they never touch the demo's services or data, and s
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,8 @@ def stack_env(tmp_path_factory):
     """Environment for a private stack: real SeaweedFS S3 + MLflow server + Airflow SQLite DB."""
     local = tmp_path_factory.mktemp("local")
     env = {
-        "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+        # Fresh random keys per test session: no credential literal in the repo.
+        "AWS_ACCESS_KEY_ID": f"test-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{TEST_S3_PORT}",
         "S3_PORT": str(TEST_S3_PORT), "MLFLOW_PORT": str(TEST_MLFLOW_PORT), "AIRFLOW_PORT": str(TEST_AIRFLOW_PORT),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{TEST_MLFLOW_PORT}",
@@ -82,3 +84,38 @@ def run_cli(args: list[str], env: dict, cwd: Path | None = None, timeout: int = 
 
 def have_binary(name: str) -> bool:
     return (Path(sys.executable).parent / name).exists() or shutil.which(name) is not None
+
+
+@pytest.fixture()
+def airflow_api(stack, stack_env, tmp_path_factory):
+    """A running Airflow (api-server, scheduler, dag-processor, triggerer) on the private stack, both DAGs
+    unpaused; yields a REST client. Stopped afterwards."""
+    from pipeline import services
+    from pipeline.airflow_rest import AirflowAPI
+
+    old = dict(os.environ)
+    # Runs started by an Asset event use the defaults: the tiny test profile, a workspace of their own.
+    os.environ.update(PIPELINE_PROFILE="test", PIPELINE_WORKSPACE=str(tmp_path_factory.mktemp("loop-ws")))
+    try:
+        services.start_airflow(stack)
+        api = AirflowAPI(f"http://127.0.0.1:{stack.airflow_port}", "admin", services.airflow_admin_password())
+        for dag_id in ("defect_data_watch", "defect_training"):
+            api.unpause(dag_id)
+        yield api
+    finally:
+        for role in services.AIRFLOW_ROLES:
+            services.stop(stack, role)
+        os.environ.clear()
+        os.environ.update(old)
+
+
+TIER_ORDER = ("unit", "data", "dags", "integration", "faults", "celery")
+
+
+def pytest_collection_modifyitems(items):
+    """Cheap tiers first; the fault tier (it kills and restarts services) after the integration tier."""
+    def tier(item) -> int:
+        marks = {m.name for m in item.iter_markers()}
+        return next((i for i, name in enumerate(TIER_ORDER) if name in marks), len(TIER_ORDER))
+
+    items.sort(key=tier)  # stable: file order is kept inside a tier

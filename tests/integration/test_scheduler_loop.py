@@ -6,34 +6,11 @@ again must give none.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.integration.helpers import MODEL, upload_tiny_dataset
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def airflow_api(stack, stack_env, tmp_path_factory):
-    from pipeline import services
-    from pipeline.airflow_rest import AirflowAPI
-
-    old = dict(os.environ)
-    # Runs started by an Asset event use the defaults: the tiny test profile, a workspace of their own.
-    os.environ.update(PIPELINE_PROFILE="test", PIPELINE_WORKSPACE=str(tmp_path_factory.mktemp("loop-ws")))
-    try:
-        services.start_airflow(stack)
-        api = AirflowAPI(f"http://127.0.0.1:{stack.airflow_port}", "admin", services.airflow_admin_password())
-        for dag_id in ("defect_data_watch", "defect_training"):
-            api.unpause(dag_id)
-        yield api
-    finally:
-        for role in services.AIRFLOW_ROLES:
-            services.stop(stack, role)
-        os.environ.clear()
-        os.environ.update(old)
 
 
 def test_two_watch_triggers_at_once_start_one_training_run_and_same_data_none(airflow_api, stack, s3):
