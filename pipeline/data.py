@@ -1,8 +1,11 @@
-"""Training data: split file → decoded-image cache → dataset with per-class flips → weighted sampler.
+"""Training data: split file → decoded-image cache → dataset with per-class flips → weighted sampler → loader.
 
 The cache holds every image once, decoded, normalised to RGB and resized to the model's input
 size as uint8 (N×H×W×3). It is saved as ``.npy`` keyed by the file hashes and the size, so bag
 members and later epochs reuse it instead of decoding PNGs again; that keeps the model busy.
+
+Under DDP (``torchrun``) every process draws the same seeded sample order and takes its own slice of each
+global batch (:class:`ShardedBatchSampler`), so one step of all processes sees the single-process batch.
 """
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from pipeline.images import decode_rgb, resize_uint8
 from pipeline.ingest import read_csv
@@ -115,6 +119,59 @@ def create_sampler(labels: list[int], power: float, seed: int) -> WeightedRandom
     weights = torch.tensor([counts[y] ** -power for y in labels], dtype=torch.double)
     gen = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=gen)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One DDP process's share of each global batch of ``batch_size`` indices drawn from ``sampler``.
+
+    Every process iterates the same ``sampler`` (seeded alike on all ranks) and cuts its order into global
+    batches exactly as a single-process ``DataLoader(batch_size=batch_size)`` would; rank ``rank`` gets the
+    positions ``rank::world_size`` of each. The ranks' shards of one step are disjoint and together are the
+    single-process batch. A trailing partial batch (kept only without ``drop_last``) is cut to a multiple of
+    ``world_size`` so that all ranks take the same number of equal steps.
+    """
+
+    def __init__(self, sampler: Sized, batch_size: int, drop_last: bool, rank: int, world_size: int):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} processes")
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for i in self.sampler:
+            batch.append(int(i))
+            if len(batch) == self.batch_size:
+                yield batch[self.rank::self.world_size]
+                batch = []
+        keep = len(batch) - len(batch) % self.world_size
+        if keep and not self.drop_last:
+            yield batch[:keep][self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (1 if rest >= self.world_size and not self.drop_last else 0)
+
+
+def train_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, seed: int, num_workers: int,
+                 pin_memory: bool, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """One epoch's training loader: ``sampler`` (or a shuffle seeded with ``seed``), batches of ``batch_size``.
+
+    ``world_size`` > 1 (DDP): ``batch_size`` is the global batch; this rank gets its ``batch_size //
+    world_size`` share of each one (:class:`ShardedBatchSampler`), from the same order as a single process.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    drop_last = len(dataset) > batch_size
+    if world_size == 1:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None,
+                          drop_last=drop_last, num_workers=num_workers, generator=gen, pin_memory=pin_memory)
+    # The same generator object as the single-process loader's: the DataLoader draws its worker base seed
+    # from it before the shuffle does, so the shuffle order comes out identical.
+    order = sampler if sampler is not None else RandomSampler(dataset, generator=gen)
+    return DataLoader(dataset, batch_sampler=ShardedBatchSampler(order, batch_size, drop_last, rank, world_size),
+                      num_workers=num_workers, generator=gen, pin_memory=pin_memory)
 
 
 def normalize_batch(x: torch.Tensor, mean: tuple, std: tuple, channels_last: bool) -> torch.Tensor:
