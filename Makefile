@@ -8,15 +8,20 @@ VENV        ?= .venv
 PY          := $(CURDIR)/$(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-# Local-only defaults for the embedded stack (documented in README; override them in your shell).
-export AWS_ACCESS_KEY_ID     ?= pipeline-local
-export AWS_SECRET_ACCESS_KEY ?= pipeline-local-secret
+# Defaults for the embedded stack (documented in README; override them in your shell).
+export PIPELINE_LOCAL        ?= $(CURDIR)/.local
 export AWS_DEFAULT_REGION    ?= us-east-1
 export S3_PORT               ?= 8333
 export MLFLOW_PORT           ?= 5000
 export AWS_ENDPOINT_URL      ?= http://127.0.0.1:$(S3_PORT)
 export MLFLOW_TRACKING_URI   ?= http://127.0.0.1:$(MLFLOW_PORT)
-export PIPELINE_LOCAL        ?= $(CURDIR)/.local
+# S3 keys: yours when AWS_ACCESS_KEY_ID is set; else random keys for the embedded SeaweedFS, made once per checkout
+# in .local/credentials.mk (mode 600, never committed). `make credentials` prints export lines for your shell.
+LOCAL_CREDENTIALS := $(PIPELINE_LOCAL)/credentials.mk
+ifeq ($(origin AWS_ACCESS_KEY_ID),undefined)
+include $(LOCAL_CREDENTIALS)
+endif
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 export PIPELINE_HOME         := $(CURDIR)
 export AIRFLOW_HOME          ?= $(PIPELINE_LOCAL)/airflow
 export AIRFLOW__CORE__DAGS_FOLDER    := $(CURDIR)/dags
@@ -25,6 +30,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__API__HOST            := 127.0.0.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export GIT_PYTHON_REFRESH := quiet
+export DVC_NO_ANALYTICS := 1
 # The registered model that `predict`, `submission` and the batch DAG use by default (the demo profile's).
 export PIPELINE_MODEL_NAME ?= elpv-defect-classifier
 
@@ -34,7 +40,7 @@ PROFILE     ?= cpu-demo
 export PIPELINE_LANDING_URI ?= $(LANDING_URI)
 export PIPELINE_PROFILE     ?= $(PROFILE)
 
-.PHONY: help venv services-up services-down ui demo demo-data test bench bench-serve bench-loop clean
+.PHONY: help credentials venv services-up services-down ui demo demo-data test bench bench-serve bench-loop clean
 help:
 	@echo "make demo          fresh clone -> services -> ELPV data -> training DAG -> registered model"
 	@echo "make test          the full test suite (what CI runs)"
@@ -45,11 +51,21 @@ help:
 	@echo "make bench-serve   serving load test of the champion (after make demo)"
 	@echo "make bench-loop    timed event loop under a running scheduler (private stack, ~15 min)"
 
+$(LOCAL_CREDENTIALS):
+	@mkdir -p $(dir $@)
+	@umask 077 && $(PYTHON_BOOT) -c 'import secrets; print("AWS_ACCESS_KEY_ID := local-" + secrets.token_hex(6)); \
+	  print("AWS_SECRET_ACCESS_KEY := " + secrets.token_hex(24))' > $@.tmp && mv $@.tmp $@
+	@echo "generated local S3 credentials in $@"
+
+credentials:
+	@echo "export AWS_ACCESS_KEY_ID=$(AWS_ACCESS_KEY_ID) AWS_SECRET_ACCESS_KEY=$(AWS_SECRET_ACCESS_KEY)"
+	@echo "export AWS_ENDPOINT_URL=$(AWS_ENDPOINT_URL) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"
+
 # The venv is built once and reused; it is rebuilt only when the pins change.
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3"
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test,celery]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -70,7 +86,12 @@ demo: demo-data
 ui: venv
 	$(PY) -m pipeline.services ui
 
-test: venv
+# PostgreSQL and Redis from Debian's packages for tests/celery (skips what is installed; needs root or sudo).
+.PHONY: system-deps
+system-deps:
+	scripts/install-system-deps.sh
+
+test: venv system-deps
 	$(PY) -m pytest tests
 
 bench: venv

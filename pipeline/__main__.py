@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu-demo")
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    p.add_argument("--git", action="store_true", help="make it a Git repository too, for `dvc exp run`")
 
     p = sub.add_parser("run-dag", help="run a DAG once with `airflow dags test`, failing if it fails")
     p.add_argument("dag_id")
@@ -172,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.config import parse_set
         from pipeline.workspace import default_workspace, prepare_workspace
 
-        print(prepare_workspace(args.dir or default_workspace(), args.profile, parse_set(args.set)))
+        print(prepare_workspace(args.dir or default_workspace(), args.profile, parse_set(args.set), git=args.git))
     elif cmd == "run-dag":
         return _run_dag(args.dag_id, args.conf)
     elif cmd == "audit":

@@ -199,10 +199,40 @@ def start_s3(stack: Stack) -> None:
     _wait(stack, "seaweedfs", lambda: s3_healthy(stack), timeout=90)
 
 
-def mlflow_server_args(backend_store_uri: str, host: str, port: int) -> list[str]:
-    """`mlflow server` arguments: one worker, artifacts proxied to the `mlflow` bucket (compose runs the same)."""
-    return ["server", "--backend-store-uri", backend_store_uri, "--artifacts-destination", "s3://mlflow/",
+def mlflow_server_args(backend_store_uri: str, host: str, port: int, artifacts: str = "s3://mlflow/") -> list[str]:
+    """`mlflow server` arguments: one worker, artifacts proxied to an S3 prefix (compose runs the same)."""
+    return ["server", "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts,
             "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def external_s3() -> bool:
+    """``PIPELINE_S3=external``: use the S3 at ``AWS_ENDPOINT_URL`` (AWS, MinIO, …) and start no SeaweedFS."""
+    mode = os.environ.get("PIPELINE_S3", "embedded")
+    if mode not in ("embedded", "external"):
+        raise ServiceError(f"PIPELINE_S3={mode!r}: use `embedded` (start SeaweedFS) or `external`")
+    return mode == "external"
+
+
+def mlflow_artifacts_uri() -> str:
+    uri = os.environ.get("PIPELINE_MLFLOW_ARTIFACTS", "s3://mlflow/")
+    if not uri.startswith("s3://") or len(uri) <= len("s3://"):
+        raise ServiceError(f"PIPELINE_MLFLOW_ARTIFACTS={uri!r} is not an s3://bucket/prefix/ URI")
+    return uri
+
+
+def check_external_s3() -> None:
+    """The external S3 answers with our keys and has the buckets we use (landing, MLflow artifacts, DVC remote)."""
+    from pipeline import storage
+
+    wanted = {storage.parse_s3_uri(os.environ.get(var, default))[0]: var for var, default in (
+        ("PIPELINE_LANDING_URI", "s3://landing/"), ("PIPELINE_MLFLOW_ARTIFACTS", "s3://mlflow/"),
+        ("PIPELINE_DVC_REMOTE", "s3://dvc/cache"))}
+    for bucket, var in wanted.items():
+        try:
+            storage.check_bucket(bucket)
+        except PipelineError as exc:
+            raise ServiceError(f"external S3 ({os.environ.get('AWS_ENDPOINT_URL') or 'AWS default endpoint'}): "
+                               f"{exc} — create it, or point {var} at a bucket you have") from None
 
 
 def mlflow_healthy(stack: Stack) -> bool:
@@ -216,9 +246,13 @@ def start_mlflow(stack: Stack) -> None:
     if port_busy(stack.host, stack.mlflow_port):
         raise ServiceError(f"port {stack.mlflow_port} on {stack.host} is busy; stop what holds it or set "
                            "MLFLOW_PORT to another port")
-    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=stack.s3_url)
+    env = dict(os.environ)
+    if not external_s3():
+        env["MLFLOW_S3_ENDPOINT_URL"] = stack.s3_url
+    elif os.environ.get("AWS_ENDPOINT_URL"):
+        env["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
     cmd = [_bin("mlflow"), *mlflow_server_args(f"sqlite:///{stack.root / 'mlflow.db'}", stack.host,
-                                               stack.mlflow_port)]
+                                               stack.mlflow_port, mlflow_artifacts_uri())]
     _logger.info("starting MLflow on %s", stack.mlflow_url)
     _spawn(stack, "mlflow", cmd, env)
     _wait(stack, "mlflow", lambda: mlflow_healthy(stack), timeout=180)
@@ -276,7 +310,9 @@ def airflow_execution_url(stack: Stack) -> str:
 
 # The Celery worker of the scale-out setup (docker-compose.yaml, tests/celery): it takes ordinary tasks and the
 # `gpu` queue, where the training DAG routes its backbone and train tasks (PIPELINE_GPU_QUEUE).
-CELERY_WORKER_ARGS = ["celery", "worker", "--queues", "default,gpu", "--concurrency", "1"]
+# --skip-serve-logs: the worker's log server would listen on all interfaces (0.0.0.0/[::], not configurable);
+# task logs are read from the shared log folder instead.
+CELERY_WORKER_ARGS = ["celery", "worker", "--queues", "default,gpu", "--concurrency", "1", "--skip-serve-logs"]
 
 
 def airflow_role_args(host: str, port: int) -> dict[str, list[str]]:
@@ -344,7 +380,12 @@ def stop(stack: Stack, name: str) -> bool:
 
 
 def up(stack: Stack, airflow: bool = True) -> None:
-    start_s3(stack)
+    if external_s3():
+        check_external_s3()
+        _logger.info("using the external S3 at %s (PIPELINE_S3=external)",
+                     os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint")
+    else:
+        start_s3(stack)
     start_mlflow(stack)
     if airflow:
         migrate_airflow()
@@ -357,6 +398,13 @@ def down(stack: Stack) -> None:
 
 
 def status(stack: Stack) -> dict[str, bool]:
+    if external_s3():
+        try:
+            check_external_s3()
+            s3_ok = True
+        except ServiceError:
+            s3_ok = False
+        return {"external S3": s3_ok, "mlflow": mlflow_healthy(stack)}
     return {"seaweedfs": s3_healthy(stack), "mlflow": mlflow_healthy(stack)}
 
 
@@ -370,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack.from_env()
         if args.action in ("up", "ui"):
             up(stack, airflow=not args.no_airflow)
-            print(f"S3 (SeaweedFS): {stack.s3_url}   MLflow: {stack.mlflow_url}   data: {stack.root}")
+            s3 = (f"external {os.environ.get('AWS_ENDPOINT_URL') or '(AWS default endpoint)'}" if external_s3()
+                  else f"(SeaweedFS): {stack.s3_url}")
+            print(f"S3 {s3}   MLflow: {stack.mlflow_url}   data: {stack.root}")
         if args.action == "ui":
             start_airflow(stack)
             print(f"MLflow UI : {stack.mlflow_url}")

@@ -86,6 +86,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    env.setdefault("DVC_NO_ANALYTICS", "1")  # no usage reports from servers (DVC sends them by default)
     proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=ws, env=env,
                           capture_output=True, text=True)
     if check and proc.returncode != 0:
@@ -93,8 +94,13 @@ def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
     return proc
 
 
-def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, home: Path | None = None) -> Path:
-    """Create or refresh the workspace; idempotent (unchanged inputs leave every file untouched)."""
+def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, home: Path | None = None,
+                      git: bool = False) -> Path:
+    """Create or refresh the workspace; idempotent (unchanged inputs leave every file untouched).
+
+    ``git``: also make it a Git repository with a first commit, so `dvc exp run` / `dvc exp show` work there
+    (a workstation's choice; the orchestrated workspace needs no Git).
+    """
     home = home or project_home()
     params = merged_params(home, profile, overrides or {})
     ws.mkdir(parents=True, exist_ok=True)
@@ -109,8 +115,26 @@ def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, hom
     dvc(ws, "remote", "add", "--force", "--default", "store", remote)
     if endpoint:
         dvc(ws, "remote", "modify", "store", "endpointurl", endpoint)
+    if git:
+        _git_baseline(ws)
     _logger.info("workspace %s ready (profile %s)", ws, profile or "full")
     return ws
+
+
+def _git_baseline(ws: Path) -> None:
+    """`git init` + commit of the pipeline files (DVC git-ignores the data and models it tracks)."""
+    def run(*args: str) -> None:
+        proc = subprocess.run(["git", "-c", "user.name=pipeline", "-c", "user.email=pipeline@localhost", *args],
+                              cwd=ws, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PipelineError(f"`git {' '.join(args)}` failed in {ws}: {(proc.stdout + proc.stderr)[-1000:]}")
+
+    if not (ws / ".git").exists():
+        run("init", "--quiet")
+    dvc(ws, "config", "core.no_scm", "false")
+    run("add", "--all")
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=ws).returncode != 0:
+        run("commit", "--quiet", "-m", "pipeline workspace")
 
 
 def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None) -> str:
@@ -119,7 +143,7 @@ def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None) -> 
     ``extra_env`` reaches the stage's command (DVC passes its environment on), e.g. the MLflow parent run id.
     """
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONUNBUFFERED="1", **(extra_env or {}))
+               PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", **(extra_env or {}))
     cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
     _logger.info("running %s in %s", " ".join(cmd), ws)
     proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

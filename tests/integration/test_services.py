@@ -1,6 +1,7 @@
 """The embedded services for real: S3 round trips, clear errors, loopback-only listeners."""
 from __future__ import annotations
 
+import os
 import socket
 import unicodedata
 
@@ -23,7 +24,7 @@ def test_s3_round_trip_with_korean_keys(s3):
 
 
 def test_wrong_credentials_give_one_clear_line(stack, monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", os.environ["AWS_SECRET_ACCESS_KEY"][::-1])
     with pytest.raises(StorageError, match=r"refused the credentials .*SignatureDoesNotMatch"):
         storage.list_objects("s3://landing/")
 
@@ -106,3 +107,38 @@ def test_demo_data_is_idempotent_and_leaves_foreign_prefixes_alone(stack, s3):
     s3.put_object(Bucket="landing", Key="mine/훼손/a.png", Body=b"x")
     assert upload_demo_data("s3://landing/mine/", limit_per_class=2)["uploaded"] == 0
     assert [o.key for o in storage.list_objects("s3://landing/mine/")] == ["mine/훼손/a.png"]
+
+
+def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(stack, stack_env, tmp_path):
+    """PIPELINE_S3=external (AWS S3, MinIO, …): a second SeaweedFS plays the external server here."""
+    import mlflow
+
+    from tests.conftest import run_cli
+
+    external = services.Stack(root=tmp_path / "external", s3_port=29333, mlflow_port=29500)
+    services.start_s3(external)
+    env = {**stack_env, "PIPELINE_S3": "external", "AWS_ENDPOINT_URL": external.s3_url, "MLFLOW_PORT": "29500",
+           "MLFLOW_TRACKING_URI": "http://127.0.0.1:29500", "PIPELINE_LOCAL": str(tmp_path / "local")}
+    try:
+        missing = run_cli(["pipeline.services", "up", "--no-airflow"],
+                          {**env, "PIPELINE_MLFLOW_ARTIFACTS": "s3://no-such-bucket/"})
+        assert missing.returncode == 2
+        assert "no-such-bucket" in missing.stderr and "PIPELINE_MLFLOW_ARTIFACTS" in missing.stderr
+
+        out = run_cli(["pipeline.services", "up", "--no-airflow"], env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"S3 external {external.s3_url}" in out.stdout
+        assert not (tmp_path / "local" / "run" / "seaweedfs.pid").exists()
+        mlflow.set_tracking_uri("http://127.0.0.1:29500")
+        with mlflow.start_run() as run:
+            mlflow.log_text("hello", "note.txt")
+        import boto3
+
+        # the test session's keys are also the external server's admin keys
+        ext = boto3.client("s3", endpoint_url=external.s3_url, region_name="us-east-1")
+        keys = [o["Key"] for o in ext.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+        assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
+    finally:
+        mlflow.set_tracking_uri(stack_env["MLFLOW_TRACKING_URI"])
+        run_cli(["pipeline.services", "down"], env)
+        services.stop(external, "seaweedfs")
