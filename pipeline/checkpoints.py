@@ -15,14 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CheckpointError
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from pipeline.ingest import sha256_file
 
 
 def save(obj, path: Path) -> str:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from pipeline.ingest import read_csv
-from tests.integration.helpers import MODEL, TINTS, png_bytes
+from tests.integration.helpers import MODEL, TINTS, png_bytes, wait_for
 
 pytestmark = pytest.mark.faults
 PREFIX = "arrivals/"
@@ -35,16 +35,6 @@ def _watch(api) -> str:
     return api.task_states("defect_data_watch", run_id).get("emit_if_new")
 
 
-def _until(predicate, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def test_second_arrival_during_training_is_queued_then_trained_on_both(airflow_api, stack, s3):
     from mlflow import MlflowClient
 
@@ -55,10 +45,10 @@ def test_second_arrival_during_training_is_queued_then_trained_on_both(airflow_a
 
     _upload(s3, 0, 6)
     assert _watch(api) == "success"
-    first = _until(lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known], 120,
+    first = wait_for(lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known], 120,
                    "the first training run")[0]["dag_run_id"]
     # The first run has ingested the first arrival; now the second lands.
-    _until(lambda: api.task_states("defect_training", first).get("ingest") == "success", 600, "first ingest")
+    wait_for(lambda: api.task_states("defect_training", first).get("ingest") == "success", 600, "first ingest")
     _upload(s3, 6, 3)
     assert _watch(api) == "success"  # new fingerprint: a second Asset event
     # max_active_runs=1: the scheduler keeps the event queued (no second run) while the first is running ...
@@ -68,7 +58,7 @@ def test_second_arrival_during_training_is_queued_then_trained_on_both(airflow_a
     assert run1["state"] == "running" and fresh == [], (run1["state"], fresh)
     run1 = api.wait_run("defect_training", first, 1200)
     # ... and starts it once the first has ended.
-    second = _until(lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known | {first}],
+    second = wait_for(lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known | {first}],
                     180, "the second training run")[0]
     assert second["run_type"] == "asset_triggered"
     run2 = api.wait_run("defect_training", second["dag_run_id"], 1200)

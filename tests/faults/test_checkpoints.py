@@ -13,9 +13,7 @@ import yaml
 from pipeline import checkpoints
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError
-from pipeline.ingest import write_csv
-from pipeline.split import SPLIT_FIELDS
-from tests.integration.helpers import TINTS, png_bytes
+from tests.integration.helpers import write_tiny_split
 
 pytestmark = pytest.mark.faults
 
@@ -26,15 +24,7 @@ def member(tmp_path_factory):
     from pipeline.train import run_train
 
     ws = tmp_path_factory.mktemp("ckpt")
-    rows = []
-    for c_i, (cls, tint) in enumerate(TINTS.items()):
-        for i in range(8):
-            fp = ws / "raw" / cls / f"{i}.png"
-            fp.parent.mkdir(parents=True, exist_ok=True)
-            fp.write_bytes(png_bytes(c_i * 100 + i, tint=tint))
-            rows.append({"path": f"{cls}/{i}.png", "class_name": cls, "sha256": f"{c_i}-{i}",
-                         "split": "val" if i < 2 else "train", "group": f"{c_i}-{i}"})
-    write_csv(ws / "split.csv", rows, SPLIT_FIELDS)
+    write_tiny_split(ws, per_class=8, val_per_class=2)
     params = {"data": {"landing_uri": "s3://x/"}, "model": {"backbone": "test_efficientnet", "img_size": 32,
               "weights": "none"}, "train": {"epochs": 2, "batch_size": 4, "num_threads": 1, "num_workers": 0,
               "amp": "none", "patience": 10}, "bag": {"seeds": [0]}}

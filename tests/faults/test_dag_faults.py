@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -25,7 +24,7 @@ import yaml
 
 from pipeline.checkpoints import sha256_file
 from tests.conftest import ROOT
-from tests.integration.helpers import TINTS, png_bytes
+from tests.integration.helpers import TINTS, png_bytes, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -84,16 +83,6 @@ def _stage_procs(stage: str) -> list[psutil.Process]:
     return found
 
 
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _ckpt_epoch(fp: Path) -> int:
     try:
         return torch.load(fp, map_location="cpu", weights_only=True)["state"]["epoch"]
@@ -120,9 +109,11 @@ def test_sigkilled_training_resumes_on_retry_and_a_second_repro_is_refused(fault
     ws, env = faults["ws"], faults["env"]
     run = DagRun(env, faults["conf"], tmp_path / "run.log")
     ckpt = ws / ".cache" / "checkpoints" / "member_0.pt"
-    _wait_for(lambda: ckpt.exists() and _ckpt_epoch(ckpt) >= 1, 900, "member_0's first epoch checkpoint")
-    victim = _wait_for(lambda: _stage_procs("train") and [p for p in _stage_procs("train")
-                                                          if "--member" in p.cmdline()], 30, "the train process")
+    wait_for(lambda: ckpt.exists() and _ckpt_epoch(ckpt) >= 1, 900, "member_0's first epoch checkpoint",
+             interval=0.1)
+    victim = wait_for(lambda: _stage_procs("train") and [p for p in _stage_procs("train")
+                                                          if "--member" in p.cmdline()], 30, "the train process",
+                      interval=0.1)
 
     # A workstation `dvc repro` in the workspace while the Airflow task's stage holds it.
     lock_before = (ws / "dvc.lock").read_text()
@@ -166,7 +157,7 @@ def test_s3_outage_during_ingest_fails_cleanly_after_retries_and_leaves_the_cham
     manifest_before = (ws / "data" / "manifest.csv").read_text()
     run = DagRun(faults["env"], faults["conf"], tmp_path / "run.log")
     try:
-        _wait_for(lambda: _stage_procs("ingest"), 600, "the ingest stage", interval=0.05)
+        wait_for(lambda: _stage_procs("ingest"), 600, "the ingest stage", interval=0.05)
         services.stop(stack, "seaweedfs")
         assert run.wait() != 0
     finally:
@@ -194,10 +185,10 @@ def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_n
     env = {**faults["env"], "PIPELINE_RETRY_DELAY_S": "40"}  # time to check the registry between attempts
     run = DagRun(env, faults["conf"], tmp_path / "run.log")
     try:
-        new = _wait_for(lambda: [v for v in _versions() if v.version not in before], 1200,
+        new = wait_for(lambda: [v for v in _versions() if v.version not in before], 1200,
                         "the new model version", interval=0.2)
         services.stop(stack, "mlflow")
-        _wait_for(lambda: not _stage_procs("register"), 120, "the register attempt to end", interval=0.5)
+        wait_for(lambda: not _stage_procs("register"), 120, "the register attempt to end", interval=0.5)
     finally:
         services.start_mlflow(stack)
     # Between the attempts: the champion has not moved, and the new version carries no decision yet.

@@ -30,3 +30,33 @@ def upload_tiny_dataset(s3, bucket: str, prefix: str, per_class: int = 8) -> int
             s3.put_object(Bucket=bucket, Key=f"{prefix}{cls}/{i:03d}.png", Body=png_bytes(c_i * 1000 + i, tint=tint))
             n += 1
     return n
+
+
+def write_tiny_split(ws, per_class: int, val_per_class: int = 0) -> None:
+    """``ws/raw/<class>/<i>.png`` + ``ws/split.csv`` for the train stage: the first ``val_per_class`` images of each
+    class are validation, the rest train (no ingest, validate or split stage needed)."""
+    from pipeline.ingest import write_csv
+    from pipeline.split import SPLIT_FIELDS
+
+    rows = []
+    for c_i, (cls, tint) in enumerate(TINTS.items()):
+        for i in range(per_class):
+            fp = ws / "raw" / cls / f"{i}.png"
+            fp.parent.mkdir(parents=True, exist_ok=True)
+            fp.write_bytes(png_bytes(c_i * 100 + i, tint=tint))
+            rows.append({"path": f"{cls}/{i}.png", "class_name": cls, "sha256": f"{c_i}-{i}",
+                         "split": "val" if i < val_per_class else "train", "group": f"{c_i}-{i}"})
+    write_csv(ws / "split.csv", rows, SPLIT_FIELDS)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what`` after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -14,9 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.ingest import write_csv
-from pipeline.split import SPLIT_FIELDS
-from tests.integration.helpers import TINTS, png_bytes
+from tests.integration.helpers import write_tiny_split
 
 pytestmark = pytest.mark.integration
 
@@ -24,16 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def tiny_split(tmp_path):
     raw = tmp_path / "raw"
-    rows = []
-    for c_i, (cls, tint) in enumerate(TINTS.items()):
-        for i in range(12):
-            fp = raw / cls / f"{i}.png"
-            fp.parent.mkdir(parents=True, exist_ok=True)
-            fp.write_bytes(png_bytes(c_i * 100 + i, tint=tint))
-            split = "val" if i < 2 else "train"
-            rows.append({"path": f"{cls}/{i}.png", "class_name": cls, "sha256": f"{c_i}-{i}", "split": split,
-                         "group": f"{c_i}-{i}"})
-    write_csv(tmp_path / "split.csv", rows, SPLIT_FIELDS)
+    write_tiny_split(tmp_path, per_class=12, val_per_class=2)
     params = {"data": {"landing_uri": "s3://x/"}, "model": {"backbone": "test_efficientnet", "img_size": 32,
               "weights": "none"}, "train": {"epochs": 4, "batch_size": 4, "num_threads": 1, "num_workers": 0,
               "amp": "none", "patience": 10}, "bag": {"seeds": [0]}}

@@ -23,9 +23,7 @@ import yaml
 
 from pipeline.config import config_from_dict
 from pipeline.data import CachedImageDataset, ShardedBatchSampler, create_sampler, train_loader
-from pipeline.ingest import write_csv
-from pipeline.split import SPLIT_FIELDS
-from tests.integration.helpers import TINTS, png_bytes
+from tests.integration.helpers import write_tiny_split
 
 pytestmark = pytest.mark.unit
 
@@ -86,15 +84,7 @@ def _torchrun(ws: Path, out: str, ckpt: str, nproc: int = 2) -> str:
 def ws(tmp_path_factory):
     """A tiny split (3 classes x 12 train PNGs: 4 steps of 8 per epoch) and the single-process reference run."""
     ws = tmp_path_factory.mktemp("ddp")
-    rows = []
-    for c_i, (cls, tint) in enumerate(TINTS.items()):
-        for i in range(12):
-            fp = ws / "raw" / cls / f"{i}.png"
-            fp.parent.mkdir(parents=True, exist_ok=True)
-            fp.write_bytes(png_bytes(c_i * 100 + i, tint=tint))
-            rows.append({"path": f"{cls}/{i}.png", "class_name": cls, "sha256": f"{c_i}-{i}",
-                         "split": "train", "group": f"{c_i}-{i}"})
-    write_csv(ws / "split.csv", rows, SPLIT_FIELDS)
+    write_tiny_split(ws, per_class=12)
     (ws / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     (ws / "kept").mkdir()
     log = _run([sys.executable, "-c", KEEP_CHECKPOINTS, *_stage_args("single", "ckpt_single")], ws)
