@@ -155,8 +155,9 @@ def _buckets_ready(stack: Stack) -> bool:
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
-                      config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
+    # A fresh session: boto3's default one keeps the first keys it saw, even after AWS_* change (a second stack).
+    s3 = boto3.session.Session().client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
+                                        config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
     try:
         names = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     except (BotoCoreError, ClientError):

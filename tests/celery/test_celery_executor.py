@@ -102,14 +102,21 @@ def test_training_dag_runs_on_the_celery_worker_and_registers_a_version(celery_s
 
     # Airflow's DB and Celery's result table (both in PostgreSQL): each task instance was sent to Celery, and the
     # one worker ran it from the queue it was routed to.
+    # The worker records a task's SUCCESS just after the task has reported to Airflow: the last task of the run
+    # may still read STARTED for a moment, so wait for the worker to settle.
     (worker,) = celery_stack.worker_nodes()
-    with celery_stack.pg.connect() as con, con.cursor() as cur:
-        cur.execute("SELECT task_id, map_index, queue, external_executor_id FROM task_instance "
-                    "WHERE dag_id = %s AND run_id = %s", (DAG, run_id))
-        airflow_rows = cur.fetchall()
-        cur.execute("SELECT task_id, status, name, worker, queue FROM celery_taskmeta WHERE task_id = ANY(%s)",
-                    ([r[3] for r in airflow_rows if r[3]],))
-        celery_rows = {r[0]: r[1:] for r in cur.fetchall()}
+    deadline = time.monotonic() + 60
+    while True:
+        with celery_stack.pg.connect() as con, con.cursor() as cur:
+            cur.execute("SELECT task_id, map_index, queue, external_executor_id FROM task_instance "
+                        "WHERE dag_id = %s AND run_id = %s", (DAG, run_id))
+            airflow_rows = cur.fetchall()
+            cur.execute("SELECT task_id, status, name, worker, queue FROM celery_taskmeta WHERE task_id = ANY(%s)",
+                        ([r[3] for r in airflow_rows if r[3]],))
+            celery_rows = {r[0]: r[1:] for r in cur.fetchall()}
+        if all(v[0] != "STARTED" for v in celery_rows.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert len(airflow_rows) == len(tis)
     for task_id, map_index, queue, celery_id in airflow_rows:
         assert celery_id, f"{task_id}[{map_index}] has no Celery task id: not run by the CeleryExecutor"

@@ -129,16 +129,15 @@ def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"S3 external {external.s3_url}" in out.stdout
         assert not (tmp_path / "local" / "run" / "seaweedfs.pid").exists()
-        mlflow.set_tracking_uri("http://127.0.0.1:29500")
-        with mlflow.start_run() as run:
-            mlflow.log_text("hello", "note.txt")
+        client = mlflow.MlflowClient(tracking_uri="http://127.0.0.1:29500")  # no global tracking URI change
+        run = client.create_run("0")
+        client.log_text(run.info.run_id, "hello", "note.txt")
         import boto3
 
         # the test session's keys are also the external server's admin keys
-        ext = boto3.client("s3", endpoint_url=external.s3_url, region_name="us-east-1")
+        ext = boto3.session.Session().client("s3", endpoint_url=external.s3_url, region_name="us-east-1")
         keys = [o["Key"] for o in ext.list_objects_v2(Bucket="mlflow").get("Contents", [])]
         assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
     finally:
-        mlflow.set_tracking_uri(stack_env["MLFLOW_TRACKING_URI"])
         run_cli(["pipeline.services", "down"], env)
         services.stop(external, "seaweedfs")
