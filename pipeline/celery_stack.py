@@ -47,6 +47,12 @@ def postgres_bindir() -> Path | None:
     return Path(initdb).resolve().parent if initdb else None
 
 
+def runuser_bin() -> str:
+    """``runuser`` lives in /usr/sbin, which a non-login PATH (cron, CI) often lacks."""
+    return shutil.which("runuser") or next(
+        (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if Path(p).exists()), "runuser")
+
+
 def redis_server_bin() -> str | None:
     return shutil.which("redis-server") or next(
         (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if os.access(p, os.X_OK)), None)
@@ -117,7 +123,7 @@ class Postgres:
         return self.root / "postgres.log"
 
     def _as_owner(self, cmd: list[str]) -> list[str]:
-        return ["runuser", "-u", PG_OS_USER, "--", *cmd] if os.geteuid() == 0 else cmd
+        return [runuser_bin(), "-u", PG_OS_USER, "--", *cmd] if os.geteuid() == 0 else cmd
 
     def start(self) -> None:
         bindir = postgres_bindir()
