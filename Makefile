@@ -55,7 +55,7 @@ $(LOCAL_CREDENTIALS):
 	@mkdir -p $(dir $@)
 	@umask 077 && $(PYTHON_BOOT) -c 'import secrets; print("AWS_ACCESS_KEY_ID := local-" + secrets.token_hex(6)); \
 	  print("AWS_SECRET_ACCESS_KEY := " + secrets.token_hex(24))' > $@.tmp && mv $@.tmp $@
-	@echo "generated local S3 credentials in $@"
+	@echo "generated local S3 credentials in $@" >&2
 
 credentials:
 	@echo "export AWS_ACCESS_KEY_ID=$(AWS_ACCESS_KEY_ID) AWS_SECRET_ACCESS_KEY=$(AWS_SECRET_ACCESS_KEY)"
