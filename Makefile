@@ -31,8 +31,8 @@ export AIRFLOW__API__HOST            := 127.0.0.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export GIT_PYTHON_REFRESH := quiet
 export DVC_NO_ANALYTICS := 1
-# The registered model that `predict`, `submission` and the batch DAG use by default (the demo profile's).
-export PIPELINE_MODEL_NAME ?= elpv-defect-classifier
+
+
 
 LANDING_URI ?= s3://landing/elpv/
 PROFILE     ?= cpu-demo
@@ -71,20 +71,20 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 venv: $(VENV)/.installed
 
 services-up: venv
-	$(PY) -m pipeline.services up
+	$(PY) -m devstack.services up
 
 services-down:
-	@if [ -x $(PY) ]; then $(PY) -m pipeline.services down; fi
+	@if [ -x $(PY) ]; then $(PY) -m devstack.services down; fi
 
 demo-data: services-up
-	$(PY) -m pipeline demo-data --landing-uri $(LANDING_URI)
+	$(PY) -m devstack demo-data --landing-uri $(LANDING_URI)
 
 demo: demo-data
-	$(PY) -m pipeline run-dag defect_training --conf '{"landing_uri": "$(LANDING_URI)", "profile": "$(PROFILE)"}'
+	$(PY) -m devstack run-dag defect_training --conf '{"landing_uri": "$(LANDING_URI)", "profile": "$(PROFILE)"}'
 	$(PY) -m pipeline summary --profile $(PROFILE)
 
 ui: venv
-	$(PY) -m pipeline.services ui
+	$(PY) -m devstack.services ui
 
 # PostgreSQL and Redis from Debian's packages for tests/celery (skips what is installed; needs root or sudo).
 .PHONY: system-deps

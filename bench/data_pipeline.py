@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import config_from_dict
-from pipeline.ingest import _describe
-from pipeline.storage import ObjectInfo
-from pipeline.validate import decode_table, run_expectations
+from pipeline.core.config import config_from_dict
+from pipeline.stages.ingest import _describe
+from pipeline.adapters.storage import ObjectInfo
+from pipeline.stages.validate import decode_table, run_expectations
 
 N_SYNTH = int(os.environ.get("BENCH_SYNTH_IMAGES", "10000"))
 
@@ -53,7 +53,7 @@ def _throughput(files: list[tuple[Path, str]], raw_dir: Path) -> tuple[float, fl
 
 
 def run() -> dict[str, str]:
-    from pipeline.demo_data import load_elpv_items
+    from devstack.demo_data import load_elpv_items
 
     items = load_elpv_items()
     elpv_root = items[0].path.parent.parent  # elpv_dataset/data; paths are images/cellNNNN.png

@@ -26,9 +26,10 @@ LANDING = "s3://landing/elpv-loop/"
 
 
 def run() -> dict[str, str]:
-    from pipeline import services, storage
-    from pipeline.airflow_rest import AirflowAPI, watch_and_follow
-    from pipeline.demo_data import load_elpv_items
+    from devstack import services
+    from pipeline.adapters import storage
+    from devstack.airflow_rest import AirflowAPI, watch_and_follow
+    from devstack.demo_data import load_elpv_items
 
     root = Path(tempfile.mkdtemp(prefix="event-loop-"))
     env = {"S3_PORT": "38333", "MLFLOW_PORT": "35000", "AIRFLOW_PORT": "38080",

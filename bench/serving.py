@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 def _photos(n: int) -> list[str]:
-    from pipeline.demo_data import load_elpv_items
+    from devstack.demo_data import load_elpv_items
 
     items = load_elpv_items()
     step = max(1, len(items) // n)

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import CachedImageDataset, normalize_batch
-from pipeline.losses import FocalLoss
-from pipeline.models import create_model
+from pipeline.core.data import CachedImageDataset, normalize_batch
+from pipeline.core.losses import FocalLoss
+from pipeline.core.models import create_model
 
 BACKBONE = os.environ.get("BENCH_BACKBONE", "efficientnet_lite0")
 SIZE = int(os.environ.get("BENCH_SIZE", "160"))
@@ -54,8 +54,8 @@ def _loader_img_s(images: np.ndarray) -> float:
 
 
 def _elpv_cache(n: int) -> np.ndarray:
-    from pipeline.demo_data import load_elpv_items
-    from pipeline.images import decode_rgb, resize_uint8
+    from devstack.demo_data import load_elpv_items
+    from pipeline.core.images import decode_rgb, resize_uint8
 
     items = load_elpv_items()[:n]
     return np.stack([resize_uint8(decode_rgb(str(i.path)), SIZE) for i in items])

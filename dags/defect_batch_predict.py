@@ -15,59 +15,27 @@ result is never classified again, so a retry or an overlapping run does no doubl
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
-from airflow.sdk import Param, Variable, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
-DEFAULT_MODEL = f"models:/{os.environ.get('PIPELINE_MODEL_NAME', 'wallpaper-defect-classifier')}@champion"
-
-
-def _var_key(uri: str) -> str:
-    return f"defect_batch_last_fingerprint:{uri}"
-
-
-def _s3_client(conn_id: str):
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    return S3Hook(aws_conn_id=conn_id).get_conn()
+from pipeline.adapters import orchestration as orc
 
 
 @task(retries=2, retry_delay=timedelta(seconds=15), retry_exponential_backoff=True)
 def stable_photos() -> dict | None:
-    from pipeline.predict import is_output_key
-    from pipeline.watch import stable_listing
-
     p = get_current_context()["params"]
-    return stable_listing(p["incoming_uri"], _s3_client(p["aws_conn_id"]), p["settle_seconds"], p["max_checks"],
-                          exclude=is_output_key)
+    return orc.stable_listing(p["incoming_uri"], p["aws_conn_id"], p["settle_seconds"], p["max_checks"],
+                              exclude=orc.is_prediction_output)
 
 
 @task(retries=3, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
 def classify_new(found: dict | None) -> dict:
-    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
-
-    from pipeline.errors import PipelineError
-    from pipeline.predict import run_batch
-
+    """Transient faults (S3 or MLflow away) are retried with backoff; the fingerprint is remembered on success."""
     ctx = get_current_context()
     p = ctx["params"]
-    if found is None:
-        raise AirflowSkipException("incoming prefix still changing; will look again next time")
-    if found["objects"] == 0:
-        raise AirflowSkipException(f"{p['incoming_uri']} has no photos")
-    key = _var_key(p["incoming_uri"])
-    if Variable.get(key, default=None) == found["fingerprint"]:
-        raise AirflowSkipException(f"same photos as last time ({found['fingerprint'][:12]}); nothing to do")
-    try:
-        result = run_batch(p["incoming_uri"], p["model_uri"], _s3_client(p["aws_conn_id"]),
-                           run_label=ctx["run_id"], tta=p["tta"])
-    except PipelineError as exc:
-        if exc.transient:
-            raise  # S3 or MLflow away: retried with backoff
-        raise AirflowFailException(str(exc)) from None
-    Variable.set(key, found["fingerprint"])
-    return result
+    with orc.only_new_listing(found, p["incoming_uri"], "batch"), orc.fail_fast():
+        return orc.classify_new_photos(p["incoming_uri"], p["model_uri"], p["aws_conn_id"], ctx["run_id"], p["tta"])
 
 
 @dag(
@@ -82,7 +50,7 @@ def classify_new(found: dict | None) -> dict:
     params={
         "incoming_uri": Param("s3://landing/incoming/", type="string", pattern=r"^s3://[^/]+/.*",
                               description="photos to classify (any depth under this prefix)"),
-        "model_uri": Param(DEFAULT_MODEL, type="string", description="MLflow model URI of the bag"),
+        "model_uri": Param(orc.default_model_uri(), type="string", description="MLflow model URI of the bag"),
         "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
         "settle_seconds": Param(30, type="integer", minimum=0, description="listings this far apart must agree"),
         "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),

@@ -10,44 +10,26 @@ carries the fingerprint, object count and landing URI; `defect_training` is sche
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
-from airflow.sdk import Asset, Param, Variable, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
-LANDING_DATA = Asset(name="landing_data", uri="s3://landing/")
-
-
-def _var_key(landing_uri: str) -> str:
-    return f"defect_watch_last_fingerprint:{landing_uri}"
+from pipeline.adapters import orchestration as orc
 
 
 @task(retries=2, retry_delay=timedelta(seconds=15), retry_exponential_backoff=True)
 def stable_fingerprint() -> dict | None:
     """None when the prefix is still changing: then nothing is emitted this time."""
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    from pipeline.watch import stable_listing
-
     p = get_current_context()["params"]
-    found = stable_listing(p["landing_uri"], S3Hook(aws_conn_id=p["aws_conn_id"]).get_conn(), p["settle_seconds"],
-                           p["max_checks"])
+    found = orc.stable_listing(p["landing_uri"], p["aws_conn_id"], p["settle_seconds"], p["max_checks"])
     return None if found is None else {**found, "landing_uri": p["landing_uri"]}
 
 
-@task(outlets=[LANDING_DATA], retries=1)
+@task(outlets=[orc.LANDING_DATA], retries=1)
 def emit_if_new(found: dict | None) -> str:
-    from airflow.sdk.exceptions import AirflowSkipException
-
-    if found is None:
-        raise AirflowSkipException("landing prefix still changing; will look again next time")
-    if found["objects"] == 0:
-        raise AirflowSkipException(f"{found['landing_uri']} is empty")
-    key = _var_key(found["landing_uri"])
-    if Variable.get(key, default=None) == found["fingerprint"]:
-        raise AirflowSkipException(f"same data as last time ({found['fingerprint'][:12]}); no event")
-    get_current_context()["outlet_events"][LANDING_DATA].extra = found
-    Variable.set(key, found["fingerprint"])
+    uri = get_current_context()["params"]["landing_uri"]
+    with orc.only_new_listing(found, uri, "watch"):
+        get_current_context()["outlet_events"][orc.LANDING_DATA].extra = found
     return found["fingerprint"]
 
 
@@ -61,7 +43,7 @@ def emit_if_new(found: dict | None) -> str:
     doc_md=__doc__,
     default_args={"owner": "ml-ops", "retries": 1},
     params={
-        "landing_uri": Param(os.environ.get("PIPELINE_LANDING_URI", "s3://landing/elpv/"), type="string",
+        "landing_uri": Param(orc.default_landing_uri(), type="string",
                              pattern=r"^s3://[^/]+/.*", description="the prefix to watch"),
         "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
         "settle_seconds": Param(60, type="integer", minimum=0, description="listings this far apart must agree"),

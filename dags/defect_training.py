@@ -19,44 +19,29 @@ Runs the DVC stages of the pipeline in a DVC workspace, one task per stage:
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
-LANDING_DATA = Asset(name="landing_data", uri="s3://landing/")
+from pipeline.adapters import orchestration as orc
+
 POOL = "dvc_workspace"
-# Transient faults (S3 or MLflow unreachable, DVC lock busy) are retried with exponential backoff; the first delay
-# is PIPELINE_RETRY_DELAY_S seconds (20; the fault tests shorten it).
-TRANSIENT = {"retries": 2, "retry_delay": timedelta(seconds=float(os.environ.get("PIPELINE_RETRY_DELAY_S", "20"))),
+# Transient faults (S3 or MLflow unreachable, DVC lock busy) are retried with exponential backoff.
+TRANSIENT = {"retries": 2, "retry_delay": timedelta(seconds=orc.retry_delay_seconds()),
              "retry_exponential_backoff": True}
 # Training tasks go to this Celery queue (a worker with a GPU consumes it); LocalExecutor ignores queues.
-GPU_QUEUE = os.environ.get("PIPELINE_GPU_QUEUE", "gpu")
+GPU_QUEUE = orc.gpu_queue()
 
 
 def _stage(ws: str, name: str, extra_env: dict[str, str] | None = None) -> None:
     """Run one DVC stage; a non-transient failure (bad data, bad params) fails at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from pipeline.errors import StageFailed
-    from pipeline.workspace import run_stage
-
-    try:
-        run_stage(ws, name, extra_env)
-    except StageFailed as exc:
-        if not exc.transient:
-            raise AirflowFailException(str(exc)) from None
-        raise
+    with orc.fail_fast():
+        orc.run_stage(ws, name, extra_env)
 
 
 @task(pool=POOL, **TRANSIENT)
 def prepare() -> str:
     """Create/refresh the DVC workspace with the chosen profile and the form's overrides; returns its path."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from pipeline.errors import PipelineError
-    from pipeline.workspace import default_workspace, form_overrides, prepare_workspace
-
     context = get_current_context()
     form = dict(context["params"])
     # Started by the data watch: train on the prefix whose new data fired the Asset event.
@@ -64,27 +49,15 @@ def prepare() -> str:
         for event in events:
             if (event.extra or {}).get("landing_uri"):
                 form["landing_uri"] = event.extra["landing_uri"]
-    try:
-        return str(prepare_workspace(default_workspace(), form["profile"], form_overrides(form)))
-    except PipelineError as exc:
-        if exc.transient:
-            raise
-        raise AirflowFailException(str(exc)) from None
+    with orc.fail_fast():
+        return orc.prepare(form)
 
 
 @task(**TRANSIENT)
 def start_tracking(ws: str) -> str:
     """Open this DAG run's MLflow parent run; returns its id."""
-    from pathlib import Path
-
-    from pipeline import tracking
-    from pipeline.config import load_config
-
     ctx = get_current_context()
-    cfg = load_config(Path(ws) / "params.yaml")
-    tags = {"airflow_dag_id": ctx["dag"].dag_id, "airflow_run_id": ctx["run_id"], "profile": cfg.profile,
-            "landing_uri": cfg.data.landing_uri, "git_commit": tracking.git_commit(None)}
-    return tracking.open_pipeline_run(cfg.registry.experiment, cfg.to_dict(), f"airflow-{ctx['run_id']}", tags)
+    return orc.open_tracking_run(ws, ctx["dag"].dag_id, ctx["run_id"])
 
 
 def _mark_run_failed(context) -> None:
@@ -92,10 +65,8 @@ def _mark_run_failed(context) -> None:
     try:
         run_id = context["ti"].xcom_pull(task_ids="start_tracking")
         if run_id:
-            from pipeline import tracking
-
-            tracking.close_pipeline_run(run_id, "FAILED", {"failed_task": context["ti"].task_id,
-                                                           "failure": str(context.get("exception", ""))[:2000]})
+            orc.close_tracking_run(run_id, "FAILED", {"failed_task": context["ti"].task_id,
+                                                      "failure": str(context.get("exception", ""))[:2000]})
     except Exception as exc:  # never hide the task's own failure behind a tracking error
         print(f"could not mark the MLflow run failed: {exc}")
 
@@ -122,21 +93,13 @@ def split(ws: str) -> str:
 @task
 def bag_members(ws: str) -> list[int]:
     """The bag's member seeds from the workspace params (one mapped train task each)."""
-    from pathlib import Path
-
-    from pipeline.config import load_config
-
-    return list(load_config(Path(ws) / "params.yaml").bag.seeds)
+    return list(orc.workspace_params(ws).bag.seeds)
 
 
 @task
 def backbone_names(ws: str) -> list[str]:
     """The `backbones` entries from the workspace params (one mapped backbone task each)."""
-    from pathlib import Path
-
-    from pipeline.config import load_config
-
-    return list(load_config(Path(ws) / "params.yaml").backbones)
+    return list(orc.workspace_params(ws).backbones)
 
 
 @task(pool=POOL, queue=GPU_QUEUE, retries=1, retry_delay=timedelta(seconds=10))
@@ -156,45 +119,35 @@ def train(ws: str, member: int) -> str:
 @task(pool=POOL, retries=0, trigger_rule="none_failed")
 def evaluate(ws: str, trained: list[str], compared: list[str]) -> dict:
     """Runs when every member and backbone succeeded (an empty `backbones` list is skipped, not failed)."""
-    import json
-    from pathlib import Path
-
     _stage(ws, "evaluate")
-    m = json.loads((Path(ws) / "metrics" / "eval.json").read_text())
+    m = orc.read_output(ws, "metrics")
     return {"weighted_f1": m["weighted_f1"], "macro_f1": m["macro_f1"], "n_test": m["n_test"]}
 
 
 @task(pool=POOL, **TRANSIENT)
 def register(ws: str, metrics: dict, parent_run: str) -> dict:
-    import json
-    from pathlib import Path
-
     _stage(ws, "register", {"PIPELINE_PARENT_RUN_ID": parent_run})
-    return json.loads((Path(ws) / "registry" / "decision.json").read_text(encoding="utf-8"))
+    return orc.read_output(ws, "decision")
 
 
 @task(pool=POOL, **TRANSIENT)
 def push(ws: str, decision: dict) -> str:
     """Send data and models to the DVC remote (the S3 bucket `dvc`), so `dvc pull` restores this version."""
-    from pipeline.workspace import dvc
-
-    dvc(ws, "push", "--quiet")
+    orc.dvc_push(ws)
     return decision["model_version"]
 
 
 @task(**TRANSIENT)
 def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
     """Close the parent run with the outcome (also when DVC found everything up to date and nothing retrained)."""
-    from pipeline import tracking
-
-    tracking.close_pipeline_run(parent_run, "FINISHED", {
+    orc.close_tracking_run(parent_run, "FINISHED", {
         "gate": decision["gate"], "model_name": decision["model_name"], "model_version": decision["model_version"],
         "registered_in_run": decision["run_id"], "gate_reason": decision["reason"]})
 
 
 @dag(
     dag_id="defect_training",
-    schedule=[LANDING_DATA],
+    schedule=[orc.LANDING_DATA],
     catchup=False,
     max_active_runs=1,
     tags=["wallpaper-defect", "training", "dvc", "mlflow"],
@@ -202,12 +155,12 @@ def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
     default_args={"owner": "ml-ops", "retries": 1, "retry_delay": timedelta(seconds=30),
                   "on_failure_callback": _mark_run_failed},
     params={
-        "landing_uri": Param(os.environ.get("PIPELINE_LANDING_URI", "s3://landing/elpv/"), type="string",
+        "landing_uri": Param(orc.default_landing_uri(), type="string",
                              pattern=r"^s3://[^/]+/.*",
                              description="s3://bucket/prefix/ holding <class>/<image> folders (an Asset event "
                                          "from the data watch sets it)"),
         # Runs started by new data use the defaults: PIPELINE_PROFILE picks the profile for them.
-        "profile": Param(os.environ.get("PIPELINE_PROFILE", "cpu-demo"), enum=["cpu-demo", "test", "full"],
+        "profile": Param(orc.default_profile(), enum=orc.profile_names(),
                          description="params override from profiles/ (full = params.yaml as committed)"),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="override train.epochs"),
         "bag_size": Param(None, type=["null", "integer"], minimum=1, maximum=10,

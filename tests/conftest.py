@@ -39,7 +39,7 @@ def stack_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stack(stack_env):
     """Start the private stack once per session; stop it at the end."""
-    from pipeline import services
+    from devstack import services
 
     old = dict(os.environ)
     os.environ.update(stack_env)
@@ -51,13 +51,13 @@ def stack(stack_env):
         services.down(st)
         os.environ.clear()
         os.environ.update(old)
-        from pipeline import storage
+        from pipeline.adapters import storage
         storage._CLIENTS.clear()
 
 
 @pytest.fixture()
 def s3(stack):
-    from pipeline import storage
+    from pipeline.adapters import storage
 
     return storage.client()
 
@@ -67,12 +67,12 @@ def trained(stack, stack_env):
     """The training DAG (test profile) run once on tiny data; tests share its champion and workspace."""
     import json
 
-    from pipeline import storage
+    from pipeline.adapters import storage
     from tests.integration.helpers import upload_tiny_dataset
 
     upload_tiny_dataset(storage.client(), "landing", "tiny/", per_class=8)
     conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test"})
-    out = run_cli(["pipeline", "run-dag", "defect_training", "--conf", conf], stack_env)
+    out = run_cli(["devstack", "run-dag", "defect_training", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return Path(stack_env["PIPELINE_WORKSPACE"])
 
@@ -90,8 +90,8 @@ def have_binary(name: str) -> bool:
 def airflow_api(stack, stack_env, tmp_path_factory):
     """A running Airflow (api-server, scheduler, dag-processor, triggerer) on the private stack, both DAGs
     unpaused; yields a REST client. Stopped afterwards."""
-    from pipeline import services
-    from pipeline.airflow_rest import AirflowAPI
+    from devstack import services
+    from devstack.airflow_rest import AirflowAPI
 
     old = dict(os.environ)
     # Runs started by an Asset event use the defaults: the tiny test profile, a workspace of their own.

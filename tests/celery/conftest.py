@@ -36,7 +36,7 @@ def report(config, line: str) -> None:
 
 @pytest.fixture(scope="module")
 def celery_stack(request, tmp_path_factory):
-    from pipeline import celery_stack as cs
+    from devstack import celery_stack as cs
 
     missing = cs.missing_requirements()
     if missing:
@@ -65,7 +65,8 @@ def celery_stack(request, tmp_path_factory):
     os.environ.update(env)
     # The DAG's own default must route the training tasks: no override from the caller's shell.
     os.environ.pop("PIPELINE_GPU_QUEUE", None)
-    from pipeline import services, storage
+    from devstack import services
+    from pipeline.adapters import storage
 
     stack = cs.CeleryStack(services.Stack.from_env(), pg_port=PORTS["postgres"], redis_port=PORTS["redis"])
     try:

@@ -23,8 +23,8 @@ GPU_TASKS = ("backbone", "train")
 
 @pytest.fixture(scope="module")
 def api(celery_stack):
-    from pipeline import services
-    from pipeline.airflow_rest import AirflowAPI
+    from devstack import services
+    from devstack.airflow_rest import AirflowAPI
 
     client = AirflowAPI(f"http://{celery_stack.stack.host}:{celery_stack.stack.airflow_port}", "admin",
                         services.airflow_admin_password())
@@ -35,7 +35,7 @@ def api(celery_stack):
 
 def _wait_for_dag(client, dag_id: str, timeout: float) -> None:
     """The dag-processor has to parse and serialise the DAG before it can be triggered."""
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -75,7 +75,7 @@ def test_every_listener_is_on_loopback(celery_stack):
 def test_training_dag_runs_on_the_celery_worker_and_registers_a_version(celery_stack, api, request):
     from mlflow import MlflowClient
 
-    from pipeline import storage
+    from pipeline.adapters import storage
 
     upload_tiny_dataset(storage.client(), "landing", "tiny/", per_class=8)
     t0 = time.monotonic()

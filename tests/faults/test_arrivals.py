@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.ingest import read_csv
+from pipeline.core.io import read_csv
 from tests.integration.helpers import MODEL, TINTS, png_bytes, wait_for
 
 pytestmark = pytest.mark.faults

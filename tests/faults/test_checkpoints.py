@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoints
-from pipeline.config import load_config
-from pipeline.errors import CheckpointError
+from pipeline.core import checkpoints
+from pipeline.core.config import load_config
+from pipeline.core.errors import CheckpointError
 from tests.integration.helpers import write_tiny_split
 
 pytestmark = pytest.mark.faults
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.faults
 @pytest.fixture(scope="module")
 def member(tmp_path_factory):
     """One tiny trained member (test_efficientnet @32px, 2 epochs) and its inputs."""
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
     ws = tmp_path_factory.mktemp("ckpt")
     write_tiny_split(ws, per_class=8, val_per_class=2)
@@ -43,7 +43,7 @@ def _copy_member(src: Path, dst: Path) -> Path:
 
 
 def test_model_file_sha256_is_recorded_and_checked(member):
-    from pipeline.inference import load_member
+    from pipeline.core.inference import load_member
 
     ws, _ = member
     d = ws / "models" / "member_0"
@@ -53,7 +53,7 @@ def test_model_file_sha256_is_recorded_and_checked(member):
 
 
 def test_truncated_model_file_is_refused_with_its_name(member, tmp_path):
-    from pipeline.inference import load_member
+    from pipeline.core.inference import load_member
 
     ws, _ = member
     d = _copy_member(ws / "models" / "member_0", tmp_path / "m")
@@ -71,7 +71,7 @@ def test_truncated_model_file_is_refused_with_its_name(member, tmp_path):
 
 def test_altered_but_loadable_weights_are_refused(member, tmp_path):
     """A file that still parses (weights changed after training) is caught by the recorded checksum."""
-    from pipeline.inference import load_member
+    from pipeline.core.inference import load_member
 
     ws, _ = member
     d = _copy_member(ws / "models" / "member_0", tmp_path / "m")
@@ -84,7 +84,7 @@ def test_altered_but_loadable_weights_are_refused(member, tmp_path):
 
 
 def test_weights_of_another_architecture_are_refused(member, tmp_path):
-    from pipeline.inference import load_member
+    from pipeline.core.inference import load_member
 
     ws, _ = member
     d = _copy_member(ws / "models" / "member_0", tmp_path / "m")
@@ -114,7 +114,7 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
         checkpoints.load(fp, "model.weights file")
     assert not marker.exists()
     # The same file given as pretrained weights (model.weights=<path>) is refused the same way.
-    from pipeline.models import create_model
+    from pipeline.core.models import create_model
 
     with pytest.raises(CheckpointError, match="Python objects"):
         create_model("test_efficientnet", 3, str(fp))
@@ -124,7 +124,7 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
 def test_truncated_resume_checkpoint_is_refused_kept_aside_and_training_restarts(member, caplog):
     """A resume checkpoint cut short (disk full, killed mid-write by something other than our atomic rename)
     is not loaded: it is moved aside (nothing deleted) and the member trains from epoch 0 to the same result."""
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
     ws, cfg = member
     ckpt_dir = ws / "ckpt-trunc"

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoints import sha256_file
+from pipeline.core.checkpoints import sha256_file
 from tests.conftest import ROOT
 from tests.integration.helpers import TINTS, png_bytes, wait_for
 
@@ -36,7 +36,7 @@ EPOCHS = 30
 @pytest.fixture(scope="module")
 def faults(stack, stack_env, tmp_path_factory):
     """Landing data, a workspace of its own and the env for the DAG runs of this module."""
-    from pipeline import storage
+    from pipeline.adapters import storage
 
     s3 = storage.client()
     for c_i, (cls, tint) in enumerate(TINTS.items()):
@@ -57,11 +57,11 @@ def faults(stack, stack_env, tmp_path_factory):
 
 
 class DagRun:
-    """`python -m pipeline run-dag defect_training` in the background, its console output in a file."""
+    """`python -m devstack run-dag defect_training` in the background, its console output in a file."""
 
     def __init__(self, env: dict, conf: dict, log: Path):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run-dag", "defect_training", "--conf",
+        self.proc = subprocess.Popen([sys.executable, "-m", "devstack", "run-dag", "defect_training", "--conf",
                                       json.dumps(conf)], env={**os.environ, **env}, cwd=ROOT,
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
@@ -146,7 +146,7 @@ def test_sigkilled_training_resumes_on_retry_and_a_second_repro_is_refused(fault
 
 
 def test_s3_outage_during_ingest_fails_cleanly_after_retries_and_leaves_the_champion(faults, stack, tmp_path):
-    from pipeline import services
+    from devstack import services
 
     s3, ws = faults["s3"], faults["ws"]
     for c_i, (cls, tint) in enumerate(TINTS.items()):  # a new arrival, so the rerun has something to ingest
@@ -177,8 +177,8 @@ def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_n
         faults, stack, tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline import services
-    from pipeline.ingest import read_csv
+    from devstack import services
+    from pipeline.core.io import read_csv
 
     s3, ws = faults["s3"], faults["ws"]
     champion, before = _alias("champion"), {v.version for v in _versions()}

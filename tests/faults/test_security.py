@@ -118,8 +118,9 @@ def test_the_load_scanner_catches_an_unsafe_load(tmp_path):
 
 def test_hostile_object_keys_never_leave_the_raw_dir(s3, tmp_path):
     """Keys S3 stores but a file system must not follow: refused with a reason, nothing written outside."""
-    from pipeline.config import config_from_dict
-    from pipeline.ingest import read_csv, run_ingest
+    from pipeline.core.config import config_from_dict
+    from pipeline.core.io import read_csv
+    from pipeline.stages.ingest import run_ingest
     from tests.integration.helpers import png_bytes
 
     prefix = f"hostile-{tmp_path.name}/"

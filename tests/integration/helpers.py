@@ -35,8 +35,8 @@ def upload_tiny_dataset(s3, bucket: str, prefix: str, per_class: int = 8) -> int
 def write_tiny_split(ws, per_class: int, val_per_class: int = 0) -> None:
     """``ws/raw/<class>/<i>.png`` + ``ws/split.csv`` for the train stage: the first ``val_per_class`` images of each
     class are validation, the rest train (no ingest, validate or split stage needed)."""
-    from pipeline.ingest import write_csv
-    from pipeline.split import SPLIT_FIELDS
+    from pipeline.core.io import write_csv
+    from pipeline.stages.split import SPLIT_FIELDS
 
     rows = []
     for c_i, (cls, tint) in enumerate(TINTS.items()):

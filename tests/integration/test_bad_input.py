@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import storage
-from pipeline.config import config_from_dict
-from pipeline.errors import StorageError, ValidationFailed
-from pipeline.images import decode_rgb
-from pipeline.ingest import read_csv, run_ingest
-from pipeline.validate import run_validate
+from pipeline.adapters import storage
+from pipeline.core.config import config_from_dict
+from pipeline.core.errors import StorageError, ValidationFailed
+from pipeline.core.images import decode_rgb
+from pipeline.core.io import read_csv
+from pipeline.stages.ingest import run_ingest
+from pipeline.stages.validate import run_validate
 from tests.integration.helpers import png_bytes
 
 pytestmark = pytest.mark.integration
@@ -152,7 +153,7 @@ def test_object_changing_during_sync_keeps_the_copy_downloaded(landed, s3, monke
 def test_dotdot_key_is_refused_by_the_server_and_by_us(s3):
     from botocore.exceptions import ClientError
 
-    from pipeline.ingest import safe_relative_key
+    from pipeline.stages.ingest import safe_relative_key
 
     with pytest.raises(ClientError):
         s3.put_object(Bucket="landing", Key="evil/../escape.png", Body=b"x")

@@ -35,7 +35,7 @@ def _asset_events(env) -> list[dict]:
 
 def _watch(env, settle: int = 1, checks: int = 2) -> None:
     conf = json.dumps({"landing_uri": URI, "settle_seconds": settle, "max_checks": checks})
-    out = run_cli(["pipeline", "run-dag", "defect_data_watch", "--conf", conf], env)
+    out = run_cli(["devstack", "run-dag", "defect_data_watch", "--conf", conf], env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 

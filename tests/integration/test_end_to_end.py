@@ -110,7 +110,7 @@ def test_worse_candidate_is_rejected_and_champion_untouched_then_rollback(traine
     # A different model (another learning rate) that must beat the champion by 1.0 weighted F1: impossible.
     conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test",
                        "set": ["registry.min_delta=1.0", "train.lr=0.003"]})
-    out = run_cli(["pipeline", "run-dag", "defect_training", "--conf", conf], stack_env)
+    out = run_cli(["devstack", "run-dag", "defect_training", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:]
     decision = json.loads((trained / "registry" / "decision.json").read_text())
     assert decision["gate"] == "rejected" and "min_delta 1.0" in decision["reason"]

@@ -123,7 +123,7 @@ def test_batch_dag_classifies_new_photos_once_with_the_champion_version(trained,
         s3.put_object(Bucket="landing", Key=f"incoming/site-a/{cls}.png", Body=png_bytes(800 + i, tint=TINTS[cls]))
     s3.put_object(Bucket="landing", Key="incoming/site-a/broken.jpg", Body=b"\xff\xd8\xff\xe0 truncated")
     conf = json.dumps({"incoming_uri": "s3://landing/incoming/", "model_uri": CHAMPION, "settle_seconds": 1})
-    out = run_cli(["pipeline", "run-dag", "defect_batch_predict", "--conf", conf], stack_env)
+    out = run_cli(["devstack", "run-dag", "defect_batch_predict", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:]
     champion = MlflowClient().get_model_version_by_alias(MODEL, "champion").version
     keys = _keys(s3, "incoming/")
@@ -136,14 +136,14 @@ def test_batch_dag_classifies_new_photos_once_with_the_champion_version(trained,
     assert broken["label"] == "" and "cannot decode" in broken["error"]
 
     # Same photos again: no event, nothing rewritten (our own outputs do not count as new data).
-    out = run_cli(["pipeline", "run-dag", "defect_batch_predict", "--conf", conf], stack_env)
+    out = run_cli(["devstack", "run-dag", "defect_batch_predict", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:]
     assert _keys(s3, "incoming/") == keys
 
     # Two new photos: only they are classified.
     for i in range(2):
         s3.put_object(Bucket="landing", Key=f"incoming/site-b/{i}.png", Body=png_bytes(900 + i, tint=TINTS["mold"]))
-    out = run_cli(["pipeline", "run-dag", "defect_batch_predict", "--conf", conf], stack_env)
+    out = run_cli(["devstack", "run-dag", "defect_batch_predict", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:]
     after = _keys(s3, "incoming/")
     assert len([k for k in after if k.endswith(".prediction.json")]) == 6

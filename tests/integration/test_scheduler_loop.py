@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def test_two_watch_triggers_at_once_start_one_training_run_and_same_data_none(airflow_api, stack, s3):
     from mlflow import MlflowClient
 
-    from pipeline.airflow_rest import watch_and_follow
+    from devstack.airflow_rest import watch_and_follow
 
     upload_tiny_dataset(s3, "landing", "loop/", per_class=6)
     before = len(MlflowClient().search_model_versions(f"name = '{MODEL}'"))

@@ -8,8 +8,9 @@ import unicodedata
 import psutil
 import pytest
 
-from pipeline import services, storage
-from pipeline.errors import ServiceError, StorageError
+from devstack import services
+from pipeline.adapters import storage
+from pipeline.core.errors import ServiceError, StorageError
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
@@ -99,7 +100,7 @@ def test_every_listener_is_on_loopback(stack):
 
 
 def test_demo_data_is_idempotent_and_leaves_foreign_prefixes_alone(stack, s3):
-    from pipeline.demo_data import upload_demo_data
+    from devstack.demo_data import upload_demo_data
 
     first = upload_demo_data("s3://landing/elpv-small/", limit_per_class=2)
     second = upload_demo_data("s3://landing/elpv-small/", limit_per_class=2)
@@ -120,12 +121,12 @@ def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(
     env = {**stack_env, "PIPELINE_S3": "external", "AWS_ENDPOINT_URL": external.s3_url, "MLFLOW_PORT": "29500",
            "MLFLOW_TRACKING_URI": "http://127.0.0.1:29500", "PIPELINE_LOCAL": str(tmp_path / "local")}
     try:
-        missing = run_cli(["pipeline.services", "up", "--no-airflow"],
+        missing = run_cli(["devstack.services", "up", "--no-airflow"],
                           {**env, "PIPELINE_MLFLOW_ARTIFACTS": "s3://no-such-bucket/"})
         assert missing.returncode == 2
         assert "no-such-bucket" in missing.stderr and "PIPELINE_MLFLOW_ARTIFACTS" in missing.stderr
 
-        out = run_cli(["pipeline.services", "up", "--no-airflow"], env)
+        out = run_cli(["devstack.services", "up", "--no-airflow"], env)
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"S3 external {external.s3_url}" in out.stdout
         assert not (tmp_path / "local" / "run" / "seaweedfs.pid").exists()
@@ -139,5 +140,5 @@ def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(
         keys = [o["Key"] for o in ext.list_objects_v2(Bucket="mlflow").get("Contents", [])]
         assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
     finally:
-        run_cli(["pipeline.services", "down"], env)
+        run_cli(["devstack.services", "down"], env)
         services.stop(external, "seaweedfs")

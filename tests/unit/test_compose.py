@@ -3,7 +3,7 @@
 * The file is valid against the Compose Specification JSON schema (vendored as compose_spec.json; its source and
   version are in docs/DEPLOY.md), after ``${VAR...}`` interpolation as ``docker compose config`` does it.
 * Images pinned, a health check on every service, credentials only as ``${VAR:?message}``, ports on 127.0.0.1.
-* The commands are those of the embedded setup (pipeline/services.py), and queue ``gpu`` goes to the GPU worker.
+* The commands are those of the embedded setup (devstack/services.py), and queue ``gpu`` goes to the GPU worker.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline import services
+from devstack import services
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -39,7 +39,7 @@ REQUIRED_VAR = re.compile(r"\$\{[A-Za-z_]\w*:\?[^}]+\}")  # ${NAME:?message}, th
 # scheme://user:password@ where the password is an interpolation (it may hold spaces) or a literal.
 URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/:@]*:(?P<password>\$\{[^}]*\}|[^\s/@]*)@")
 
-# Compose service -> its role in pipeline.services.airflow_role_args.
+# Compose service -> its role in devstack.services.airflow_role_args.
 AIRFLOW_ROLE_OF_SERVICE = {
     "airflow-apiserver": "airflow-api-server",
     "airflow-scheduler": "airflow-scheduler",
@@ -350,10 +350,13 @@ def test_airflow_services_share_one_celery_configuration():
 
 # (g) the training queue and the GPU ----------------------------------------------------------------------------
 
-def test_gpu_queue_is_consumed_only_by_the_gpu_worker_which_reserves_a_gpu():
+def test_gpu_queue_is_consumed_only_by_the_gpu_worker_which_reserves_a_gpu(monkeypatch):
+    from pipeline.adapters import orchestration
+
     doc = load_compose()
-    call = _dag_constant("GPU_QUEUE")  # os.environ.get("PIPELINE_GPU_QUEUE", "gpu")
-    assert [arg.value for arg in call.args] == ["PIPELINE_GPU_QUEUE", "gpu"]
+    assert ast.unparse(_dag_constant("GPU_QUEUE")) == "orc.gpu_queue()"
+    monkeypatch.delenv("PIPELINE_GPU_QUEUE", raising=False)
+    assert orchestration.gpu_queue() == "gpu"
     queue = environment(doc["services"]["airflow-worker-gpu"])["PIPELINE_GPU_QUEUE"]
     assert queue == "gpu"
     consumers = {name for name, svc in airflow_services(doc).items() if queue in worker_queues(svc)}

@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import config_from_dict
-from pipeline.data import CachedImageDataset, ShardedBatchSampler, create_sampler, train_loader
+from pipeline.core.config import config_from_dict
+from pipeline.core.data import CachedImageDataset, ShardedBatchSampler, create_sampler, train_loader
 from tests.integration.helpers import write_tiny_split
 
 pytestmark = pytest.mark.unit
@@ -42,14 +42,14 @@ PARAMS = {
 KEEP_CHECKPOINTS = """
 import shutil, sys
 from pathlib import Path
-import pipeline.train as t
-_orig = t._save_atomic
+import pipeline.core.checkpoints as c
+_orig = c.save
 def _keep(obj, path):
     out = _orig(obj, path)
     if isinstance(obj, dict) and "run_key" in obj:
         shutil.copy(path, Path("kept") / f"epoch{obj['state']['epoch']}.pt")
     return out
-t._save_atomic = _keep
+c.save = _keep
 from pipeline.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -214,12 +214,13 @@ def test_sharded_batch_sampler_cuts_a_partial_batch_to_equal_shards():
 
 
 def test_batch_size_must_split_over_the_processes(tmp_path):
-    from pipeline.errors import ConfigError
-    from pipeline.train import _Dist, _run_train
+    from pipeline.core.errors import ConfigError
+    from pipeline.core.distributed import Dist
+    from pipeline.stages.train import _run_train
 
     cfg = config_from_dict(PARAMS)
     with pytest.raises(ConfigError, match=r"train\.batch_size 8 must be divisible .* \(WORLD_SIZE 3\)"):
-        _run_train(_Dist(rank=0, world=3), cfg, tmp_path / "split.csv", tmp_path, 0, tmp_path / "out", None, None,
+        _run_train(Dist(rank=0, world=3), cfg, tmp_path / "split.csv", tmp_path, 0, tmp_path / "out", None, None,
                    "")
 
 
@@ -227,7 +228,7 @@ def test_gloo_sync_batchnorm_keeps_timm_bn_act_layers_and_state_dict():
     """Without a process group the converted model computes exactly what the original does (activation kept)."""
     import timm
 
-    from pipeline.train import GlooSyncBatchNorm, sync_batchnorm
+    from pipeline.core.distributed import GlooSyncBatchNorm, sync_batchnorm
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3)

@@ -2,9 +2,9 @@ import unicodedata
 
 import pytest
 
-from pipeline.config import config_from_dict
-from pipeline.ingest import fingerprint, safe_relative_key
-from pipeline.split import assign_splits
+from pipeline.core.config import config_from_dict
+from pipeline.stages.ingest import fingerprint, safe_relative_key
+from pipeline.stages.split import assign_splits
 
 pytestmark = pytest.mark.unit
 

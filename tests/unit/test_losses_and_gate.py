@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import FocalLoss
-from pipeline.register import gate
+from pipeline.core.losses import FocalLoss
+from pipeline.stages.register import gate
 
 pytestmark = pytest.mark.unit
 

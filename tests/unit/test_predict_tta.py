@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.inference import BagPredictor, Member
-from pipeline.predict import _class_flips, predict_images
+from pipeline.core.inference import BagPredictor, Member
+from pipeline.commands.predict import _class_flips, predict_images
 
 pytestmark = pytest.mark.unit
 CLASSES = ["a", "b", "c"]

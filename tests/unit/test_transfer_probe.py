@@ -14,8 +14,8 @@ pytestmark = pytest.mark.data
 
 
 def _features(weights: str, seed: int, images: np.ndarray) -> np.ndarray:
-    from pipeline.data import normalize_batch
-    from pipeline.models import create_model
+    from pipeline.core.data import normalize_batch
+    from pipeline.core.models import create_model
 
     torch.manual_seed(seed)
     model, _ = create_model("efficientnet_lite0", 0, weights, "none")  # num_classes 0: pooled features
@@ -41,8 +41,8 @@ def _probe_f1(features: np.ndarray, y: np.ndarray) -> float:
 
 
 def test_linear_probe_on_pretrained_features_beats_random_init_on_real_defects():
-    from pipeline.demo_data import load_elpv_items
-    from pipeline.images import decode_rgb, resize_uint8
+    from devstack.demo_data import load_elpv_items
+    from pipeline.core.images import decode_rgb, resize_uint8
 
     torch.set_num_threads(2)
     cells = [(i, int(i.class_name.endswith("p100"))) for i in load_elpv_items() if i.class_name.endswith(("p000", "p100"))]

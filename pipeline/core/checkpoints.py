@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import CheckpointError
-from pipeline.ingest import sha256_file
+from pipeline.core.errors import CheckpointError
+from pipeline.core.io import sha256_file
 
 
 def save(obj, path: Path) -> str:

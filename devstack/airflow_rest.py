@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote, urlencode
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 class AirflowAPI:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import checkpoints
-from pipeline.data import normalize_batch
-from pipeline.images import resize_uint8, to_rgb
+from pipeline.core import checkpoints
+from pipeline.core.data import normalize_batch
+from pipeline.core.images import resize_uint8, to_rgb
 
 
 @dataclass

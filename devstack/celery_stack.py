@@ -6,7 +6,7 @@ metadata DB and Celery's result backend) and Redis (Celery's broker) from the di
 Celery worker that consumes the queues ``default`` and ``gpu`` (services.CELERY_WORKER_ARGS). Every listener binds
 127.0.0.1; PostgreSQL and Redis live in temporary folders with passwords generated per start and are deleted by
 ``down()``. The CeleryExecutor test tier (tests/celery) drives it; SeaweedFS S3 and MLflow come from
-``pipeline.services`` as usual.
+``devstack.services`` as usual.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import services
-from pipeline.errors import ServiceError
+from devstack import services
+from pipeline.core.errors import ServiceError
 
 _logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Postgres:
                              "--locale=C", "--auth=scram-sha-256", f"--pwfile={pwfile}"]), "initdb")
         pwfile.unlink()
         with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
-            conf.write(f"\n# pipeline.celery_stack\nlisten_addresses = '{self.host}'\nport = {self.port}\n"
+            conf.write(f"\n# devstack.celery_stack\nlisten_addresses = '{self.host}'\nport = {self.port}\n"
                        f"unix_socket_directories = '{self.root}'\n")
         _logger.info("starting PostgreSQL on %s:%d (%s)", self.host, self.port, self.data)
         _run(self._as_owner([str(bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w",
@@ -266,7 +266,7 @@ class Redis:
 
 @dataclass
 class CeleryStack:
-    """S3 + MLflow (pipeline.services) + PostgreSQL + Redis + Airflow with the CeleryExecutor and one worker."""
+    """S3 + MLflow (devstack.services) + PostgreSQL + Redis + Airflow with the CeleryExecutor and one worker."""
 
     stack: services.Stack
     pg_port: int = 5432

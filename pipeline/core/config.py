@@ -18,14 +18,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
-# The 19 DACON classes in LabelEncoder (sorted) order; the committed params.yaml lists them too.
-DACON_CLASSES = (
-    "가구수정", "걸레받이수정", "곰팡이", "꼬임", "녹오염", "들뜸", "면불량", "몰딩수정", "반점", "석고수정",
-    "오염", "오타공", "울음", "이음부불량", "창틀,문틀수정", "터짐", "틈새과다", "피스", "훼손",
-)
-
+# Decode limits: the defaults of validate.max_pixels/max_bytes, and what serving and batch prediction enforce.
+MAX_PIXELS = 40_000_000  # above this we refuse to decode (decompression-bomb guard)
+MAX_BYTES = 50_000_000  # larger files are refused without being read
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -38,8 +35,8 @@ class DataConfig:
 class ValidateConfig:
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "WEBP", "TIFF")
     min_side: int = 16  # smaller images carry no usable defect detail
-    max_pixels: int = 40_000_000  # above this we refuse to decode (decompression-bomb guard)
-    max_bytes: int = 50_000_000  # larger objects are quarantined without download
+    max_pixels: int = MAX_PIXELS  # above this we refuse to decode (decompression-bomb guard)
+    max_bytes: int = MAX_BYTES  # larger objects are quarantined without download
     min_images_per_class: int = 1  # a class below this fails the dataset
     max_quarantine_share: float = 0.10  # more bad files than this means a broken upload: stop
 
@@ -76,7 +73,7 @@ class TrainConfig:
     channels_last: bool = True
     amp: str = "bf16"  # bf16 | none
     num_threads: int = 0  # 0 = torch default
-    num_workers: int = 0
+    num_workers: int = 4  # DataLoader worker processes (profiles for small CPUs set 0)
     max_train_batches: int = 0  # 0 = all; >0 caps each epoch (tests, smoke runs)
     flip_default: str = "h"  # flips for classes not in flip_policy: both | h | v | none
     flip_policy: dict = field(default_factory=dict)  # class -> both | h | v | none (orientation matters for some)

@@ -5,17 +5,18 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.workspace import default_workspace
+from pipeline.core.errors import PipelineError
+from pipeline.adapters.workspace import default_workspace
+from pipeline.stages import paths
 
 
 def print_summary(ws: Path | None = None) -> int:
     ws = ws or default_workspace()
-    decision_fp = ws / "registry" / "decision.json"
+    decision_fp = ws / paths.DECISION
     if not decision_fp.exists():
         raise PipelineError(f"no decision at {decision_fp}: the training DAG has not registered a model yet")
     d = json.loads(decision_fp.read_text(encoding="utf-8"))
-    metrics = json.loads((ws / "metrics" / "eval.json").read_text())
+    metrics = json.loads((ws / paths.METRICS).read_text())
     mlflow_url = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     print()
     print("=" * 72)

@@ -9,16 +9,21 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 _logger = logging.getLogger(__name__)
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the `pipeline` package
+# What a registered model ships as code: the torch-only core and the pyfunc wrapper, nothing else
+# (no stages, no Airflow/DVC adapters, no local-stack harness). tests/integration checks the artifact's file list.
+MODEL_CODE = ("__init__.py", "core", "adapters/__init__.py", "adapters/serving.py")
 
 
 class TrackingError(PipelineError):
@@ -121,7 +126,7 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
     lineage, a nested run per backbone and per bag member; register the bag. Returns (run_id, version)."""
     from mlflow.models import infer_signature
 
-    from pipeline.serving import BagModel
+    from pipeline.adapters.serving import BagModel
 
     start = (mlflow.start_run(run_id=parent_run_id) if parent_run_id
              else mlflow.start_run(run_name=f"pipeline-{candidate_id[:8]}"))
@@ -146,15 +151,29 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
             _log_trained(d, d.name, "bag_member", metrics.get("members", {}).get(d.name, {}))
         output = input_example.assign(label=["x"] * len(input_example), confidence=[0.5] * len(input_example),
                                       error=[""] * len(input_example))[["label", "confidence", "error"]]
-        info = mlflow.pyfunc.log_model(
-            name="bag", python_model=BagModel(), artifacts={d.name: str(d) for d in member_dirs},
-            code_paths=[str(PACKAGE_DIR)], signature=infer_signature(input_example, output),
-            input_example=input_example, pip_requirements=_requirements())
+        with tempfile.TemporaryDirectory() as code_root:
+            info = mlflow.pyfunc.log_model(
+                name="bag", python_model=BagModel(), artifacts={d.name: str(d) for d in member_dirs},
+                code_paths=[str(model_code(Path(code_root)))], signature=infer_signature(input_example, output),
+                input_example=input_example, pip_requirements=_requirements())
         # The version is created with its candidate tag in one request: a retry after a crash finds it by that
         # tag and finishes it, instead of registering a second version of the same files.
         registered = mlflow.register_model(info.model_uri, model_name, await_registration_for=120,
                                            tags={"candidate_id": candidate_id})
         return run.info.run_id, str(registered.version)
+
+
+def model_code(root: Path) -> Path:
+    """Copy :data:`MODEL_CODE` into ``root/pipeline`` (the folder MLflow ships as the model's code)."""
+    dst = root / "pipeline"
+    for rel in MODEL_CODE:
+        src = PACKAGE_DIR / rel
+        if src.is_dir():
+            shutil.copytree(src, dst / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    return dst
 
 
 def _log_trained(model_dir: Path, run_name: str, role: str, test_scores: dict) -> None:
@@ -168,7 +187,9 @@ def _log_trained(model_dir: Path, run_name: str, role: str, test_scores: dict) -
             step = int(row["epoch"])
             mlflow.log_metrics({k: v for k, v in _finite(row).items() if k != "epoch"}, step=step)
         mlflow.log_metrics({f"test_{k}": v for k, v in _finite(test_scores).items()})
-        mlflow.log_artifacts(str(model_dir), artifact_path="model_files")
+        # Settings and curves only: the weights live once in the registered bag (and in the DVC cache).
+        for name in ("meta.json", "history.json"):
+            mlflow.log_artifact(str(model_dir / name), artifact_path="model_files")
 
 
 def _requirements() -> list[str]:
@@ -219,10 +240,6 @@ def finish_version(client: MlflowClient, name: str, version: str, tags: dict[str
     else:
         client.set_registered_model_alias(name, "challenger", version)
     return previous.version if previous is not None else None
-
-
-def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
-    client.log_text(run_id, text, artifact_file)
 
 
 def git_commit(home: str | None) -> str:

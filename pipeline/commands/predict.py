@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.ingest import write_csv
+from pipeline.core.errors import PipelineError
+from pipeline.core.config import MAX_BYTES, MAX_PIXELS
+from pipeline.core.io import write_csv
 
 _logger = logging.getLogger(__name__)
 # Written next to the inputs by the batch DAG; never inputs themselves (and never part of the fingerprint).
 SIDECAR_SUFFIX = ".prediction.json"
 RESULTS_DIR = "_predictions/"
-MAX_BYTES = 50_000_000
-MAX_PIXELS = 40_000_000
 _VIEWS = {"id": (False, False), "h": (True, False), "v": (False, True), "hv": (True, True)}
 _ALLOWED = {"both": ("id", "h", "v", "hv"), "h": ("id", "h"), "v": ("id", "v"), "none": ("id",)}
 
@@ -46,13 +45,13 @@ class LoadedModel:
 
 def load_model(uri: str) -> LoadedModel:
     """Load the bag behind ``uri``; resolve ``models:/name@alias`` to the version it points at now."""
-    from pipeline.inference import BagPredictor
+    from pipeline.core.inference import BagPredictor
 
     local = Path(uri)
     if local.is_dir() and any(local.glob("member_*/meta.json")):
         dirs = sorted(d for d in local.glob("member_*") if (d / "meta.json").exists())
         return LoadedModel(BagPredictor.from_dirs(dirs), str(local.resolve()))
-    from pipeline import tracking
+    from pipeline.adapters import tracking
 
     name, version, run_id = tracking.resolve_model_uri(uri)
     # Pin the resolved version, so an alias moving while we load cannot mix two versions.
@@ -66,7 +65,7 @@ def load_model(uri: str) -> LoadedModel:
 
 def predict_images(predictor, images: list, tta: bool = False) -> np.ndarray:
     """Probabilities (N × classes) for PIL images; with ``tta`` averaged over each class's legal flips."""
-    from pipeline.images import resize_uint8, to_rgb
+    from pipeline.core.images import resize_uint8, to_rgb
 
     arrays = {s: np.stack([resize_uint8(to_rgb(im), s) for im in images]) for s in predictor.sizes()}
     base = predictor.predict_proba_arrays(arrays)
@@ -125,7 +124,7 @@ def is_output_key(key: str) -> bool:
 
 def s3_items(uri: str, s3_client=None) -> list[Item]:
     """Every object under the prefix except our own outputs; ``id`` = key relative to the prefix."""
-    from pipeline import storage
+    from pipeline.adapters import storage
 
     bucket, prefix = storage.parse_s3_uri(uri)
     items = []
@@ -158,8 +157,8 @@ def input_items(source: str, s3_client=None) -> list[Item]:
 
 def predict_items(model: LoadedModel, items: list[Item], tta: bool = False, batch_size: int = 32) -> Iterator[dict]:
     """One row per item, in order: id, label, confidence, error, prob_<class>...; bad rows never stop the batch."""
-    from pipeline.images import decode_rgb
-    from pipeline.storage import StorageError
+    from pipeline.core.images import decode_rgb
+    from pipeline.adapters.storage import StorageError
 
     names = model.predictor.class_names
     for start in range(0, len(items), batch_size):
@@ -212,7 +211,7 @@ def run_predict(model_uri: str, source: str, out: Path, tta: bool = False) -> di
 
 def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool = False) -> dict:
     """``submission.csv`` in ``test.csv`` order with exactly ``sample_submission.csv``'s ids and header."""
-    from pipeline.ingest import read_csv
+    from pipeline.core.io import read_csv
 
     for name in ("test.csv", "sample_submission.csv"):
         if not (dacon_dir / name).exists():
@@ -259,7 +258,7 @@ def run_batch(incoming_uri: str, model_uri: str, s3_client=None, run_label: str 
     the run also writes ``<incoming>_predictions/<run_label>.csv``. A photo with a result is never
     classified again, so a retried or repeated run does no double work.
     """
-    from pipeline import storage
+    from pipeline.adapters import storage
 
     bucket, prefix = storage.parse_s3_uri(incoming_uri)
     listing = storage.list_objects(incoming_uri, s3_client)

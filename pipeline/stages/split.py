@@ -15,8 +15,8 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.config import Config
-from pipeline.ingest import read_csv, write_csv
+from pipeline.core.config import Config
+from pipeline.core.io import read_csv, write_csv
 
 _logger = logging.getLogger(__name__)
 SPLIT_FIELDS = ["path", "class_name", "sha256", "split", "group"]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
-from pipeline.images import decode_rgb, resize_uint8
-from pipeline.ingest import read_csv
+from pipeline.core.images import decode_rgb, resize_uint8
+from pipeline.core.io import read_csv
 
 _logger = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m pipeline.services up      # idempotent: healthy services are reused
-    python -m pipeline.services status
-    python -m pipeline.services down
+    python -m devstack.services up      # idempotent: healthy services are reused
+    python -m devstack.services status
+    python -m devstack.services down
 
 Every listener binds to 127.0.0.1. Pids and logs live under ``<root>/run`` and ``<root>/logs``
 (root = ``PIPELINE_LOCAL``, default ``.local``). Ports come from ``S3_PORT`` (8333) and
@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError, ServiceError
+from pipeline.core.errors import PipelineError, ServiceError
 
 _logger = logging.getLogger(__name__)
 BUCKETS = ("landing", "mlflow", "dvc")
@@ -223,7 +223,7 @@ def mlflow_artifacts_uri() -> str:
 
 def check_external_s3() -> None:
     """The external S3 answers with our keys and has the buckets we use (landing, MLflow artifacts, DVC remote)."""
-    from pipeline import storage
+    from pipeline.adapters import storage
 
     wanted = {storage.parse_s3_uri(os.environ.get(var, default))[0]: var for var, default in (
         ("PIPELINE_LANDING_URI", "s3://landing/"), ("PIPELINE_MLFLOW_ARTIFACTS", "s3://mlflow/"),
@@ -345,7 +345,7 @@ def start_airflow(stack: Stack) -> None:
     # wrong for another AIRFLOW_PORT (and may resolve to ::1, where nothing listens).
     env = dict(os.environ, AIRFLOW__CORE__EXECUTION_API_SERVER_URL=airflow_execution_url(stack))
     if _airflow_db_file() is not None:  # the embedded SQLite DB: wait for locks instead of failing requests
-        env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "pipeline.airflow_sqlite.CONNECT_ARGS")
+        env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "devstack.airflow_sqlite.CONNECT_ARGS")
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
     for name, cmd in commands.items():
         if _pid_alive(stack.pidfile(name)) is None:
@@ -411,7 +411,7 @@ def status(stack: Stack) -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devstack.services", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("up", "ui", "down", "status"))
     parser.add_argument("--no-airflow", action="store_true", help="skip the Airflow database migration")
     args = parser.parse_args(argv)

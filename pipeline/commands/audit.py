@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def _version(client, name: str, version: str):
@@ -64,7 +64,7 @@ def diff_versions(client, name: str, a: str, b: str) -> list[tuple[str, str, str
 
 
 def print_diff(name: str, a: str, b: str) -> int:
-    from pipeline import tracking
+    from pipeline.adapters import tracking
 
     client = tracking.connect_registry()
     rows = diff_versions(client, name, a, b)
@@ -83,7 +83,7 @@ def print_diff(name: str, a: str, b: str) -> int:
 
 
 def rollback(name: str, to: str, reason: str) -> dict[str, str]:
-    from pipeline import tracking
+    from pipeline.adapters import tracking
 
     client = tracking.connect_registry()
     target = _version(client, name, to)

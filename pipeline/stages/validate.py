@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import Config
-from pipeline.errors import ValidationFailed
-from pipeline.images import check_decode
-from pipeline.ingest import MANIFEST_FIELDS, fingerprint, read_csv, write_csv
+from pipeline.core.config import Config
+from pipeline.core.errors import ValidationFailed
+from pipeline.core.images import check_decode
+from pipeline.core.io import read_csv, write_csv
+from pipeline.stages.ingest import MANIFEST_FIELDS, fingerprint
 
 _logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ are refused and listed with a reason in the rejects file, which validation folds
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -17,9 +16,10 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.config import Config
-from pipeline.images import read_header
+from pipeline.adapters import storage
+from pipeline.core.config import Config
+from pipeline.core.images import read_header
+from pipeline.core.io import read_csv, sha256_file, write_csv
 
 _logger = logging.getLogger(__name__)
 
@@ -47,32 +47,6 @@ def safe_relative_key(rel: str) -> tuple[str, str] | str:
     if file_name.startswith("."):
         return "hidden file"
     return class_name, file_name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    """Write atomically (temp file + rename) so a killed stage never leaves half a CSV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def fingerprint(rows: list[dict[str, str]]) -> str:

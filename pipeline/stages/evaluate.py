@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from pipeline.config import Config
-from pipeline.data import build_cache, load_split
-from pipeline.inference import BagPredictor
+from pipeline.core.config import Config
+from pipeline.core.data import build_cache, load_split
+from pipeline.core.inference import BagPredictor
+from pipeline.stages.paths import backbone_dirs, member_dirs
 
 _logger = logging.getLogger(__name__)
 
@@ -28,16 +29,6 @@ def score(y_true: list[int], y_pred: list[int] | np.ndarray) -> dict[str, float]
     return {"weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
             "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
             "accuracy": float(accuracy_score(y_true, y_pred))}
-
-
-def member_dirs(cfg: Config, models_dir: Path) -> list[Path]:
-    return [models_dir / f"member_{seed}" for seed in cfg.bag.seeds]
-
-
-def backbone_dirs(cfg: Config, models_dir: Path) -> dict[str, Path]:
-    """The `backbone` stage's outputs that exist (a workstation may run the bag without them)."""
-    return {name: models_dir / "backbones" / name for name in cfg.backbones
-            if (models_dir / "backbones" / name / "model.pt").exists()}
 
 
 def test_arrays(raw_dir: Path, split_fp: Path, sizes: set[int], cache_dir: Path | None) -> tuple[dict, list[int]]:
@@ -67,8 +58,8 @@ def _plot_confusion(cm: np.ndarray, names: list[str], png_fp: Path) -> None:
 
 def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
                  reports_dir: Path, cache_dir: Path | None = None) -> dict:
-    bag = BagPredictor.from_dirs(member_dirs(cfg, models_dir))
-    singles = {name: BagPredictor.from_dirs([d]) for name, d in backbone_dirs(cfg, models_dir).items()}
+    bag = BagPredictor.from_dirs(member_dirs(cfg.bag.seeds, models_dir))
+    singles = {name: BagPredictor.from_dirs([d]) for name, d in backbone_dirs(cfg.backbones, models_dir).items()}
     sizes = bag.sizes().union(*(b.sizes() for b in singles.values()))
     arrays, y_true = test_arrays(raw_dir, split_fp, sizes, cache_dir)
     if not y_true:

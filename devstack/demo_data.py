@@ -4,7 +4,7 @@ ELPV (PyPI ``elpv-dataset``) holds 2,624 real solar-cell electroluminescence cro
 defect probability {0, 1/3, 2/3, 1} and a cell type {mono, poly}. Each (type, probability) pair
 becomes one class folder named for what it means, e.g. ``mono_p100`` = mono cell, certainly defective::
 
-    python -m pipeline demo-data --landing-uri s3://landing/elpv/
+    python -m devstack demo-data --landing-uri s3://landing/elpv/
 
 Idempotent: objects already present with the same size are not uploaded again. A prefix that holds
 anything else (your own data) is left alone: nothing is uploaded there.
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import storage
+from pipeline.adapters import storage
 
 _logger = logging.getLogger(__name__)
 

@@ -22,13 +22,14 @@ def encode_image_file(path: str | Path) -> str:
 
 def decode_rows(values) -> tuple[list, list[str]]:
     """Decode base64 images; returns (PIL images or None, error strings)."""
-    from pipeline.images import decode_rgb
+    from pipeline.core.config import MAX_PIXELS
+    from pipeline.core.images import decode_rgb
 
     images, errors = [], []
     for value in values:
         try:
             data = base64.b64decode(value, validate=True) if isinstance(value, str) else bytes(value)
-            images.append(decode_rgb(data, max_pixels=40_000_000))
+            images.append(decode_rgb(data, max_pixels=MAX_PIXELS))
             errors.append("")
         except (ValueError, TypeError, binascii.Error) as exc:
             images.append(None)
@@ -55,7 +56,7 @@ class BagModel(mlflow.pyfunc.PythonModel):
     """Loads every ``member_*`` artifact folder and averages their probabilities."""
 
     def load_context(self, context):
-        from pipeline.inference import BagPredictor
+        from pipeline.core.inference import BagPredictor
 
         dirs = [Path(context.artifacts[k]) for k in sorted(context.artifacts) if k.startswith("member_")]
         self.predictor = BagPredictor.from_dirs(dirs)

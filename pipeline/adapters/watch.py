@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from pipeline.storage import ObjectInfo
+from pipeline.adapters.storage import ObjectInfo
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def stable_listing(uri: str, s3_client, settle_seconds: float, max_checks: int,
 
     ``exclude(key relative to the prefix)`` drops objects that must not count as new data (our own outputs).
     """
-    from pipeline import storage
+    from pipeline.adapters import storage
 
     _, prefix = storage.parse_s3_uri(uri)
 

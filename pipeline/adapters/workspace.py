@@ -19,14 +19,14 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import REPLACED_WHOLE, config_from_dict, deep_merge, parse_set, read_yaml
-from pipeline.errors import ConfigError, PipelineError, StageFailed
+from pipeline.core.config import REPLACED_WHOLE, config_from_dict, deep_merge, parse_set, read_yaml
+from pipeline.core.errors import ConfigError, PipelineError, StageFailed
 
 _logger = logging.getLogger(__name__)
 
 
 def project_home() -> Path:
-    return Path(os.environ.get("PIPELINE_HOME", Path(__file__).resolve().parent.parent))
+    return Path(os.environ.get("PIPELINE_HOME", Path(__file__).resolve().parents[2]))
 
 
 def default_workspace() -> Path:
@@ -162,3 +162,13 @@ def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None) -> 
         # DVC itself failed (lock held, missing output...): worth one more try.
         raise StageFailed(f"stage {stage} failed:\n" + "\n".join(tail[-15:]), transient=True)
     return stage
+
+
+def default_model_uri() -> str:
+    """``models:/<name>@champion``: ``PIPELINE_MODEL_NAME``, else ``registry.model_name`` of the profile in
+    ``PIPELINE_PROFILE`` (the committed params.yaml when unset): the one source of the registered model's name."""
+    name = os.environ.get("PIPELINE_MODEL_NAME")
+    if not name:
+        params = merged_params(project_home(), os.environ.get("PIPELINE_PROFILE", "full"), {})
+        name = config_from_dict(params).registry.model_name
+    return f"models:/{name}@champion"

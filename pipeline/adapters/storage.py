@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import StorageError
+from pipeline.core.errors import StorageError
 
 _logger = logging.getLogger(__name__)
 

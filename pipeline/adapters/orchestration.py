@@ -1,0 +1,175 @@
+"""What DAG files import: the one public surface between ``dags/`` and the pipeline (Airflow side only).
+
+DAG files wire tasks; everything they call comes from here, so the Asset, the skip rules and the error policy
+exist once. Airflow's DAG processor imports DAG files often: this module imports only ``airflow.sdk`` at the
+top, and everything heavy (torch, pandas, GX, MLflow) inside the functions.
+
+* :data:`LANDING_DATA`: the Asset the data watch emits and the training DAG is scheduled on.
+* :func:`only_new_listing`: skip unless a listing is stable, non-empty and new; remember it when the body ends.
+* :func:`fail_fast`: a non-transient :class:`~pipeline.core.errors.PipelineError` (bad data, bad params) fails
+  the task at once, without retries; a transient one (S3 or MLflow away) is raised for Airflow to retry.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from airflow.sdk import Asset, Variable
+
+LANDING_DATA = Asset(name="landing_data", uri="s3://landing/")
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """Non-transient pipeline errors → ``AirflowFailException`` (no retry); transient ones propagate (retried)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.core.errors import PipelineError
+
+    try:
+        yield
+    except PipelineError as exc:
+        if exc.transient:
+            raise
+        raise AirflowFailException(str(exc)) from None
+
+
+def fingerprint_key(kind: str, uri: str) -> str:
+    """The Airflow Variable holding the last processed fingerprint of ``uri`` for ``kind`` (``watch``, ``batch``)."""
+    return f"defect_{kind}_last_fingerprint:{uri}"
+
+
+@contextmanager
+def only_new_listing(found: dict | None, uri: str, kind: str) -> Iterator[dict]:
+    """Skip the task unless ``found`` (from :func:`stable_listing`) is stable, non-empty and not seen before;
+    when the ``with`` body finishes without an error, remember its fingerprint (a durable Airflow Variable)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if found is None:
+        raise AirflowSkipException(f"{uri} still changing; will look again next time")
+    if found["objects"] == 0:
+        raise AirflowSkipException(f"{uri} is empty")
+    key = fingerprint_key(kind, uri)
+    if Variable.get(key, default=None) == found["fingerprint"]:
+        raise AirflowSkipException(f"same data as last time ({found['fingerprint'][:12]}); nothing to do")
+    yield found
+    Variable.set(key, found["fingerprint"])
+
+
+def s3_client(conn_id: str):
+    """The boto3 client of the Amazon provider's S3 hook (Airflow connection ``conn_id``, else ``AWS_*``)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id=conn_id).get_conn()
+
+
+def stable_listing(uri: str, conn_id: str, settle_seconds: float, max_checks: int, exclude=None) -> dict | None:
+    from pipeline.adapters.watch import stable_listing as _stable
+
+    return _stable(uri, s3_client(conn_id), settle_seconds, max_checks, exclude)
+
+
+def is_prediction_output(key: str) -> bool:
+    from pipeline.commands.predict import is_output_key
+
+    return is_output_key(key)
+
+
+def classify_new_photos(incoming_uri: str, model_uri: str, conn_id: str, run_label: str, tta: bool) -> dict:
+    from pipeline.commands.predict import run_batch
+
+    return run_batch(incoming_uri, model_uri, s3_client(conn_id), run_label=run_label, tta=tta)
+
+
+def default_model_uri() -> str:
+    from pipeline.adapters.workspace import default_model_uri as _default
+
+    return _default()
+
+
+# --- the training DAG -----------------------------------------------------------------------------------------
+
+
+def prepare(form: dict) -> str:
+    """Create/refresh the DVC workspace for the run's form (profile + overrides); returns its path."""
+    from pipeline.adapters.workspace import default_workspace, form_overrides, prepare_workspace
+
+    return str(prepare_workspace(default_workspace(), form["profile"], form_overrides(form)))
+
+
+def run_stage(ws: str, name: str, extra_env: dict[str, str] | None = None) -> None:
+    """``dvc repro --single-item <name>`` in the workspace; a failed stage raises ``StageFailed`` (see fail_fast)."""
+    from pipeline.adapters.workspace import run_stage as _run
+
+    _run(ws, name, extra_env)
+
+
+def workspace_params(ws: str):
+    """The workspace's validated config (``params.yaml`` merged from the profile and the run's overrides)."""
+    from pathlib import Path
+
+    from pipeline.core.config import load_config
+    from pipeline.stages import paths
+
+    return load_config(Path(ws) / paths.PARAMS)
+
+
+def read_output(ws: str, what: str) -> dict:
+    """A stage's small JSON output by name: ``metrics`` (evaluate) or ``decision`` (register)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.stages import paths
+
+    fp = {"metrics": paths.METRICS, "decision": paths.DECISION}[what]
+    return json.loads((Path(ws) / fp).read_text(encoding="utf-8"))
+
+
+def dvc_push(ws: str) -> None:
+    from pipeline.adapters.workspace import dvc
+
+    dvc(ws, "push", "--quiet")
+
+
+def open_tracking_run(ws: str, dag_id: str, run_id: str) -> str:
+    """Open this DAG run's MLflow parent run (the resolved config as params); returns its id."""
+    from pipeline.adapters import tracking
+
+    cfg = workspace_params(ws)
+    tags = {"airflow_dag_id": dag_id, "airflow_run_id": run_id, "profile": cfg.profile,
+            "landing_uri": cfg.data.landing_uri, "git_commit": tracking.git_commit(None)}
+    return tracking.open_pipeline_run(cfg.registry.experiment, cfg.to_dict(), f"airflow-{run_id}", tags)
+
+
+def close_tracking_run(run_id: str, status: str, tags: dict[str, str]) -> None:
+    from pipeline.adapters import tracking
+
+    tracking.close_pipeline_run(run_id, status, tags)
+
+
+def retry_delay_seconds() -> float:
+    """First retry delay of transient faults (``PIPELINE_RETRY_DELAY_S``, default 20; the fault tests shorten it)."""
+    return float(os.environ.get("PIPELINE_RETRY_DELAY_S", "20"))
+
+
+def default_landing_uri() -> str:
+    """The prefix the scheduled DAGs watch and train on when no form sets one (``PIPELINE_LANDING_URI``)."""
+    return os.environ.get("PIPELINE_LANDING_URI", "s3://landing/elpv/")
+
+
+def default_profile() -> str:
+    """The profile of runs started by new data (``PIPELINE_PROFILE``; the Makefile sets ``cpu-demo``)."""
+    return os.environ.get("PIPELINE_PROFILE", "cpu-demo")
+
+
+def profile_names() -> list[str]:
+    """``full`` (params.yaml as committed) and every ``profiles/*.yaml``, for the training form's choice."""
+    from pipeline.adapters.workspace import project_home
+
+    return ["full", *sorted(p.stem for p in (project_home() / "profiles").glob("*.yaml"))]
+
+
+def gpu_queue() -> str:
+    """The Celery queue of the training tasks (``PIPELINE_GPU_QUEUE``, default ``gpu``)."""
+    return os.environ.get("PIPELINE_GPU_QUEUE", "gpu")

@@ -1,0 +1,1 @@
+"""User commands on top of the registry: ``predict``/``submission``/batch, ``audit``/``rollback``, ``summary``."""
