@@ -23,6 +23,8 @@ from pipeline.core.errors import ConfigError
 # Decode limits: the defaults of validate.max_pixels/max_bytes, and what serving and batch prediction enforce.
 MAX_PIXELS = 40_000_000  # above this we refuse to decode (decompression-bomb guard)
 MAX_BYTES = 50_000_000  # larger files are refused without being read
+# One test, one val and a strict train majority need five duplicate groups: the floor of split.min_class_for_split.
+MIN_SPLIT_GROUPS = 5
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -46,7 +48,7 @@ class SplitConfig:
     seed: int = 42  # fixed so every model of a data version sees the same test set
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    min_class_for_split: int = 3  # smaller classes go to train only (DACON has classes of 3 and 5)
+    min_class_for_split: int = 10  # classes with fewer duplicate groups train only (docs/ARCHITECTURE.md, Rare classes)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class BackboneSpec:
 @dataclass(frozen=True)
 class BagConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # one bag member per seed
-    bootstrap: bool = True  # each member trains on a bootstrap resample of the train split
+    bootstrap: bool = True  # each member trains on a stratified bootstrap resample of the train split
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,9 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key} must be between 0 and 1, got {flat[key]!r}")
     if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
         raise ConfigError("split.val_fraction + split.test_fraction must be < 1")
+    if cfg.split.min_class_for_split < MIN_SPLIT_GROUPS:
+        raise ConfigError(f"split.min_class_for_split must be >= {MIN_SPLIT_GROUPS} (one test, one val and a train "
+                          f"majority of duplicate groups), got {cfg.split.min_class_for_split!r}")
     if cfg.train.amp not in _CHOICES["train.amp"]:
         raise ConfigError(f"train.amp must be one of {_CHOICES['train.amp']}, got {cfg.train.amp!r}")
     _check_freeze("model.freeze", cfg.model.freeze)

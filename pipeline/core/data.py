@@ -106,9 +106,22 @@ def flips_per_label(class_names: tuple[str, ...], policy: dict[str, str], defaul
     return [policy.get(c, DACON_FLIPS.get(c, default)) for c in class_names]
 
 
-def bootstrap_indices(n: int, seed: int) -> list[int]:
-    """A bootstrap resample (with replacement) of ``range(n)``, deterministic per seed."""
-    return np.random.default_rng(seed).integers(0, n, size=n).tolist()
+def bootstrap_indices(labels: list[int], seed: int) -> list[int]:
+    """A stratified bootstrap resample of ``range(len(labels))``, deterministic per seed.
+
+    Each class is resampled with replacement within itself, to its own count, so every class is in every
+    bag member's resample. A plain bootstrap leaves out a class of one train image with p ≈ 1/e ≈ 0.37,
+    and that member never sees it in training. Indices come grouped by class; the sampler shuffles them.
+    """
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    out: list[int] = []
+    for y in sorted(by_class):
+        idxs = by_class[y]
+        out.extend(idxs[k] for k in rng.integers(0, len(idxs), size=len(idxs)))
+    return out
 
 
 def create_sampler(labels: list[int], power: float, seed: int) -> WeightedRandomSampler | None:

@@ -2,20 +2,23 @@
 
     python -m pipeline split --params params.yaml --validated data/validated.csv --split data/split.csv
 
-Identical bytes (sha256) and near-identical pictures (equal difference hash) form one group and
-always land in the same split, so an augmented or re-saved copy can never sit on both sides.
-Classes with fewer than ``split.min_class_for_split`` images go to train only (DACON has classes of
-3 and 5 images); the report lists them. Split first, augment after (augmentation happens in training).
+Identical bytes (sha256) and near-identical pictures (equal difference hash) of one class form one
+group and always land in the same split, so an augmented or re-saved copy can never sit on both sides.
+Classes with fewer than ``split.min_class_for_split`` groups go to train only (DACON has classes of
+3 and 5 images); the report lists them. A split class keeps at least one test and one val group and
+more than half of its groups in train (docs/ARCHITECTURE.md, "Rare classes"). Split first, augment
+after (augmentation happens in training).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from bisect import bisect_left
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.core.config import Config
+from pipeline.core.config import MIN_SPLIT_GROUPS, Config
 from pipeline.core.io import read_csv, write_csv
 
 _logger = logging.getLogger(__name__)
@@ -23,7 +26,11 @@ SPLIT_FIELDS = ["path", "class_name", "sha256", "split", "group"]
 
 
 def duplicate_groups(rows: list[dict[str, str]]) -> list[int]:
-    """Union-find over equal sha256 or equal dhash; returns a group id per row."""
+    """Union-find over equal sha256 or equal dhash within a class; returns a group id per row.
+
+    Keys carry the class, so a group never spans two classes: validate quarantines such images, and
+    should one slip through, filing it under one class would train the other's picture with a wrong label.
+    """
     parent = list(range(len(rows)))
 
     def find(i: int) -> int:
@@ -32,11 +39,12 @@ def duplicate_groups(rows: list[dict[str, str]]) -> list[int]:
             i = parent[i]
         return i
 
-    first_by: dict[tuple[str, str], int] = {}
+    first_by: dict[tuple[str, str, str], int] = {}
     for i, row in enumerate(rows):
-        for key in (("sha", row["sha256"]), ("dh", row.get("dhash", ""))):
-            if not key[1]:
+        for kind, value in (("sha", row["sha256"]), ("dh", row.get("dhash", ""))):
+            if not value:
                 continue
+            key = (kind, row["class_name"], value)
             if key in first_by:
                 parent[find(i)] = find(first_by[key])
             else:
@@ -49,13 +57,32 @@ def _unit(seed: int, key: str) -> float:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16) / 16 ** 15
 
 
+def held_out_counts(sorted_u: list[float], test_fraction: float, val_fraction: float) -> tuple[int, int]:
+    """(test, val) group counts of one splittable class, given its groups' ``u`` in ascending order.
+
+    The hash rule alone puts ``u < test_fraction`` in test and ``u < test + val`` in val: both are prefixes
+    of the sorted groups, so counts describe the split. The counts are clamped so that test and val hold at
+    least one group each and train more than half; an unclamped class is exactly the hash rule, and a clamp
+    only moves the groups nearest to a boundary.
+    """
+    n = len(sorted_u)
+    if n < MIN_SPLIT_GROUPS:
+        raise ValueError(f"a class of {n} groups is too small to split (at least {MIN_SPLIT_GROUPS})")
+    most_held = (n - 1) // 2  # train keeps a strict majority
+    held = min(max(bisect_left(sorted_u, test_fraction + val_fraction), 2), most_held)
+    test = min(max(bisect_left(sorted_u, test_fraction), 1), held - 1)
+    return test, held - test
+
+
 def assign_splits(rows: list[dict[str, str]], cfg: Config) -> tuple[list[dict[str, str]], list[str]]:
     """Return rows with ``split`` and ``group`` filled in, and the classes kept train-only.
 
     Stable under new data: a group's split depends only on its own content hash (``u < test_fraction`` → test,
     ``u < test + val`` → val, else train), so images already split never move when more land. That keeps the
-    gate honest: the champion is re-scored on a test split it never trained on. Each splittable class still
-    gets at least one test and one val group (the lowest ``u`` not yet taken) and keeps one train group.
+    gate honest: the champion is re-scored on a test split it never trained on. Two exceptions, both in small
+    classes: a class that reaches ``split.min_class_for_split`` groups starts to be split (its groups so far were
+    train), and a class with more than half its groups hashed into test and val gives the highest-``u`` of them
+    to train until it grows (see :func:`held_out_counts`).
     """
     groups = duplicate_groups(rows)
     members: dict[int, list[int]] = defaultdict(list)
@@ -66,23 +93,19 @@ def assign_splits(rows: list[dict[str, str]], cfg: Config) -> tuple[list[dict[st
     by_class: dict[str, list[int]] = defaultdict(list)
     for g, idxs in members.items():
         by_class[rows[idxs[0]]["class_name"]].append(g)
-    tf, vf = cfg.split.test_fraction, cfg.split.val_fraction
+    # Config validation refuses a lower value; the floor also makes a hand-built Config total.
+    min_groups = max(cfg.split.min_class_for_split, MIN_SPLIT_GROUPS)
     split_of: dict[int, str] = {}
     train_only = []
     for class_name in sorted(by_class):
         gs = sorted(by_class[class_name], key=lambda g: (u[g], key_of[g]))
-        n = sum(len(members[g]) for g in gs)
-        if n < cfg.split.min_class_for_split or len(gs) < 3:
+        if len(gs) < min_groups:
             train_only.append(class_name)
             split_of.update({g: "train" for g in gs})
             continue
-        for g in gs:
-            split_of[g] = "test" if u[g] < tf else "val" if u[g] < tf + vf else "train"
-        for need in ("test", "val"):
-            if tf + vf > 0 and not any(split_of[g] == need for g in gs):
-                split_of[next(g for g in gs if split_of[g] == "train")] = need
-        if not any(split_of[g] == "train" for g in gs):
-            split_of[gs[-1]] = "train"
+        n_test, n_val = held_out_counts([u[g] for g in gs], cfg.split.test_fraction, cfg.split.val_fraction)
+        for rank, g in enumerate(gs):
+            split_of[g] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
     out = [dict(row, split=split_of[groups[i]], group=key_of[groups[i]][:12]) for i, row in enumerate(rows)]
     return out, train_only
 
@@ -93,11 +116,15 @@ def run_split(cfg: Config, validated_fp: Path, split_fp: Path, report_fp: Path) 
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in out:
         counts[row["split"]][row["class_name"]] += 1
-    report = {"seed": cfg.split.seed, "rows": len(out), "train_only_classes": train_only,
+    report = {"seed": cfg.split.seed, "rows": len(out), "min_class_for_split": cfg.split.min_class_for_split,
+              "train_only_classes": train_only,
               "groups_with_duplicates": len(out) - len({r["group"] for r in out}),
               "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}}
     write_csv(split_fp, out, SPLIT_FIELDS)
     report_fp.parent.mkdir(parents=True, exist_ok=True)
     report_fp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _logger.info("split: %s", {s: sum(c.values()) for s, c in report["counts"].items()})
+    if train_only:
+        _logger.info("split: train-only (fewer than split.min_class_for_split=%d groups, not scored on test): %s",
+                     cfg.split.min_class_for_split, train_only)
     return report

@@ -101,7 +101,7 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
     if ddp.main:
         ddp.barrier()
     n_train = len(split.labels["train"])
-    indices = bootstrap_indices(n_train, seed) if cfg.bag.bootstrap else list(range(n_train))
+    indices = bootstrap_indices(split.labels["train"], seed) if cfg.bag.bootstrap else list(range(n_train))
     flips = flips_per_label(split.class_names, cfg.train.flip_policy, cfg.train.flip_default)
     dataset = CachedImageDataset(train_imgs, split.labels["train"], indices, flips, seed)
     criterion = FocalLoss(cfg.train.focal_gamma, cfg.train.label_smoothing)

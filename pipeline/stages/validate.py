@@ -5,9 +5,10 @@
         --quarantine data/quarantine.csv --report reports/validation.json --docs-dir reports/data_docs
 
 Per-file rules (in a GX suite over the decoded-file table) send a file to the quarantine with a
-reason; identical bytes under two classes quarantine both copies. Dataset rules (no images,
-missing expected classes when strict, too few images per class, too large a quarantined share)
-fail the stage, so the DAG stops before training and the champion stays.
+reason; identical bytes or near-identical pictures (equal difference hash) under two classes
+quarantine every copy. Dataset rules (no images, missing expected classes when strict, too few
+images per class, too large a quarantined share) fail the stage, so the DAG stops before training
+and the champion stays.
 """
 from __future__ import annotations
 
@@ -123,18 +124,34 @@ def run_expectations(cfg: Config, table: pd.DataFrame, docs_dir: Path | None) ->
     return failures
 
 
-def label_conflicts(table: pd.DataFrame, ok: pd.Series) -> dict[int, str]:
-    """Rows whose exact bytes also appear under another class: index -> reason naming the other key."""
-    by_hash: dict[str, list[int]] = defaultdict(list)
+def _cross_class_matches(table: pd.DataFrame, ok: pd.Series, column: str) -> dict[int, int]:
+    """Rows whose ``column`` value is shared with a row of another class: index -> that row's index."""
+    by_value: dict[str, list[int]] = defaultdict(list)
     for idx in table.index[ok]:
-        by_hash[table.at[idx, "sha256"]].append(idx)
+        if table.at[idx, column]:
+            by_value[table.at[idx, column]].append(idx)
     out = {}
-    for idxs in by_hash.values():
-        if len({table.at[i, "class_name"] for i in idxs}) > 1:
-            for i in idxs:
-                others = [table.at[j, "source_key"] for j in idxs if j != i and
-                          table.at[j, "class_name"] != table.at[i, "class_name"]]
-                out[i] = f"label conflict: same bytes as {others[0]}"
+    for idxs in by_value.values():
+        for i in idxs:
+            others = [j for j in idxs if table.at[j, "class_name"] != table.at[i, "class_name"]]
+            if others:
+                out[i] = others[0]
+    return out
+
+
+def label_conflicts(table: pd.DataFrame, ok: pd.Series) -> dict[int, str]:
+    """Rows whose picture also appears under another class: index -> reason naming the other key.
+
+    Identical bytes (sha256) first; then near-duplicates (equal difference hash, other bytes), which the
+    split would otherwise group together: one picture cannot teach two labels, and a group spanning two
+    classes cannot be filed under either. Every copy is quarantined, as no rule can tell which label is right.
+    """
+    key = table["source_key"]
+    out = {i: f"label conflict: same bytes as {key[j]}" for i, j in _cross_class_matches(table, ok, "sha256").items()}
+    for i, j in _cross_class_matches(table, ok, "dhash").items():
+        # A row with a same-bytes conflict already has its reason; any other-class match here has other bytes.
+        out.setdefault(i, f"label conflict: near-duplicate of {key[j]} (same difference hash) "
+                          f"under class {table.at[j, 'class_name']}")
     return out
 
 

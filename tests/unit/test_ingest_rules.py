@@ -35,7 +35,7 @@ def test_fingerprint_ignores_order_and_sees_content():
 
 
 def test_split_keeps_duplicates_together_and_small_classes_in_train():
-    cfg = config_from_dict({"data": {"landing_uri": "s3://x/"}, "split": {"min_class_for_split": 3}})
+    cfg = config_from_dict({"data": {"landing_uri": "s3://x/"}, "split": {"min_class_for_split": 5}})
     rows = []
     for c in ("a", "b"):
         for i in range(20):
