@@ -32,8 +32,6 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export GIT_PYTHON_REFRESH := quiet
 export DVC_NO_ANALYTICS := 1
 
-
-
 LANDING_URI ?= s3://landing/elpv/
 PROFILE     ?= cpu-demo
 # What the scheduled DAGs use when new data starts them (no form): the watched prefix and the profile.

@@ -75,8 +75,9 @@ def _phase(url: str, payloads: list[list[str]], clients: int) -> dict[str, float
 
 
 def run() -> dict[str, str]:
-    model = os.environ.get("BENCH_MODEL_URI",
-                           f"models:/{os.environ.get('PIPELINE_MODEL_NAME', 'elpv-defect-classifier')}@champion")
+    from pipeline.adapters.workspace import default_model_uri
+
+    model = os.environ.get("BENCH_MODEL_URI") or default_model_uri()  # the champion of PIPELINE_PROFILE's model
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
