@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from pipeline.core.config import Config
 from pipeline.core.data import build_cache, load_split
 from pipeline.core.inference import BagPredictor
+from pipeline.core.io import write_json
 from pipeline.stages.paths import backbone_dirs, member_dirs
 
 _logger = logging.getLogger(__name__)
@@ -88,8 +89,7 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
                   "support": int(n[i])} for i, c in enumerate(bag.class_names)]
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    metrics_fp.parent.mkdir(parents=True, exist_ok=True)
-    metrics_fp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics_fp, metrics)  # a DVC metrics file: escaped JSON, whatever names it holds
     (reports_dir / "per_class.json").write_text(json.dumps(per_class, indent=2, ensure_ascii=False) + "\n",
                                                 encoding="utf-8")
     with open(reports_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
