@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.names import encode_key
 
 _logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the `pipeline` package
@@ -74,15 +75,36 @@ def version_by_alias(client: MlflowClient, name: str, alias: str):
         return None
 
 
+# Mappings keyed by data (class names) are logged as one JSON-valued param each: readable in the UI, and a valid
+# key whatever the names hold. Every other key part goes through names.encode_key (config field names and
+# timm backbone names pass unchanged).
+JSON_PARAMS = frozenset({"train.flip_policy"})
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+
+
+def config_params(cfg_dict: dict) -> dict[str, str]:
+    """The params a run logs for a resolved config (``Config.to_dict()``): dotted keys MLflow accepts."""
+    return {k: v[:MAX_PARAM_VALUE] for k, v in _flatten(cfg_dict).items()}
+
+
+def trained_params(meta: dict) -> dict[str, str]:
+    """The params of one trained network's nested run: its ``meta.json`` less the class list, dicts as JSON."""
+    return {encode_key(k): _param_value(v)[:MAX_PARAM_VALUE] for k, v in meta.items() if k != "class_names"}
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        key = f"{prefix}{encode_key(str(k))}"
+        if isinstance(v, dict) and v and key not in JSON_PARAMS:
             out.update(_flatten(v, f"{key}."))
         else:
-            out[key] = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple, dict)) else str(v)
+            out[key] = _param_value(v)
     return out
+
+
+def _param_value(v) -> str:
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple, dict)) else str(v)
 
 
 def _finite(metrics: dict) -> dict[str, float]:
@@ -93,7 +115,7 @@ def _finite(metrics: dict) -> dict[str, float]:
 def _log_params(client: MlflowClient, run_id: str, cfg_dict: dict) -> None:
     from mlflow.entities import Param
 
-    params = [Param(k, v[:6000]) for k, v in _flatten(cfg_dict).items()]
+    params = [Param(k, v) for k, v in config_params(cfg_dict).items()]
     for i in range(0, len(params), 90):  # the server caps one batch at 100 params
         client.log_batch(run_id, params=params[i:i + 90])
 
@@ -136,7 +158,7 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
         mlflow.log_metrics({f"test_{k}": v for k, v in _finite(metrics).items()})
         for group in ("members", "backbones"):
             for who, scores in metrics.get(group, {}).items():
-                mlflow.log_metrics({f"test_{who}_{k}": v for k, v in _finite(scores).items()})
+                mlflow.log_metrics({f"test_{encode_key(who)}_{k}": v for k, v in _finite(scores).items()})
         for path in artifact_paths:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
@@ -181,8 +203,7 @@ def _log_trained(model_dir: Path, run_name: str, role: str, test_scores: dict) -
     meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
     history = json.loads((model_dir / "history.json").read_text())
     with mlflow.start_run(run_name=run_name, nested=True, tags={"role": role}):
-        mlflow.log_params({k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v)
-                           for k, v in meta.items() if k != "class_names"})
+        mlflow.log_params(trained_params(meta))
         for row in history:
             step = int(row["epoch"])
             mlflow.log_metrics({k: v for k, v in _finite(row).items() if k != "epoch"}, step=step)

@@ -19,7 +19,9 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from pipeline.core.config import Config
 from pipeline.core.data import build_cache, load_split
+from pipeline.core.figures import plot_confusion
 from pipeline.core.inference import BagPredictor
+from pipeline.core.io import write_json
 from pipeline.stages.paths import backbone_dirs, member_dirs
 
 _logger = logging.getLogger(__name__)
@@ -35,25 +37,6 @@ def test_arrays(raw_dir: Path, split_fp: Path, sizes: set[int], cache_dir: Path 
     split = load_split(split_fp)
     arrays = {s: build_cache(raw_dir, split.paths["test"], split.sha256["test"], s, cache_dir) for s in sizes}
     return arrays, split.labels["test"]
-
-
-def _plot_confusion(cm: np.ndarray, names: list[str], png_fp: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 1 + 0.45 * len(names)))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=90)
-    ax.set_yticks(range(len(names)), names)
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(png_fp, dpi=100)
-    plt.close(fig)
 
 
 def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
@@ -88,8 +71,7 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
                   "support": int(n[i])} for i, c in enumerate(bag.class_names)]
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    metrics_fp.parent.mkdir(parents=True, exist_ok=True)
-    metrics_fp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics_fp, metrics)  # a DVC metrics file: escaped JSON, whatever names it holds
     (reports_dir / "per_class.json").write_text(json.dumps(per_class, indent=2, ensure_ascii=False) + "\n",
                                                 encoding="utf-8")
     with open(reports_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
@@ -98,7 +80,7 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
         writer.writerows((bag.class_names[t], bag.class_names[q]) for t, q in zip(y_true, y_pred))
     (reports_dir / "confusion.json").write_text(json.dumps({"labels": bag.class_names, "matrix": cm.tolist()},
                                                            ensure_ascii=False) + "\n", encoding="utf-8")
-    _plot_confusion(cm, bag.class_names, reports_dir / "confusion.png")
+    plot_confusion(cm, bag.class_names, reports_dir / "confusion.png")
     (reports_dir / "backbones.json").write_text(json.dumps(backbone_reports, indent=2, ensure_ascii=False) + "\n",
                                                 encoding="utf-8")
     for name, b in backbones.items():

@@ -12,14 +12,13 @@ after (augmentation happens in training).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from bisect import bisect_left
 from collections import defaultdict
 from pathlib import Path
 
 from pipeline.core.config import MIN_SPLIT_GROUPS, Config
-from pipeline.core.io import read_csv, write_csv
+from pipeline.core.io import read_csv, write_csv, write_json
 
 _logger = logging.getLogger(__name__)
 SPLIT_FIELDS = ["path", "class_name", "sha256", "split", "group"]
@@ -121,8 +120,7 @@ def run_split(cfg: Config, validated_fp: Path, split_fp: Path, report_fp: Path) 
               "groups_with_duplicates": len(out) - len({r["group"] for r in out}),
               "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}}
     write_csv(split_fp, out, SPLIT_FIELDS)
-    report_fp.parent.mkdir(parents=True, exist_ok=True)
-    report_fp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(report_fp, report)  # a DVC metrics file: escaped JSON, or DVC calls the Korean names binary
     _logger.info("split: %s", {s: sum(c.values()) for s, c in report["counts"].items()})
     if train_only:
         _logger.info("split: train-only (fewer than split.min_class_for_split=%d groups, not scored on test): %s",

@@ -12,7 +12,6 @@ and the champion stays.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +23,7 @@ import pandas as pd
 from pipeline.core.config import Config
 from pipeline.core.errors import ValidationFailed
 from pipeline.core.images import check_decode
-from pipeline.core.io import read_csv, write_csv
+from pipeline.core.io import read_csv, write_csv, write_json
 from pipeline.stages.ingest import MANIFEST_FIELDS, fingerprint
 
 _logger = logging.getLogger(__name__)
@@ -206,8 +205,7 @@ def run_validate(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path
               "problems": problems, "passed": not problems}
     write_csv(validated_fp, validated, VALIDATED_FIELDS)
     write_csv(quarantine_fp, quarantine, QUARANTINE_FIELDS)
-    report_fp.parent.mkdir(parents=True, exist_ok=True)
-    report_fp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(report_fp, report)  # a DVC metrics file: escaped JSON, or DVC calls the Korean names binary
     _logger.info("validate: %d validated, %d quarantined (%s)", len(validated), len(quarantine), quarantine_fp)
     if problems:
         raise ValidationFailed("dataset rules failed, training will not start:\n  - " + "\n  - ".join(problems)

@@ -20,6 +20,9 @@ def png_bytes(seed: int, size: int = 48, mode: str = "RGB", tint: tuple = (0, 0,
 
 MODEL = "test-defect-classifier"  # registry.model_name of profiles/test.yaml
 TINTS = {"crack": (150, 0, 0), "mold": (0, 150, 0), "stain": (0, 0, 150)}
+# The 19 DACON wallpaper-defect classes, one with a comma: what every name-handling test must survive.
+DACON_CLASSES = ["가구수정", "걸레받이수정", "곰팡이", "꼬임", "녹오염", "들뜸", "면불량", "몰딩수정", "반점", "석고수정",
+                 "오염", "오타공", "울음", "이음부불량", "창틀,문틀수정", "터짐", "틈새과다", "피스", "훼손"]
 
 
 def upload_tiny_dataset(s3, bucket: str, prefix: str, per_class: int = 8) -> int:
