@@ -24,7 +24,7 @@ from tests.integration.helpers import DACON_CLASSES, png_bytes
 pytestmark = pytest.mark.unit
 
 PARAMS = {"data": {"landing_uri": "s3://x/", "expected_classes": DACON_CLASSES, "strict_classes": True},
-          "split": {"min_class_for_split": 3}, "bag": {"seeds": [0], "bootstrap": False}}
+          "split": {"min_class_for_split": 5}, "bag": {"seeds": [0], "bootstrap": False}}
 
 
 def test_the_metrics_files_are_the_ones_dvc_yaml_lists():
