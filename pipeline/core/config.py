@@ -23,6 +23,8 @@ from pipeline.core.errors import ConfigError
 # Decode limits: the defaults of validate.max_pixels/max_bytes, and what serving and batch prediction enforce.
 MAX_PIXELS = 40_000_000  # above this we refuse to decode (decompression-bomb guard)
 MAX_BYTES = 50_000_000  # larger files are refused without being read
+# train.device and PIPELINE_DEVICE; whether cuda exists is checked where a stage runs (core/devices.py)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -71,7 +73,8 @@ class TrainConfig:
     sampler_power: float = 1.0  # sample weight = class_count ** -power; 0 = plain shuffling
     patience: int = 5  # epochs without val weighted-F1 gain before stopping
     channels_last: bool = True
-    amp: str = "bf16"  # bf16 | none
+    amp: str = "bf16"  # bf16 | none (autocast on the training device; a CPU is usually faster without)
+    device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda (fails where there is no GPU)
     num_threads: int = 0  # 0 = torch default
     num_workers: int = 4  # DataLoader worker processes (profiles for small CPUs set 0)
     max_train_batches: int = 0  # 0 = all; >0 caps each epoch (tests, smoke runs)
@@ -142,6 +145,7 @@ _SECTIONS = {
 _CHOICES = {
     "model.freeze": None,  # checked by _check_freeze
     "train.amp": ("bf16", "none"),
+    "train.device": DEVICE_CHOICES,
 }
 _POSITIVE = {"train.epochs", "train.batch_size", "train.lr", "model.img_size", "validate.min_side",
              "validate.max_pixels", "validate.max_bytes"}
@@ -231,8 +235,9 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key} must be between 0 and 1, got {flat[key]!r}")
     if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
         raise ConfigError("split.val_fraction + split.test_fraction must be < 1")
-    if cfg.train.amp not in _CHOICES["train.amp"]:
-        raise ConfigError(f"train.amp must be one of {_CHOICES['train.amp']}, got {cfg.train.amp!r}")
+    for key in ("train.amp", "train.device"):
+        if flat[key] not in _CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {_CHOICES[key]}, got {flat[key]!r}")
     _check_freeze("model.freeze", cfg.model.freeze)
     flips = ("both", "h", "v", "none")
     for cls_, flip in [("train.flip_default", cfg.train.flip_default),
