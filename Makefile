@@ -19,7 +19,9 @@ export MLFLOW_TRACKING_URI   ?= http://127.0.0.1:$(MLFLOW_PORT)
 # in .local/credentials.mk (mode 600, never committed). `make credentials` prints export lines for your shell.
 LOCAL_CREDENTIALS := $(PIPELINE_LOCAL)/credentials.mk
 ifeq ($(origin AWS_ACCESS_KEY_ID),undefined)
+ifneq ($(MAKECMDGOALS),gpu-check)
 include $(LOCAL_CREDENTIALS)
+endif
 endif
 export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 export PIPELINE_HOME         := $(CURDIR)
@@ -38,7 +40,7 @@ PROFILE     ?= cpu-demo
 export PIPELINE_LANDING_URI ?= $(LANDING_URI)
 export PIPELINE_PROFILE     ?= $(PROFILE)
 
-.PHONY: help credentials venv services-up services-down ui demo demo-data test bench bench-serve bench-loop clean
+.PHONY: help credentials venv services-up services-down ui demo demo-data test bench bench-serve bench-loop gpu-check clean
 help:
 	@echo "make demo          fresh clone -> services -> ELPV data -> training DAG -> registered model"
 	@echo "make test          the full test suite (what CI runs)"
@@ -48,6 +50,7 @@ help:
 	@echo "make bench         benchmarks in bench/, results to docs/BENCHMARKS.md"
 	@echo "make bench-serve   serving load test of the champion (after make demo)"
 	@echo "make bench-loop    timed event loop under a running scheduler (private stack, ~15 min)"
+	@echo "make gpu-check     GPU smoke run + train-step benchmark of the full recipe (tiny on a CPU; GPU_CHECK_OUT=dir)"
 
 $(LOCAL_CREDENTIALS):
 	@mkdir -p $(dir $@)
@@ -100,6 +103,12 @@ bench-serve: venv
 
 bench-loop: venv
 	$(PY) -m bench event-loop
+
+# A bare GPU box has python3 with torch + timm and no venv (nor pip access): use .venv when there is one, never
+# build it, and read no S3 credentials. bench/gpu_check.py imports nothing of MLflow, Airflow, DVC or boto3.
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) -m bench.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
 clean: services-down
 	rm -rf .local

@@ -53,13 +53,18 @@ def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 class BagModel(mlflow.pyfunc.PythonModel):
-    """Loads every ``member_*`` artifact folder and averages their probabilities."""
+    """Loads every ``member_*`` artifact folder and averages their probabilities.
+
+    A pyfunc has no params: the device comes from ``PIPELINE_DEVICE`` (auto | cpu | cuda; default auto, a GPU
+    when torch sees one).
+    """
 
     def load_context(self, context):
+        from pipeline.core.devices import env_device
         from pipeline.core.inference import BagPredictor
 
         dirs = [Path(context.artifacts[k]) for k in sorted(context.artifacts) if k.startswith("member_")]
-        self.predictor = BagPredictor.from_dirs(dirs)
+        self.predictor = BagPredictor.from_dirs(dirs, env_device())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return predict_frame(self.predictor, model_input)

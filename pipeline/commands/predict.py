@@ -44,13 +44,17 @@ class LoadedModel:
 
 
 def load_model(uri: str) -> LoadedModel:
-    """Load the bag behind ``uri``; resolve ``models:/name@alias`` to the version it points at now."""
+    """Load the bag behind ``uri``; resolve ``models:/name@alias`` to the version it points at now.
+
+    The bag computes on ``PIPELINE_DEVICE`` (auto | cpu | cuda; default auto), as the pyfunc does.
+    """
+    from pipeline.core.devices import env_device
     from pipeline.core.inference import BagPredictor
 
     local = Path(uri)
     if local.is_dir() and any(local.glob("member_*/meta.json")):
         dirs = sorted(d for d in local.glob("member_*") if (d / "meta.json").exists())
-        return LoadedModel(BagPredictor.from_dirs(dirs), str(local.resolve()))
+        return LoadedModel(BagPredictor.from_dirs(dirs, env_device()), str(local.resolve()))
     from pipeline.adapters import tracking
 
     name, version, run_id = tracking.resolve_model_uri(uri)

@@ -25,6 +25,9 @@ MAX_PIXELS = 40_000_000  # above this we refuse to decode (decompression-bomb gu
 MAX_BYTES = 50_000_000  # larger files are refused without being read
 # One test, one val and a strict train majority need five duplicate groups: the floor of split.min_class_for_split.
 MIN_SPLIT_GROUPS = 5
+# train.device and PIPELINE_DEVICE; whether cuda exists is checked where a stage runs (core/devices.py)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -73,7 +76,8 @@ class TrainConfig:
     sampler_power: float = 1.0  # sample weight = class_count ** -power; 0 = plain shuffling
     patience: int = 5  # epochs without val weighted-F1 gain before stopping
     channels_last: bool = True
-    amp: str = "bf16"  # bf16 | none
+    amp: str = "bf16"  # bf16 | none (autocast on the training device; a CPU is usually faster without)
+    device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda (fails where there is no GPU)
     num_threads: int = 0  # 0 = torch default
     num_workers: int = 4  # DataLoader worker processes (profiles for small CPUs set 0)
     max_train_batches: int = 0  # 0 = all; >0 caps each epoch (tests, smoke runs)
@@ -144,6 +148,7 @@ _SECTIONS = {
 _CHOICES = {
     "model.freeze": None,  # checked by _check_freeze
     "train.amp": ("bf16", "none"),
+    "train.device": DEVICE_CHOICES,
 }
 _POSITIVE = {"train.epochs", "train.batch_size", "train.lr", "model.img_size", "validate.min_side",
              "validate.max_pixels", "validate.max_bytes"}
@@ -236,8 +241,9 @@ def _check(cfg: Config) -> None:
     if cfg.split.min_class_for_split < MIN_SPLIT_GROUPS:
         raise ConfigError(f"split.min_class_for_split must be >= {MIN_SPLIT_GROUPS} (one test, one val and a train "
                           f"majority of duplicate groups), got {cfg.split.min_class_for_split!r}")
-    if cfg.train.amp not in _CHOICES["train.amp"]:
-        raise ConfigError(f"train.amp must be one of {_CHOICES['train.amp']}, got {cfg.train.amp!r}")
+    for key in ("train.amp", "train.device"):
+        if flat[key] not in _CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {_CHOICES[key]}, got {flat[key]!r}")
     _check_freeze("model.freeze", cfg.model.freeze)
     flips = ("both", "h", "v", "none")
     for cls_, flip in [("train.flip_default", cfg.train.flip_default),

@@ -6,9 +6,14 @@ members and later epochs reuse it instead of decoding PNGs again; that keeps the
 
 Under DDP (``torchrun``) every process draws the same seeded sample order and takes its own slice of each
 global batch (:class:`ShardedBatchSampler`), so one step of all processes sees the single-process batch.
+
+Flips draw from the dataset's own numpy generator. In the main process the train stage reseeds it every epoch;
+each DataLoader worker reseeds its copy from the seed torch hands that worker (:func:`seed_worker`), so workers,
+epochs and DDP ranks draw different flips, and a rerun draws the same ones.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler, get_worker_info
 
 from pipeline.core.images import decode_rgb, resize_uint8
 from pipeline.core.io import read_csv
@@ -81,6 +86,10 @@ class CachedImageDataset(Dataset):
         self.labels = labels
         self.indices = list(range(len(labels))) if indices is None else list(indices)
         self.flips = flips  # per label: both | h | v | none; None = no augmentation
+        self.reseed(seed)
+
+    def reseed(self, seed: int | list[int]) -> None:
+        """Start a new flip stream; ``seed`` is an int or a list of ints (numpy mixes them into one seed)."""
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -168,29 +177,51 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return full + (1 if rest >= self.world_size and not self.drop_last else 0)
 
 
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """``worker_init_fn``: give this DataLoader worker its own flip stream, from the seed torch gave the worker.
+
+    Without it every worker draws from a copy of the same numpy generator, so worker k's i-th image gets the
+    same flips as worker 0's i-th. torch seeds worker ``w`` with ``base_seed + w``, where ``base_seed`` comes from
+    the loader's generator, which the train stage seeds per (member, epoch): distinct across workers and epochs,
+    and the same on a rerun. ``rank`` keeps DDP processes apart: their loaders share one generator seed, because
+    they must draw one sample order.
+    """
+    info = get_worker_info()
+    reseed = getattr(info.dataset, "reseed", None)
+    if reseed is not None:
+        reseed([info.seed, rank])
+
+
 def train_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, seed: int, num_workers: int,
                  pin_memory: bool, rank: int = 0, world_size: int = 1) -> DataLoader:
     """One epoch's training loader: ``sampler`` (or a shuffle seeded with ``seed``), batches of ``batch_size``.
 
     ``world_size`` > 1 (DDP): ``batch_size`` is the global batch; this rank gets its ``batch_size //
     world_size`` share of each one (:class:`ShardedBatchSampler`), from the same order as a single process.
+    Worker processes (``num_workers`` > 0) reseed the dataset's flips with :func:`seed_worker`.
     """
     gen = torch.Generator().manual_seed(seed)
     drop_last = len(dataset) > batch_size
+    workers = {"num_workers": num_workers, "generator": gen, "pin_memory": pin_memory,
+               "worker_init_fn": functools.partial(seed_worker, rank=rank) if num_workers else None}
     if world_size == 1:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None,
-                          drop_last=drop_last, num_workers=num_workers, generator=gen, pin_memory=pin_memory)
+                          drop_last=drop_last, **workers)
     # The same generator object as the single-process loader's: the DataLoader draws its worker base seed
     # from it before the shuffle does, so the shuffle order comes out identical.
     order = sampler if sampler is not None else RandomSampler(dataset, generator=gen)
     return DataLoader(dataset, batch_sampler=ShardedBatchSampler(order, batch_size, drop_last, rank, world_size),
-                      num_workers=num_workers, generator=gen, pin_memory=pin_memory)
+                      **workers)
 
 
 def normalize_batch(x: torch.Tensor, mean: tuple, std: tuple, channels_last: bool) -> torch.Tensor:
-    """uint8 NCHW → float, normalised with the model's mean/std (done per batch: cheaper than per image)."""
+    """uint8 NCHW → float, normalised with the model's mean/std (done per batch: cheaper than per image).
+
+    mean/std are made on the batch's device, as timm's ``PrefetchLoader`` does: CPU constants would make a CUDA
+    batch fail ("Expected all tensors to be on the same device").
+    """
     x = x.float().div_(255)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - m) / s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,7 +1,8 @@
 """Distributed training helpers for ``torchrun`` (DDP): process-group setup and BatchNorm synchronisation.
 
 Under ``torchrun --nproc_per_node=N -m pipeline train ...`` (WORLD_SIZE > 1) every rank joins one process group:
-NCCL on GPUs (one per LOCAL_RANK), gloo on CPU. Single-process training uses :class:`Dist` with world 1, whose
+NCCL on GPUs (one per LOCAL_RANK), gloo on CPU; which of the two follows ``train.device``, not merely whether a
+GPU exists. Single-process training uses :class:`Dist` with world 1, whose
 methods are then no-ops. Kept apart from the training loop as timm keeps ``timm/utils/distributed.py``.
 """
 from __future__ import annotations
@@ -23,13 +24,15 @@ class Dist:
     world: int = 1
     backend: str = ""
     owned: bool = False  # this process started the process group, so it ends it
+    device_type: str = "cpu"  # cpu | cuda: train.device as resolved by core.devices.resolve_device
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def device(self) -> torch.device:
-        if not torch.cuda.is_available():
+        """This rank's device: ``cuda:LOCAL_RANK`` under DDP on GPUs, else ``cuda`` or ``cpu``."""
+        if self.device_type != "cuda":
             return torch.device("cpu")
         return torch.device(f"cuda:{self.local_rank}" if self.world > 1 else "cuda")
 
@@ -52,18 +55,22 @@ class Dist:
             dist.destroy_process_group()
 
 
-def init_distributed() -> Dist:
-    """Join the torchrun job when WORLD_SIZE > 1: NCCL on cuda:LOCAL_RANK, gloo on CPU."""
+def init_distributed(device_type: str = "cpu") -> Dist:
+    """Join the torchrun job when WORLD_SIZE > 1: NCCL on cuda:LOCAL_RANK, gloo on CPU.
+
+    Args:
+        device_type: ``cuda`` or ``cpu``, the resolved ``train.device`` (``core.devices.resolve_device``).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
+        return Dist(device_type=device_type)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device_type == "cuda" else "gloo"
     owned = not dist.is_initialized()
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if owned:  # rank 0 decodes the image cache and validates while the others wait: allow for it
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    ctx = Dist(dist.get_rank(), local_rank, dist.get_world_size(), dist.get_backend(), owned)
+    ctx = Dist(dist.get_rank(), local_rank, dist.get_world_size(), dist.get_backend(), owned, device_type)
     if not ctx.main:  # one set of log lines (rank 0's); warnings and errors still show from every rank
         logging.getLogger("pipeline").setLevel(logging.WARNING)
     return ctx

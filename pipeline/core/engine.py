@@ -10,7 +10,6 @@ import logging
 import os
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,11 @@ from tqdm import tqdm
 from pipeline.core import checkpoints
 from pipeline.core.config import Config
 from pipeline.core.data import normalize_batch
+from pipeline.core.devices import autocast
 from pipeline.core.errors import CheckpointError
 
 _logger = logging.getLogger(__name__)
-
-
-def autocast(cfg: Config, device: torch.device):
-    if cfg.train.amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+POSTFIX_EVERY = 10  # steps between progress-bar updates: each one waits for the device to finish its queue
 
 
 def seed_all(seed: int) -> None:
@@ -39,35 +34,48 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def train_step(model, x, y, criterion, optimizer, mixup, cfg, device, mean, std) -> torch.Tensor:
+    """One optimiser step on a uint8 NCHW batch ``x``; returns the detached loss, still on ``device``.
+
+    Everything is made on ``device``: the batch goes there as uint8 (a quarter of the float bytes) and is
+    normalised there; CutMix's mixed targets and the loss's one-hot targets follow the batch.
+    """
+    x = normalize_batch(x.to(device, non_blocking=True), mean, std, cfg.train.channels_last)
+    y = y.to(device, non_blocking=True)
+    if mixup is not None and len(x) % 2 == 0:
+        x, y = mixup(x, y)
+    with autocast(device, cfg.train.amp):
+        loss = criterion(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_one_epoch(model, loader, criterion, optimizer, mixup, cfg, device, mean, std, frozen_bn, desc) -> dict:
     model.train()
     for bn in frozen_bn:
         bn.eval()
-    total, seen, start = 0.0, 0, time.perf_counter()
+    # The loss sum stays on the device (float64, as Python's float was), read only every POSTFIX_EVERY steps.
+    total, seen, start = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     quiet = distributed and dist.get_rank() > 0
     bar = tqdm(loader, desc=desc, leave=False, mininterval=2, disable=True if quiet else None)
     for step, (x, y) in enumerate(bar):
         if cfg.train.max_train_batches and step >= cfg.train.max_train_batches:
             break
-        x = normalize_batch(x.to(device), mean, std, cfg.train.channels_last)
-        y = y.to(device)
-        if mixup is not None and len(x) % 2 == 0:
-            x, y = mixup(x, y)
-        with autocast(cfg, device):
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(x)
+        loss = train_step(model, x, y, criterion, optimizer, mixup, cfg, device, mean, std)
+        total += loss.double() * len(x)
         seen += len(x)
-        bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        if step % POSTFIX_EVERY == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{total.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
     if distributed:  # every rank logs the global mean loss and counts all ranks' images
-        sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
+        sums = torch.stack([total, total.new_tensor(float(seen))])
         dist.all_reduce(sums)
-        total, seen = sums[0].item(), int(sums[1].item())
+        total, seen = sums[0], int(sums[1].item())
     elapsed = time.perf_counter() - start
-    return {"train_loss": total / max(seen, 1), "train_img_s": seen / max(elapsed, 1e-9), "train_images": seen}
+    return {"train_loss": total.item() / max(seen, 1), "train_img_s": seen / max(elapsed, 1e-9),
+            "train_images": seen}
 
 
 @torch.no_grad()
@@ -77,7 +85,7 @@ def predict_logits(model, images: np.ndarray, cfg: Config, device, mean, std, ba
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)
         x = normalize_batch(x.to(device), mean, std, cfg.train.channels_last)
-        with autocast(cfg, device):
+        with autocast(device, cfg.train.amp):
             out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 

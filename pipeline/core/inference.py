@@ -3,6 +3,10 @@
 A bag is a list of member folders (``model.pt`` + ``meta.json``); its prediction is the mean of
 the members' softmax probabilities. Preprocessing (RGB normalisation, resize, mean/std) is the
 training preprocessing, so serving sees what training saw.
+
+Each member computes on the device it was loaded onto. On a GPU it computes as it trained: bf16 autocast
+and channels_last when its ``meta.json`` says so (members from before those keys were recorded run fp32
+NCHW). On a CPU it always runs fp32 NCHW, exactly as before GPUs were supported, so CPU scores do not move.
 """
 from __future__ import annotations
 
@@ -16,16 +20,41 @@ from PIL import Image
 
 from pipeline.core import checkpoints
 from pipeline.core.data import normalize_batch
+from pipeline.core.devices import autocast
 from pipeline.core.images import resize_uint8, to_rgb
+
+CPU = torch.device("cpu")
 
 
 @dataclass
 class Member:
     model: torch.nn.Module
     meta: dict
+    device: torch.device = CPU
+
+    @property
+    def fast(self) -> bool:
+        """bf16/channels_last as trained: on CUDA only (on a CPU bf16 is slower and would change the scores)."""
+        return self.device.type == "cuda"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.fast and bool(self.meta.get("channels_last", False))
+
+    @property
+    def amp(self) -> str:
+        return self.meta.get("amp", "none") if self.fast else "none"
+
+    def to(self, device: torch.device) -> "Member":
+        """Move the model to ``device`` in the memory format it computes in there; returns ``self``."""
+        self.device = torch.device(device)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = self.model.to(self.device, memory_format=fmt)
+        return self
 
 
-def load_member(member_dir: Path) -> Member:
+def load_member(member_dir: Path, device: torch.device = CPU) -> Member:
+    """The member in ``member_dir`` (weights checked against the SHA-256 in its meta.json), on ``device``."""
     import timm
 
     meta = json.loads((member_dir / "meta.json").read_text(encoding="utf-8"))
@@ -33,7 +62,7 @@ def load_member(member_dir: Path) -> Member:
     fp = member_dir / "model.pt"
     state = checkpoints.load(fp, "model weights", meta.get("model_sha256"))
     checkpoints.load_state_into(model, state, f"model weights {fp}")
-    return Member(model.eval(), meta)
+    return Member(model.eval(), meta).to(device)
 
 
 class BagPredictor:
@@ -49,8 +78,27 @@ class BagPredictor:
         self.class_names = list(names.pop())
 
     @classmethod
-    def from_dirs(cls, member_dirs: list[Path]) -> "BagPredictor":
-        return cls([load_member(Path(d)) for d in member_dirs])
+    def from_dirs(cls, member_dirs: list[Path], device: torch.device = CPU) -> "BagPredictor":
+        """Load every member onto ``device`` (callers pick it: ``train.device`` or ``PIPELINE_DEVICE``)."""
+        return cls([load_member(Path(d), device) for d in member_dirs])
+
+    def to(self, device: torch.device) -> "BagPredictor":
+        for m in self.members:
+            m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    @staticmethod
+    def member_probs(m: Member, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (float32, on the member's device) for a uint8 NHWC batch."""
+        x = batch.permute(0, 3, 1, 2).to(m.device, non_blocking=True)
+        x = normalize_batch(x, tuple(m.meta["mean"]), tuple(m.meta["std"]), channels_last=m.channels_last)
+        with autocast(m.device, m.amp):
+            logits = m.model(x)
+        return torch.softmax(logits.float(), dim=1)
 
     @torch.no_grad()
     def predict_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64) -> np.ndarray:
@@ -60,9 +108,8 @@ class BagPredictor:
             arr = images[m.meta["img_size"]]
             out = []
             for i in range(0, len(arr), batch_size):
-                x = torch.from_numpy(np.array(arr[i:i + batch_size])).permute(0, 3, 1, 2)
-                x = normalize_batch(x, tuple(m.meta["mean"]), tuple(m.meta["std"]), channels_last=False)
-                out.append(torch.softmax(m.model(x).float(), dim=1).numpy())
+                batch = torch.from_numpy(np.array(arr[i:i + batch_size]))
+                out.append(self.member_probs(m, batch).cpu().numpy())
             p = np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
             probs = p if probs is None else probs + p
         return probs / len(self.members)

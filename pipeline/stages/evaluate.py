@@ -19,6 +19,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from pipeline.core.config import Config
 from pipeline.core.data import build_cache, load_split
+from pipeline.core.devices import resolve_device
 from pipeline.core.figures import plot_confusion
 from pipeline.core.inference import BagPredictor
 from pipeline.core.io import write_json
@@ -41,8 +42,11 @@ def test_arrays(raw_dir: Path, split_fp: Path, sizes: set[int], cache_dir: Path 
 
 def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
                  reports_dir: Path, cache_dir: Path | None = None) -> dict:
-    bag = BagPredictor.from_dirs(member_dirs(cfg.bag.seeds, models_dir))
-    singles = {name: BagPredictor.from_dirs([d]) for name, d in backbone_dirs(cfg.backbones, models_dir).items()}
+    device = resolve_device(cfg.train.device, "train.device")
+    _logger.info("evaluate: scoring on %s", device)
+    bag = BagPredictor.from_dirs(member_dirs(cfg.bag.seeds, models_dir), device)
+    singles = {name: BagPredictor.from_dirs([d], device)
+               for name, d in backbone_dirs(cfg.backbones, models_dir).items()}
     sizes = bag.sizes().union(*(b.sizes() for b in singles.values()))
     arrays, y_true = test_arrays(raw_dir, split_fp, sizes, cache_dir)
     if not y_true:

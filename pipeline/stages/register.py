@@ -24,6 +24,7 @@ from sklearn.metrics import f1_score
 from pipeline.core import checkpoints
 from pipeline.adapters import tracking
 from pipeline.core.config import Config
+from pipeline.core.devices import resolve_device
 from pipeline.stages import paths
 from pipeline.stages.paths import backbone_dirs, member_dirs
 from pipeline.core.io import read_csv
@@ -70,9 +71,18 @@ def test_frame(split_fp: Path, raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     return frame, [r["class_name"] for r in rows]
 
 
-def rescore_champion(model_uri: str, frame: pd.DataFrame, truth: list[str]) -> float:
-    """Weighted F1 of the current champion on today's test split (never a stale logged metric)."""
-    pred = tracking.load_pyfunc(model_uri).predict(frame)["label"].tolist()
+def rescore_champion(model_uri: str, frame: pd.DataFrame, truth: list[str], device_choice: str = "auto") -> float:
+    """Weighted F1 of the current champion on today's test split (never a stale logged metric).
+
+    Scored on ``train.device`` (``device_choice``), where evaluate scored the candidate: on a GPU both run as
+    they trained (bf16), on a CPU both fp32, so the gate compares like with like.
+    """
+    device = resolve_device(device_choice, "train.device")
+    pyfunc = tracking.load_pyfunc(model_uri)
+    predictor = getattr(pyfunc.unwrap_python_model(), "predictor", None)
+    if hasattr(predictor, "to"):  # a champion registered before devices existed loads on the CPU and stays there
+        predictor.to(device)
+    pred = pyfunc.predict(frame)["label"].tolist()
     return float(f1_score(truth, pred, average="weighted", zero_division=0))
 
 
@@ -149,7 +159,7 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     champion = tracking.version_by_alias(client, name, "champion")
     champion_f1 = None
     if champion is not None and champion.version != version:
-        champion_f1 = rescore_champion(f"models:/{name}@champion", frame, truth)
+        champion_f1 = rescore_champion(f"models:/{name}@champion", frame, truth, cfg.train.device)
         _logger.info("champion v%s re-scored on this test split: weighted F1 %.4f", champion.version, champion_f1)
     promote, reason = gate(metrics["weighted_f1"], champion_f1, cfg.registry.f1_floor, cfg.registry.min_delta)
     decision = "promoted" if promote else "rejected"

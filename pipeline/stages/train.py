@@ -22,7 +22,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,6 +29,7 @@ from pipeline.core import checkpoints
 from pipeline.core.config import Config
 from pipeline.core.data import (CachedImageDataset, bootstrap_indices, build_cache, create_sampler, flips_per_label,
                                 load_split, train_loader)
+from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import Dist, init_distributed, sync_batchnorm
 from pipeline.core.engine import (load_resume_checkpoint, none_if_nan, run_key, seed_all, train_one_epoch,
                                   validate)
@@ -55,7 +55,8 @@ def run_train(cfg: Config, split_fp: Path, raw_dir: Path, member: int, out_dir: 
     ``backbone_<timm name>``). Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes the
     outputs and returns the meta, the other ranks return ``{}``.
     """
-    ddp = init_distributed()
+    device = resolve_device(cfg.train.device, "train.device")  # before joining a group: a bad value ends here
+    ddp = init_distributed(device.type)
     try:
         return _run_train(ddp, cfg, split_fp, raw_dir, member, out_dir, cache_dir, ckpt_dir, name)
     finally:
@@ -72,6 +73,8 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = ddp.device()
+    _logger.info("%s: training on %s (train.device %s, amp %s, channels_last %s)", name, device, cfg.train.device,
+                 cfg.train.amp, cfg.train.channels_last)
     if ddp.world > 1:
         per_rank = cfg.train.batch_size // ddp.world
         _logger.info("%s: DDP world_size %d (%s), %d images per rank per step, global batch %d", name,
@@ -139,9 +142,9 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
     while state["epoch"] < cfg.train.epochs and state["bad_epochs"] < cfg.train.patience:
         epoch = state["epoch"]
         seed_all(seed * 1000 + epoch)
-        # flips: own draws per rank under DDP (the sample order and CutMix draws stay common to all ranks)
-        dataset.rng = np.random.default_rng(seed * 1000 + epoch if ddp.world == 1
-                                            else [seed * 1000 + epoch, ddp.rank])
+        # flips: own draws per rank under DDP (the sample order and CutMix draws stay common to all ranks);
+        # loader workers reseed their copies from the loader's per-epoch seed and the rank (data.seed_worker)
+        dataset.reseed(seed * 1000 + epoch if ddp.world == 1 else [seed * 1000 + epoch, ddp.rank])
         sampler = create_sampler(dataset.target_labels(), cfg.train.sampler_power, seed * 1000 + epoch)
         loader = train_loader(dataset, cfg.train.batch_size, sampler, seed * 1000 + epoch, cfg.train.num_workers,
                               device.type == "cuda", ddp.rank, ddp.world)
@@ -180,7 +183,9 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
             "freeze": cfg.model.freeze, "epochs": cfg.train.epochs, "best_epoch": state["best_epoch"],
             "best_val_weighted_f1": none_if_nan(state["history"][state["best_epoch"] - 1]["val_weighted_f1"]),
             "epochs_run": state["epoch"], "train_seconds": round(time.perf_counter() - started, 1),
-            "device": device.type, "params_hash": cfg.params_hash(), "model_sha256": model_sha256}
+            "device": device.type, "params_hash": cfg.params_hash(), "model_sha256": model_sha256,
+            # how the member computed in training; inference on a GPU computes the same way (core.inference)
+            "amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
     meta["world_size"] = ddp.world
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "history.json").write_text(json.dumps(state["history"], indent=2) + "\n", encoding="utf-8")
