@@ -74,11 +74,14 @@ class DagRun:
         return Path(first.split("full log: ")[1].rstrip(")")).read_text()
 
 
-def _stage_procs(stage: str) -> list[psutil.Process]:
+def _stage_procs(stage: str, ws: Path) -> list[psutil.Process]:
+    """This test's stage processes: DVC runs a stage's command in the workspace, so the cwd tells ours apart from
+    any other pipeline on the machine (a demo, a second test session), which must never be killed."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "cwd"]):
         cmd = p.info["cmdline"] or []
-        if len(cmd) > 3 and cmd[1:4] == ["-m", "pipeline", stage] and "python" in Path(cmd[0]).name:
+        if len(cmd) > 3 and cmd[1:4] == ["-m", "pipeline", stage] and "python" in Path(cmd[0]).name \
+                and p.info["cwd"] and Path(p.info["cwd"]).resolve() == Path(ws).resolve():
             found.append(p)
     return found
 
@@ -111,7 +114,7 @@ def test_sigkilled_training_resumes_on_retry_and_a_second_repro_is_refused(fault
     ckpt = ws / ".cache" / "checkpoints" / "member_0.pt"
     wait_for(lambda: ckpt.exists() and _ckpt_epoch(ckpt) >= 1, 900, "member_0's first epoch checkpoint",
              interval=0.1)
-    victim = wait_for(lambda: _stage_procs("train") and [p for p in _stage_procs("train")
+    victim = wait_for(lambda: _stage_procs("train", ws) and [p for p in _stage_procs("train", ws)
                                                           if "--member" in p.cmdline()], 30, "the train process",
                       interval=0.1)
 
@@ -157,7 +160,7 @@ def test_s3_outage_during_ingest_fails_cleanly_after_retries_and_leaves_the_cham
     manifest_before = (ws / "data" / "manifest.csv").read_text()
     run = DagRun(faults["env"], faults["conf"], tmp_path / "run.log")
     try:
-        wait_for(lambda: _stage_procs("ingest"), 600, "the ingest stage", interval=0.05)
+        wait_for(lambda: _stage_procs("ingest", ws), 600, "the ingest stage", interval=0.05)
         services.stop(stack, "seaweedfs")
         assert run.wait() != 0
     finally:
@@ -188,7 +191,7 @@ def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_n
         new = wait_for(lambda: [v for v in _versions() if v.version not in before], 1200,
                         "the new model version", interval=0.2)
         services.stop(stack, "mlflow")
-        wait_for(lambda: not _stage_procs("register"), 120, "the register attempt to end", interval=0.5)
+        wait_for(lambda: not _stage_procs("register", ws), 120, "the register attempt to end", interval=0.5)
     finally:
         services.start_mlflow(stack)
     # Between the attempts: the champion has not moved, and the new version carries no decision yet.
