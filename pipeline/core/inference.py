@@ -3,6 +3,10 @@
 A bag is a list of member folders (``model.pt`` + ``meta.json``); its prediction is the mean of
 the members' softmax probabilities. Preprocessing (RGB normalisation, resize, mean/std) is the
 training preprocessing, so serving sees what training saw.
+
+``predict_proba*`` return the raw mean probabilities (what evaluate scores and calibration fits on);
+:meth:`BagPredictor.calibrated` applies the bag's temperature (``pipeline.core.calibration``) for the confidence
+users see. Labels always come from the raw probabilities: the temperature never changes them.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline.core import checkpoints
+from pipeline.core.calibration import temperature_scale
 from pipeline.core.data import normalize_batch
 from pipeline.core.images import resize_uint8, to_rgb
 
@@ -47,6 +52,11 @@ class BagPredictor:
             raise ValueError("bag members disagree on the class list")
         self.members = members
         self.class_names = list(names.pop())
+        self.temperature = 1.0  # set from the registered model's calibration file; 1 = uncalibrated
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """``probs`` (raw bag probabilities) after the bag's temperature: same argmax, calibrated confidence."""
+        return probs if self.temperature == 1.0 else temperature_scale(probs, self.temperature)
 
     @classmethod
     def from_dirs(cls, member_dirs: list[Path]) -> "BagPredictor":
