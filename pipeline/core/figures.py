@@ -106,7 +106,7 @@ def draw_confusion(ax, cm: np.ndarray, names: list[str], title: str = "") -> Non
 
 def _save(fig, png_fp: Path) -> None:
     png_fp.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_fp, dpi=100)
+    fig.savefig(png_fp, dpi=100, bbox_inches="tight")  # rotated tick labels and outside legends stay in
 
 
 def plot_gate_comparison(names: list[str], f1: dict[str, list[float]], confusion: dict[str, np.ndarray],
@@ -132,7 +132,8 @@ def plot_gate_comparison(names: list[str], f1: dict[str, list[float]], confusion
         ax.set_xlim(0, 1.15)
         ax.set_xlabel("F1 on the test split")
         ax.set_title("per-class F1", fontsize=10)
-        ax.legend(loc="lower right", fontsize=8)
+        # under the axes: inside, the legend would cover the bars (and their values) of the last class
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(models), fontsize=8, frameon=False)
         for ax, model in zip(axes[1:], models):
             draw_confusion(ax, confusion[model], names, title=model)
         fig.suptitle(title, fontsize=13)
@@ -157,13 +158,16 @@ def plot_reliability(panels: dict[str, dict], temperature: float, png_fp: Path) 
                 if pts:
                     xs, ys, ns = zip(*pts)
                     ax.plot(xs, ys, marker="o", color=colour, label=f"{name} (ECE {panel[f'ece_{key}']:.3f})")
-                    # marker area ~ images in the bin: an empty-looking curve may rest on very few images
-                    ax.scatter(xs, ys, s=[12 + 120 * k / max(ns) for k in ns], color=colour, alpha=0.35)
+                    # marker area and label = images in the bin: a wild point may rest on one image
+                    ax.scatter(xs, ys, s=[12 + 240 * k / max(ns) for k in ns], color=colour, alpha=0.3)
+                    for x, y, k in pts:
+                        ax.annotate(str(k), (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6,
+                                    color=colour)
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
             ax.set_xlabel("confidence (mean of the bin)")
             ax.set_ylabel("accuracy")
-            ax.set_title(title, fontsize=10)
+            ax.set_title(title + "\n(numbers: images per bin)", fontsize=10)
             ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         _save(fig, png_fp)

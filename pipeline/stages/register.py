@@ -101,7 +101,7 @@ def gate(truth: list[str], candidate: list[str], champion: list[str] | None, flo
     champion_f1 = weighted_f1(truth, champion)
     promote = stats.p_improve >= confidence
     verdict = ">=" if promote else "<"
-    reason = (f"P(ΔwF1 > {min_delta:g}) = {stats.p_improve:.3f} {verdict} confidence {confidence:g}; "
+    reason = (f"P(ΔwF1 > {min_delta:g}) = {stats.p_improve:.4f} {verdict} confidence {confidence:g}; "
               f"weighted F1 {f1:.4f} vs champion {champion_f1:.4f}, ΔwF1 {stats.delta:+.4f} "
               f"({CI_LEVEL:.0%} CI {stats.ci_low:+.4f} to {stats.ci_high:+.4f}) on {n} test images")
     return GateDecision(promote, reason, f1, n, champion_f1, stats)
@@ -149,7 +149,7 @@ def draw_comparison(truth: list[str], predictions: dict[str, list[str]], decisio
     title = (f"{decision.label}: no champion yet, weighted F1 {decision.candidate_f1:.4f} on {decision.n_test} "
              "test images" if s is None else
              f"{decision.label}: ΔwF1 = candidate - champion = {s.delta:+.4f}, {CI_LEVEL:.0%} CI [{s.ci_low:+.4f}, "
-             f"{s.ci_high:+.4f}], P(ΔwF1 > {s.min_delta:g}) = {s.p_improve:.3f}, n = {s.n} test images")
+             f"{s.ci_high:+.4f}], P(ΔwF1 > {s.min_delta:g}) = {s.p_improve:.4f}, n = {s.n} test images")
     plot_gate_comparison(names, f1, confusion, title, png_fp)
 
 
@@ -181,7 +181,7 @@ def gate_card(decision: GateDecision, champion_version: str | None, confidence: 
         lines += [f"| champion v{champion_version} weighted F1 (re-scored now) | {decision.champion_f1:.4f} |",
                   f"| ΔwF1 = candidate − champion | {s.delta:+.4f} |",
                   f"| {CI_LEVEL:.0%} bootstrap interval of ΔwF1 | [{s.ci_low:+.4f}, {s.ci_high:+.4f}] |",
-                  f"| P(ΔwF1 > {s.min_delta:g}) | {s.p_improve:.3f} (promote at ≥ {confidence:g}) |",
+                  f"| P(ΔwF1 > {s.min_delta:g}) | {s.p_improve:.4f} (promote at ≥ {confidence:g}) |",
                   f"| resamples | {s.resamples} |"]
     lines += [f"| test images n | {decision.n_test} |", "",
               f"Per-class F1 and both confusion matrices: run artifact `{COMPARISON_PNG}`.", ""]
