@@ -62,6 +62,13 @@ def s3(stack):
     return storage.client()
 
 
+# A recipe that really learns the tiny data (colour tells the classes apart): the bag member reaches weighted F1
+# 1.0 on val and test in about 10 s of CPU, so the champion is a real one that a crippled candidate must lose to.
+# The profile's one epoch at lr 7e-4 leaves a model at chance. The backbones are not under test: one epoch each.
+GOOD_TINY_RECIPE = ["train.epochs=20", "train.lr=0.01", "train.patience=100",
+                    "backbones.test_efficientnet.epochs=1", "backbones.test_resnet.epochs=1"]
+
+
 @pytest.fixture(scope="session")
 def trained(stack, stack_env):
     """The training DAG (test profile) run once on tiny data; tests share its champion and workspace."""
@@ -71,7 +78,7 @@ def trained(stack, stack_env):
     from tests.integration.helpers import upload_tiny_dataset
 
     upload_tiny_dataset(storage.client(), "landing", "tiny/", per_class=8)
-    conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test"})
+    conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test", "set": GOOD_TINY_RECIPE})
     out = run_cli(["devstack", "run-dag", "defect_training", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return Path(stack_env["PIPELINE_WORKSPACE"])

@@ -4,16 +4,26 @@ Input: a DataFrame with column ``image`` = base64 of an encoded image file (PNG/
 Output: a DataFrame with ``label`` (class name) and ``confidence`` (0..1), one row per input row.
 A row whose image cannot be decoded gets ``label`` empty, ``confidence`` 0 and an ``error``; the
 other rows are still predicted. Works with ``mlflow models serve -m models:/<name>@champion``.
+
+``confidence`` is calibrated: the bag's temperature, fitted on the validation split by ``evaluate`` and shipped
+as the model artifact ``calibration`` (``calibration.json``), rescales the averaged probabilities. The label is
+the argmax of the raw probabilities, so calibration never changes it. A model registered before calibration
+existed has no such artifact and serves its raw confidence.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import logging
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+_logger = logging.getLogger(__name__)
+CALIBRATION_ARTIFACT = "calibration"  # key of the pyfunc artifact holding {"temperature": T, ...}
 
 
 def encode_image_file(path: str | Path) -> str:
@@ -46,10 +56,22 @@ def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
     conf = np.zeros(len(images), dtype=np.float64)
     if ok:
         probs = predictor.predict_proba([images[i] for i in ok])
-        for row, p in zip(ok, probs):
-            labels[row] = predictor.class_names[int(p.argmax())]
-            conf[row] = float(p.max())
+        shown = predictor.calibrated(probs)
+        for row, p, q in zip(ok, probs, shown):
+            k = int(p.argmax())  # from the raw probabilities: the temperature only changes the confidence
+            labels[row] = predictor.class_names[k]
+            conf[row] = float(q[k])
     return pd.DataFrame({"label": labels, "confidence": conf, "error": errors})
+
+
+def read_temperature(calibration_fp: Path) -> float:
+    """The temperature in ``calibration.json``; 1 (no change) when it is missing or not a positive number."""
+    t = json.loads(calibration_fp.read_text(encoding="utf-8")).get("temperature", 1.0)
+    if not isinstance(t, (int, float)) or not t > 0:
+        _logger.warning("calibration file %s holds no usable temperature (%r); confidences stay raw",
+                        calibration_fp, t)
+        return 1.0
+    return float(t)
 
 
 class BagModel(mlflow.pyfunc.PythonModel):
@@ -65,6 +87,8 @@ class BagModel(mlflow.pyfunc.PythonModel):
 
         dirs = [Path(context.artifacts[k]) for k in sorted(context.artifacts) if k.startswith("member_")]
         self.predictor = BagPredictor.from_dirs(dirs, env_device())
+        if CALIBRATION_ARTIFACT in context.artifacts:
+            self.predictor.temperature = read_temperature(Path(context.artifacts[CALIBRATION_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return predict_frame(self.predictor, model_input)

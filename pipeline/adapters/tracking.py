@@ -69,10 +69,24 @@ def version_by_candidate(client: MlflowClient, name: str, candidate_id: str):
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str):
+    """The version ``alias`` points at; None only when the registry says there is none.
+
+    "None" is a decision (the gate promotes a first champion), so only the registry's own answer counts: no
+    such model (``RESOURCE_DOES_NOT_EXIST``) or no such alias (``INVALID_PARAMETER_VALUE``, "alias … not
+    found"). Anything else, an unreachable server included, is a :class:`TrackingError` (transient): the
+    stage fails and is retried, and no alias moves.
+    """
     try:
         return client.get_model_version_by_alias(name, alias)
-    except Exception:
-        return None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message):
+            return None
+        raise TrackingError(f"cannot read alias {alias} of {name} at {mlflow.get_tracking_uri()}: "
+                            f"{exc.message.splitlines()[0][:300]}") from None
+    except Exception as exc:  # never guess "no champion" (that would promote any candidate)
+        raise TrackingError(f"cannot read alias {alias} of {name} at {mlflow.get_tracking_uri()} "
+                            f"({type(exc).__name__})") from None
 
 
 # Mappings keyed by data (class names) are logged as one JSON-valued param each: readable in the UI, and a valid
@@ -143,12 +157,13 @@ def close_pipeline_run(run_id: str, status: str, tags: dict[str, str]) -> None:
 def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_dirs: list[Path],
                   artifact_paths: list[Path], dataset_frame, dataset_source: str, lineage: dict[str, str],
                   input_example, model_name: str, backbone_dirs: dict[str, Path] | None = None,
-                  parent_run_id: str | None = None) -> tuple[str, str]:
+                  parent_run_id: str | None = None, calibration_fp: Path | None = None) -> tuple[str, str]:
     """Log into the execution's parent run (``parent_run_id``, or a new one): config, metrics, artifacts,
-    lineage, a nested run per backbone and per bag member; register the bag. Returns (run_id, version)."""
+    lineage, a nested run per backbone and per bag member; register the bag (with ``calibration_fp`` as its
+    ``calibration`` artifact, so served confidences are calibrated). Returns (run_id, version)."""
     from mlflow.models import infer_signature
 
-    from pipeline.adapters.serving import BagModel
+    from pipeline.adapters.serving import CALIBRATION_ARTIFACT, BagModel
 
     start = (mlflow.start_run(run_id=parent_run_id) if parent_run_id
              else mlflow.start_run(run_name=f"pipeline-{candidate_id[:8]}"))
@@ -173,9 +188,12 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
             _log_trained(d, d.name, "bag_member", metrics.get("members", {}).get(d.name, {}))
         output = input_example.assign(label=["x"] * len(input_example), confidence=[0.5] * len(input_example),
                                       error=[""] * len(input_example))[["label", "confidence", "error"]]
+        artifacts = {d.name: str(d) for d in member_dirs}
+        if calibration_fp is not None and calibration_fp.exists():
+            artifacts[CALIBRATION_ARTIFACT] = str(calibration_fp)
         with tempfile.TemporaryDirectory() as code_root:
             info = mlflow.pyfunc.log_model(
-                name="bag", python_model=BagModel(), artifacts={d.name: str(d) for d in member_dirs},
+                name="bag", python_model=BagModel(), artifacts=artifacts,
                 code_paths=[str(model_code(Path(code_root)))], signature=infer_signature(input_example, output),
                 input_example=input_example, pip_requirements=_requirements())
         # The version is created with its candidate tag in one request: a retry after a crash finds it by that
@@ -218,6 +236,13 @@ def _requirements() -> list[str]:
 
     return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "timm", "pillow", "numpy", "pandas",
                                             "mlflow", "scikit-learn", "PyYAML", "tqdm")]
+
+
+def log_files(client: MlflowClient, run_id: str, files: list[Path], artifact_path: str) -> None:
+    """Upload local files into ``artifact_path`` of a run (an existing file of the same name is replaced)."""
+    for fp in files:
+        if fp.exists():
+            client.log_artifact(run_id, str(fp), artifact_path)
 
 
 def load_pyfunc(uri: str):

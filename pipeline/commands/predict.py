@@ -8,7 +8,9 @@
 Every input row gets a row out: a file that is not an image, is corrupt or too large gets an ``error``
 and an empty ``label``; the others are still predicted. ``--tta`` averages over the flips each class
 allows (the training flip policy stored with each member): class c's probability is averaged only
-over the views that are legal for c.
+over the views that are legal for c. Probabilities and confidence are calibrated with the temperature a
+registered bag ships (``pipeline.core.calibration``), after any TTA; a local ``models/`` folder has none and
+gives the raw averages. Labels are the same either way.
 """
 from __future__ import annotations
 
@@ -182,13 +184,15 @@ def predict_items(model: LoadedModel, items: list[Item], tta: bool = False, batc
                 errors.append(str(exc) or type(exc).__name__)
         ok = [i for i, im in enumerate(images) if im is not None]
         probs = predict_images(model.predictor, [images[i] for i in ok], tta) if ok else np.zeros((0, len(names)))
-        by_row = dict(zip(ok, probs))
+        # Probabilities and confidence are calibrated (the bag's temperature); the label is the raw argmax.
+        by_row = dict(zip(ok, zip(probs, model.predictor.calibrated(probs))))
         for i, item in enumerate(chunk):
             row = {"id": item.id, "label": "", "confidence": 0.0, "error": errors[i]}
-            p = by_row.get(i)
-            row.update({f"prob_{c}": (float(p[k]) if p is not None else "") for k, c in enumerate(names)})
-            if p is not None:
-                row.update(label=names[int(p.argmax())], confidence=float(p.max()))
+            raw, shown = by_row.get(i, (None, None))
+            row.update({f"prob_{c}": (float(shown[k]) if shown is not None else "") for k, c in enumerate(names)})
+            if raw is not None:
+                k = int(raw.argmax())
+                row.update(label=names[k], confidence=float(shown[k]))
             yield row
 
 

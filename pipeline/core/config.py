@@ -105,7 +105,10 @@ class BagConfig:
 class RegistryConfig:
     model_name: str = "wallpaper-defect-classifier"
     f1_floor: float = 0.0  # a candidate below this weighted F1 is never promoted
-    min_delta: float = 0.0  # must beat the re-scored champion by at least this much
+    min_delta: float = 0.0  # the weighted-F1 gain over the re-scored champion that counts as an improvement
+    # promote only when a paired bootstrap over the test images gives P(gain > min_delta) >= this: a tie or a
+    # one-image difference on a few hundred images is noise, not an improvement
+    confidence: float = 0.9
     experiment: str = "wallpaper-defect"
 
 
@@ -153,7 +156,7 @@ _CHOICES = {
 _POSITIVE = {"train.epochs", "train.batch_size", "train.lr", "model.img_size", "validate.min_side",
              "validate.max_pixels", "validate.max_bytes"}
 _FRACTIONS = {"split.val_fraction", "split.test_fraction", "validate.max_quarantine_share",
-              "train.cutmix_prob", "train.label_smoothing"}
+              "train.cutmix_prob", "train.label_smoothing", "registry.confidence"}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

@@ -59,11 +59,12 @@ def hangul_family() -> str | None:
 
 
 @contextmanager
-def hangul_figure(figsize: tuple[float, float]) -> Iterator[tuple[object, object]]:
+def hangul_figure(figsize: tuple[float, float], ncols: int = 1) -> Iterator[tuple[object, object]]:
     """A fresh ``(Figure, Axes)`` on the Agg canvas whose text uses the Hangul font.
 
     The font is set for the ``with`` block only (matplotlib reads it when it draws text), so draw and save inside
-    it; nothing global is changed and no pyplot state is kept, so there is nothing to close.
+    it; nothing global is changed and no pyplot state is kept, so there is nothing to close. With ``ncols`` > 1
+    the second item is a list of that many side-by-side Axes.
     """
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -75,20 +76,98 @@ def hangul_figure(figsize: tuple[float, float]) -> Iterator[tuple[object, object
     with matplotlib.rc_context(settings):
         fig = Figure(figsize=figsize)
         FigureCanvasAgg(fig)
-        yield fig, fig.add_subplot()
+        yield fig, (fig.add_subplot() if ncols == 1 else list(fig.subplots(1, ncols)))
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], png_fp: Path) -> None:
     """The confusion matrix as a PNG (rows true, columns predicted), class names as tick labels."""
     n = len(names)
     with hangul_figure((1 + 0.5 * n, 1 + 0.45 * n)) as (fig, ax):
-        ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(n), names, rotation=90)
-        ax.set_yticks(range(n), names)
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        draw_confusion(ax, cm, names)
         fig.tight_layout()
-        png_fp.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png_fp, dpi=100)
+        _save(fig, png_fp)
+
+
+def draw_confusion(ax, cm: np.ndarray, names: list[str], title: str = "") -> None:
+    """One confusion matrix on ``ax``: rows true, columns predicted, counts written in the cells."""
+    n = len(names)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=90)
+    ax.set_yticks(range(n), names)
+    # White text on the darkest cells, so a count stays readable whatever the colour under it.
+    dark = 0.6 * (cm.max() if cm.size else 0)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > dark > 0 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def _save(fig, png_fp: Path) -> None:
+    png_fp.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_fp, dpi=100, bbox_inches="tight")  # rotated tick labels and outside legends stay in
+
+
+def plot_gate_comparison(names: list[str], f1: dict[str, list[float]], confusion: dict[str, np.ndarray],
+                         title: str, png_fp: Path) -> None:
+    """What the gate compared: per-class F1 of each model side by side, then each model's confusion matrix.
+
+    ``f1`` and ``confusion`` are keyed by model label (e.g. ``"champion v3"``, ``"candidate v4"``), in drawing
+    order; a first candidate with no champion has one entry each.
+    """
+    n, models = len(names), list(f1)
+    side = 2.5 + 0.45 * n
+    with hangul_figure((side * (1 + len(models)) + 1.5, side + 1.2), ncols=1 + len(models)) as (fig, axes):
+        ax = axes[0]
+        height = 0.8 / len(models)
+        for k, model in enumerate(models):
+            ys = np.arange(n) + (k - (len(models) - 1) / 2) * height
+            ax.barh(ys, f1[model], height=height, label=model,
+                    color="#1f77b4" if k == len(models) - 1 else "#9e9e9e")  # the candidate (last) in blue
+            for y, v in zip(ys, f1[model]):
+                ax.text(min(v, 1.0) + 0.01, y, f"{v:.2f}", va="center", fontsize=7)
+        ax.set_yticks(range(n), names)
+        ax.invert_yaxis()  # first class on top, as in the confusion matrices
+        ax.set_xlim(0, 1.15)
+        ax.set_xlabel("F1 on the test split")
+        ax.set_title("per-class F1", fontsize=10)
+        # under the axes: inside, the legend would cover the bars (and their values) of the last class
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(models), fontsize=8, frameon=False)
+        for ax, model in zip(axes[1:], models):
+            draw_confusion(ax, confusion[model], names, title=model)
+        fig.suptitle(title, fontsize=13)
+        fig.tight_layout()
+        _save(fig, png_fp)
+
+
+def plot_reliability(panels: dict[str, dict], temperature: float, png_fp: Path) -> None:
+    """Reliability diagrams: accuracy against confidence per bin, before and after temperature scaling.
+
+    ``panels`` maps a title (e.g. ``"val (T fitted here)"``) to ``{"before": bins, "after": bins, "ece_before":
+    x, "ece_after": y}`` with ``bins`` from :func:`pipeline.core.calibration.reliability_bins`.
+    """
+    with hangul_figure((5.2 * len(panels), 5), ncols=len(panels)) as (fig, axes):
+        axes = axes if isinstance(axes, list) else [axes]
+        for ax, (title, panel) in zip(axes, panels.items()):
+            ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1, label="perfect")
+            for key, colour, name in (("before", "#d62728", "before"),
+                                      ("after", "#1f77b4", f"after T={temperature:.2f}")):
+                bins = panel[key]
+                pts = [(c, a, n) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n]
+                if pts:
+                    xs, ys, ns = zip(*pts)
+                    ax.plot(xs, ys, marker="o", color=colour, label=f"{name} (ECE {panel[f'ece_{key}']:.3f})")
+                    # marker area and label = images in the bin: a wild point may rest on one image
+                    ax.scatter(xs, ys, s=[12 + 240 * k / max(ns) for k in ns], color=colour, alpha=0.3)
+                    for x, y, k in pts:
+                        ax.annotate(str(k), (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6,
+                                    color=colour)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("confidence (mean of the bin)")
+            ax.set_ylabel("accuracy")
+            ax.set_title(title + "\n(numbers: images per bin)", fontsize=10)
+            ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        _save(fig, png_fp)

@@ -7,6 +7,10 @@ training preprocessing, so serving sees what training saw.
 Each member computes on the device it was loaded onto. On a GPU it computes as it trained: bf16 autocast
 and channels_last when its ``meta.json`` says so (members from before those keys were recorded run fp32
 NCHW). On a CPU it always runs fp32 NCHW, exactly as before GPUs were supported, so CPU scores do not move.
+
+``predict_proba*`` return the raw mean probabilities (what evaluate scores and calibration fits on);
+:meth:`BagPredictor.calibrated` applies the bag's temperature (``pipeline.core.calibration``) for the confidence
+users see. Labels always come from the raw probabilities: the temperature never changes them.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from PIL import Image
 
 from pipeline.core import checkpoints
+from pipeline.core.calibration import temperature_scale
 from pipeline.core.data import normalize_batch
 from pipeline.core.devices import autocast
 from pipeline.core.images import resize_uint8, to_rgb
@@ -76,6 +81,11 @@ class BagPredictor:
             raise ValueError("bag members disagree on the class list")
         self.members = members
         self.class_names = list(names.pop())
+        self.temperature = 1.0  # set from the registered model's calibration file; 1 = uncalibrated
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """``probs`` (raw bag probabilities) after the bag's temperature: same argmax, calibrated confidence."""
+        return probs if self.temperature == 1.0 else temperature_scale(probs, self.temperature)
 
     @classmethod
     def from_dirs(cls, member_dirs: list[Path], device: torch.device = CPU) -> "BagPredictor":

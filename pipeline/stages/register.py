@@ -1,12 +1,16 @@
-"""Stage ``register``: log the run, register the bag, gate it against the re-scored champion, set aliases.
+"""Stage ``register``: log the run, register the bag, gate it against the champion, set aliases.
 
     python -m pipeline register --params params.yaml --split data/split.csv --raw-dir data/raw \
         --models-dir models --metrics metrics/eval.json --reports-dir reports --decision registry/decision.json
 
-Gate: promote only if the candidate's test weighted F1 >= ``registry.f1_floor`` and it beats the
-current champion, re-scored now on the same test split, by >= ``registry.min_delta``. A rejected
-candidate stays registered with alias ``challenger``. Re-running for the same model files creates
-no second version (versions carry a ``candidate_id`` tag = hash of the member files).
+Gate (docs/ARCHITECTURE.md, "The gate"): candidate and champion are scored by one code path, each through its
+own registered pyfunc, on one frame of today's test split. Promote only if the candidate's weighted F1 >=
+``registry.f1_floor`` and, when there is a champion, a paired bootstrap over the test images gives
+P(ΔwF1 > ``registry.min_delta``) >= ``registry.confidence``. The interval, the probability and n go into the
+version's tags and model card, the comparison picture into the run's artifacts. A registry error while reading
+the champion fails the stage (transient, retried): it never means "no champion". A rejected candidate stays
+registered with alias ``challenger``. Re-running for the same model files creates no second version (versions
+carry a ``candidate_id`` tag = hash of the member files).
 """
 from __future__ import annotations
 
@@ -15,21 +19,30 @@ import json
 import logging
 import os
 import platform
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
-from sklearn.metrics import f1_score
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.core import checkpoints
 from pipeline.adapters import tracking
 from pipeline.core.config import Config
 from pipeline.core.devices import resolve_device
+from pipeline.core.figures import plot_gate_comparison
+from pipeline.core.gate_stats import CI_LEVEL, RESAMPLES, SEED, PairedBootstrap, paired_bootstrap, weighted_f1
 from pipeline.stages import paths
 from pipeline.stages.paths import backbone_dirs, member_dirs
 from pipeline.core.io import read_csv
 
 _logger = logging.getLogger(__name__)
+COMPARISON_PNG = Path("gate/comparison.png")  # run artifact paths an auditor opens
+RELIABILITY_PNG = Path("calibration/reliability.png")
+PARITY_WARN = 1e-6  # |package wF1 - evaluate wF1| above this is logged: the two scoring paths disagree
+GATE_RULE = (f"promote when weighted F1 >= floor and, against a champion, P(ΔwF1 > min_delta) >= confidence "
+             f"by a paired bootstrap over the test images ({RESAMPLES} resamples, seed {SEED})")
 
 
 def candidate_id(dirs: list[Path], metrics_fp: Path) -> str:
@@ -51,15 +64,60 @@ def candidate_id(dirs: list[Path], metrics_fp: Path) -> str:
     return h.hexdigest()
 
 
-def gate(candidate_f1: float, champion_f1: float | None, floor: float, min_delta: float) -> tuple[bool, str]:
-    """The promotion rule, as a pure function."""
-    if candidate_f1 < floor:
-        return False, f"weighted F1 {candidate_f1:.4f} < floor {floor:.4f}"
-    if champion_f1 is None:
-        return True, f"no champion yet; weighted F1 {candidate_f1:.4f} >= floor {floor:.4f}"
-    if candidate_f1 >= champion_f1 + min_delta:
-        return True, f"weighted F1 {candidate_f1:.4f} >= champion {champion_f1:.4f} + min_delta {min_delta}"
-    return False, f"weighted F1 {candidate_f1:.4f} < champion {champion_f1:.4f} + min_delta {min_delta}"
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict and the numbers behind it (all from the pyfuncs, on one test frame)."""
+
+    promote: bool
+    reason: str
+    candidate_f1: float
+    n_test: int
+    champion_f1: float | None = None
+    stats: PairedBootstrap | None = None  # None: no champion to compare with
+
+    @property
+    def label(self) -> str:
+        return "promoted" if self.promote else "rejected"
+
+
+def gate(truth: list[str], candidate: list[str], champion: list[str] | None, floor: float, min_delta: float,
+         confidence: float) -> GateDecision:
+    """The promotion rule, as a pure function of the labels both pyfuncs gave for the same test images.
+
+    Promote when the candidate's package labels every test image, its weighted F1 holds the floor and, if there
+    is a champion, a paired bootstrap over the test images puts P(ΔwF1 > min_delta) at or above ``confidence``
+    (ΔwF1 = candidate − champion). A tie, or a difference that a few images could make, is not an improvement.
+    An empty label is an image the pyfunc could not read: validate decoded every test image, so that is a
+    broken package, never promoted (not even as a first champion over a floor of 0).
+    """
+    f1, n = weighted_f1(truth, candidate), len(truth)
+    unread = sum(1 for label in candidate if label == "")
+    if unread:
+        return GateDecision(False, f"the registered package gave no label for {unread} of {n} test images", f1, n)
+    if f1 < floor:
+        return GateDecision(False, f"weighted F1 {f1:.4f} < floor {floor:.4f}", f1, n)
+    if champion is None:
+        return GateDecision(True, f"no champion yet; weighted F1 {f1:.4f} >= floor {floor:.4f}", f1, n)
+    stats = paired_bootstrap(truth, candidate, champion, min_delta)
+    champion_f1 = weighted_f1(truth, champion)
+    promote = stats.p_improve >= confidence
+    verdict = ">=" if promote else "<"
+    reason = (f"P(ΔwF1 > {min_delta:g}) = {stats.p_improve:.4f} {verdict} confidence {confidence:g}; "
+              f"weighted F1 {f1:.4f} vs champion {champion_f1:.4f}, ΔwF1 {stats.delta:+.4f} "
+              f"({CI_LEVEL:.0%} CI {stats.ci_low:+.4f} to {stats.ci_high:+.4f}) on {n} test images")
+    return GateDecision(promote, reason, f1, n, champion_f1, stats)
+
+
+def gate_tags(decision: GateDecision, confidence: float) -> dict[str, str]:
+    """The version tags an auditor reads the decision from (empty where there was no champion)."""
+    s = decision.stats
+    return {"gate_candidate_wf1": f"{decision.candidate_f1:.6f}", "gate_n_test": str(decision.n_test),
+            "gate_confidence": f"{confidence:g}", "gate_rule": GATE_RULE,
+            "gate_delta_wf1": "" if s is None else f"{s.delta:.6f}",
+            "gate_delta_ci_low": "" if s is None else f"{s.ci_low:.6f}",
+            "gate_delta_ci_high": "" if s is None else f"{s.ci_high:.6f}",
+            "gate_ci_level": f"{CI_LEVEL:g}", "gate_p_improve": "" if s is None else f"{s.p_improve:.4f}",
+            "champion_f1_rescored": "" if decision.champion_f1 is None else f"{decision.champion_f1:.6f}"}
 
 
 def test_frame(split_fp: Path, raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -84,6 +142,29 @@ def rescore_champion(model_uri: str, frame: pd.DataFrame, truth: list[str], devi
         predictor.to(device)
     pred = pyfunc.predict(frame)["label"].tolist()
     return float(f1_score(truth, pred, average="weighted", zero_division=0))
+def score_version(name: str, version: str, frame: pd.DataFrame) -> list[str]:
+    """Labels of registered version ``version`` on ``frame``: its own pyfunc, loaded from the registry.
+
+    Candidate and champion go through this one function (same decode, resize, no TTA), so a difference in
+    preprocessing between two code paths cannot bias the gate, and a package that does not load or predict
+    is caught before it can be promoted.
+    """
+    return tracking.predict_labels(f"models:/{name}/{version}", frame)
+
+
+def draw_comparison(truth: list[str], predictions: dict[str, list[str]], decision: GateDecision,
+                    png_fp: Path) -> None:
+    """The gate's picture: per-class F1 of each model side by side and both confusion matrices."""
+    names = sorted({*truth, *(x for labels in predictions.values() for x in labels)} - {""})
+    f1 = {who: precision_recall_fscore_support(truth, pred, labels=names, zero_division=0)[2].tolist()
+          for who, pred in predictions.items()}
+    confusion = {who: confusion_matrix(truth, pred, labels=names) for who, pred in predictions.items()}
+    s = decision.stats
+    title = (f"{decision.label}: no champion yet, weighted F1 {decision.candidate_f1:.4f} on {decision.n_test} "
+             "test images" if s is None else
+             f"{decision.label}: ΔwF1 = candidate - champion = {s.delta:+.4f}, {CI_LEVEL:.0%} CI [{s.ci_low:+.4f}, "
+             f"{s.ci_high:+.4f}], P(ΔwF1 > {s.min_delta:g}) = {s.p_improve:.4f}, n = {s.n} test images")
+    plot_gate_comparison(names, f1, confusion, title, png_fp)
 
 
 def dvc_hashes(lock_fp: Path) -> dict[str, str]:
@@ -100,15 +181,54 @@ def dvc_hashes(lock_fp: Path) -> dict[str, str]:
     return out
 
 
+def gate_card(decision: GateDecision, champion_version: str | None, confidence: float) -> list[str]:
+    """The model card's gate section: what was compared, how, and the numbers."""
+    lines = ["## Gate: candidate against champion", "",
+             f"Both scored by their registered pyfuncs on the same {decision.n_test} test images "
+             "(same decode, resize, no TTA). Rule: " + GATE_RULE + ".", "",
+             "| | value |", "|---|---|",
+             f"| candidate weighted F1 (its pyfunc) | {decision.candidate_f1:.4f} |"]
+    s = decision.stats
+    if s is None:
+        lines.append("| champion | none: a first champion needs only the floor |")
+    else:
+        lines += [f"| champion v{champion_version} weighted F1 (re-scored now) | {decision.champion_f1:.4f} |",
+                  f"| ΔwF1 = candidate − champion | {s.delta:+.4f} |",
+                  f"| {CI_LEVEL:.0%} bootstrap interval of ΔwF1 | [{s.ci_low:+.4f}, {s.ci_high:+.4f}] |",
+                  f"| P(ΔwF1 > {s.min_delta:g}) | {s.p_improve:.4f} (promote at ≥ {confidence:g}) |",
+                  f"| resamples | {s.resamples} |"]
+    lines += [f"| test images n | {decision.n_test} |", "",
+              f"Per-class F1 and both confusion matrices: run artifact `{COMPARISON_PNG}`.", ""]
+    return lines
+
+
+def calibration_card(calibration: dict) -> list[str]:
+    """The model card's calibration section (what ``confidence`` means), from ``calibration.json``."""
+    if not calibration:
+        return []
+    ece = [f"{split} {calibration[f'ece_{split}_before']:.4f} → {calibration[f'ece_{split}_after']:.4f}"
+           for split in ("val", "test") if calibration.get(f"ece_{split}_before") is not None]
+    fitted = (calibration["note"] if "note" in calibration else
+              f"fitted on {calibration['n_val']} val images (NLL of softmax(log(mean member probability) / T))")
+    return ["## Calibration", "",
+            f"- temperature T = {calibration['temperature']:.3f}: {fitted}; served `confidence` uses it, labels "
+            "do not change",
+            f"- ECE ({calibration.get('bins', 15)} bins) before → after: {', '.join(ece) or 'not measured'}",
+            f"- reliability diagram: run artifact `{RELIABILITY_PNG}`", ""]
+
+
 def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], counts: dict, lineage: dict,
-               decision: str, reason: str, members: list[dict], backbones: dict | None = None) -> str:
+               decision: str, reason: str, members: list[dict], backbones: dict | None = None,
+               extra: list[str] | None = None) -> str:
+    """The version's description: gate, data, metrics, ``extra`` sections (gate details, calibration), model."""
     backbones = backbones or {}
     lines = [f"# {cfg.registry.model_name} v{version}", "",
              f"**Gate:** {decision} — {reason}", "",
+             *(extra or []),
              "## Data", f"- landing: `{cfg.data.landing_uri}`",
              *(f"- {k}: `{v}`" for k, v in lineage.items()),
              "- class counts (validated): " + ", ".join(f"{c} {n}" for c, n in counts.items()), "",
-             "## Test metrics (held-out split)", "| metric | value |", "|---|---|",
+             "## Test metrics (held-out split, `evaluate`)", "| metric | value |", "|---|---|",
              *(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)),
              "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
              *(f"| {r['class_name']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
@@ -139,12 +259,12 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     if existing is not None and existing.tags.get("gate"):
         _logger.info("version %s already holds these model files; not registering again", existing.version)
         return _write_decision(decision_fp, name, existing.version, existing.run_id, metrics["weighted_f1"],
-                               existing.tags["gate"], existing.tags.get("gate_reason", ""),
-                               existing.tags.get("champion_f1_rescored"))
+                               existing.tags["gate"], existing.tags)
     validation = json.loads((reports_dir / "validation.json").read_text(encoding="utf-8"))
     lineage = {"data_fingerprint": validation["fingerprint"], **dvc_hashes(lock_fp),
                "git_commit": tracking.git_commit(None), "params_hash": cfg.params_hash()}
     frame, truth = test_frame(split_fp, raw_dir)
+    calibration_fp = reports_dir / "eval" / "calibration.json"
     if existing is None:
         split_df = pd.DataFrame(read_csv(split_fp))
         run_id, version = tracking.log_candidate(
@@ -153,38 +273,80 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
             dataset_source=cfg.data.landing_uri, lineage=lineage, input_example=frame.head(2), model_name=name,
             backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
             # Set by the Airflow DAG (one parent run per DAG run); a workstation `dvc repro` opens its own.
-            parent_run_id=os.environ.get("PIPELINE_PARENT_RUN_ID") or None)
+            parent_run_id=os.environ.get("PIPELINE_PARENT_RUN_ID") or None, calibration_fp=calibration_fp)
     else:  # registered by an earlier attempt that died before the gate: finish it
         run_id, version = existing.run_id, existing.version
-    champion = tracking.version_by_alias(client, name, "champion")
-    champion_f1 = None
-    if champion is not None and champion.version != version:
-        champion_f1 = rescore_champion(f"models:/{name}@champion", frame, truth, cfg.train.device)
-        _logger.info("champion v%s re-scored on this test split: weighted F1 %.4f", champion.version, champion_f1)
-    promote, reason = gate(metrics["weighted_f1"], champion_f1, cfg.registry.f1_floor, cfg.registry.min_delta)
-    decision = "promoted" if promote else "rejected"
+    champion = _champion_to_beat(client, name, version)
+    decision = _decide(cfg, name, version, champion, frame, truth, metrics["weighted_f1"], client, run_id)
+    tracking.log_files(client, run_id, [calibration_fp, reports_dir / "eval" / RELIABILITY_PNG.name],
+                       str(RELIABILITY_PNG.parent))
     per_class = json.loads((reports_dir / "eval" / "per_class.json").read_text(encoding="utf-8"))
     members = [json.loads((d / "meta.json").read_text(encoding="utf-8")) for d in dirs]
+    calibration = metrics.get("calibration") or {}  # the summary evaluate keeps as DVC metrics
+    report = json.loads(calibration_fp.read_text(encoding="utf-8")) if calibration_fp.exists() else {}
+    champion_version = None if champion is None else champion.version
     card = model_card(cfg, version, {k: v for k, v in metrics.items() if k not in ("members", "backbones")},
-                      per_class, validation["class_counts"], lineage, decision, reason, members,
-                      metrics.get("backbones"))
+                      per_class, validation["class_counts"], lineage, decision.label, decision.reason, members,
+                      metrics.get("backbones"),
+                      extra=gate_card(decision, champion_version, cfg.registry.confidence) + calibration_card(report))
     tags = {**lineage, "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
             "per_class_f1": json.dumps({r["class_name"]: round(r["f1"], 4) for r in per_class}, ensure_ascii=False),
-            "gate_reason": reason, "champion_f1_rescored": "" if champion_f1 is None else f"{champion_f1:.6f}",
-            "champion_version_at_gate": "" if champion is None else champion.version, "profile": cfg.profile}
+            "gate_reason": decision.reason, **gate_tags(decision, cfg.registry.confidence),
+            "champion_version_at_gate": champion_version or "", "profile": cfg.profile,
+            **{f"calibration_{k}": "" if v is None else f"{v:.6f}" for k, v in calibration.items()}}
     # The decision tag goes last, with the alias switch: a version without it is unfinished and is resumed.
     client.log_text(run_id, card, "model_card.md")
-    tracking.finish_version(client, name, version, tags, card, promote)
-    client.set_model_version_tag(name, version, "gate", decision)
-    _logger.info("registered %s v%s: %s (%s)", name, version, decision, reason)
-    return _write_decision(decision_fp, name, version, run_id, metrics["weighted_f1"], decision, reason,
-                           tags["champion_f1_rescored"])
+    tracking.finish_version(client, name, version, tags, card, decision.promote)
+    client.set_model_version_tag(name, version, "gate", decision.label)
+    _logger.info("registered %s v%s: %s (%s)", name, version, decision.label, decision.reason)
+    return _write_decision(decision_fp, name, version, run_id, metrics["weighted_f1"], decision.label, tags)
 
 
-def _write_decision(fp: Path, name: str, version: str, run_id: str, f1: float, decision: str, reason: str,
-                    champion_f1) -> dict:
+def _champion_to_beat(client, name: str, version: str):
+    """The champion now; if an earlier attempt already made this version champion and died before tagging it,
+    the one it replaced (``previous_champion``), so the retry re-takes the same decision."""
+    champion = tracking.version_by_alias(client, name, "champion")  # a registry error raises: fail closed
+    if champion is not None and champion.version == version:
+        champion = tracking.version_by_alias(client, name, "previous_champion")
+    return champion
+
+
+def _decide(cfg: Config, name: str, version: str, champion, frame: pd.DataFrame, truth: list[str],
+            evaluated_f1: float, client, run_id: str) -> GateDecision:
+    """Score candidate and champion through their pyfuncs, apply the gate, log the comparison picture."""
+    candidate = score_version(name, version, frame, cfg.train.device)
+    predictions = {}
+    if champion is not None:
+        predictions[f"champion v{champion.version}"] = score_version(name, champion.version, frame, cfg.train.device)
+    predictions[f"candidate v{version}"] = candidate
+    champion_labels = predictions[f"champion v{champion.version}"] if champion is not None else None
+    decision = gate(truth, candidate, champion_labels, cfg.registry.f1_floor, cfg.registry.min_delta,
+                    cfg.registry.confidence)
+    if abs(decision.candidate_f1 - evaluated_f1) > PARITY_WARN:
+        # Same bag, same images: only a preprocessing difference between the package and evaluate gets here.
+        _logger.warning("the registered package scores weighted F1 %.4f, evaluate %.4f: the two paths disagree",
+                        decision.candidate_f1, evaluated_f1)
+    if champion is not None:
+        _logger.info("champion v%s re-scored on this test split: weighted F1 %.4f", champion.version,
+                     decision.champion_f1)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / COMPARISON_PNG.name
+        draw_comparison(truth, predictions, decision, png)
+        tracking.log_files(client, run_id, [png], str(COMPARISON_PNG.parent))
+    return decision
+
+
+DECISION_TAGS = ("gate_candidate_wf1", "champion_f1_rescored", "gate_delta_wf1", "gate_delta_ci_low",
+                 "gate_delta_ci_high", "gate_ci_level", "gate_p_improve", "gate_n_test", "gate_confidence")
+
+
+def _write_decision(fp: Path, name: str, version: str, run_id: str, f1: float, decision: str,
+                    tags: dict[str, str]) -> dict:
+    """``registry/decision.json``: the outcome and the gate's numbers (from the version's tags)."""
     out = {"model_name": name, "model_version": str(version), "run_id": run_id, "weighted_f1": f1,
-           "gate": decision, "reason": reason, "champion_f1_rescored": champion_f1 or None}
+           "gate": decision, "reason": tags.get("gate_reason", ""),
+           **{k: (float(tags[k]) if k != "gate_n_test" else int(tags[k])) if tags.get(k) else None
+              for k in DECISION_TAGS}}
     fp.parent.mkdir(parents=True, exist_ok=True)
     fp.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out

@@ -7,7 +7,10 @@ The tests run in file order and share one workspace, landing prefix and register
 2. S3 is stopped as soon as the ingest stage starts: retried with backoff, then a clean failure; the champion
    is untouched;
 3. S3 back, the same DAG rerun completes with every object exactly once; MLflow is stopped the moment the new
-   version appears in the registry: no alias moves and nothing is left half-registered; the retry finishes it.
+   version appears in the registry: no alias moves and nothing is left half-registered; the retry finishes it;
+4. MLflow is stopped at exactly register's champion lookup (a proxy in front of it trips on that request and
+   holds every later one until the server is back): the attempt fails as transient instead of reading the
+   outage as "no champion"; nothing is promoted between attempts; the retry compares with the real champion.
 """
 from __future__ import annotations
 
@@ -217,3 +220,68 @@ def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_n
     raw = ws / "data" / "raw"
     assert sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()) == sorted(landed)
     assert all(sha256_file(raw / r["path"]) == r["sha256"] for r in rows)
+
+
+def _is_champion_lookup(method: str, path: str) -> bool:
+    """MLflow's GetModelVersionByAlias for this module's model and alias ``champion``."""
+    return (method == "GET" and "/registered-models/alias" in path and "alias=champion" in path
+            and f"name={MODEL}" in path)
+
+
+def test_mlflow_stopped_at_the_champion_lookup_fails_closed_and_the_retry_compares_with_the_champion(
+        faults, stack, tmp_path):
+    from mlflow import MlflowClient
+
+    from devstack import services
+    from devstack.fault_proxy import FaultProxy
+
+    quick = [*faults["conf"]["set"], "train.epochs=1"]
+    if _alias("champion") is None:  # run on its own (-k): the earlier tests leave a champion; make one
+        assert DagRun(faults["env"], {**faults["conf"], "set": quick}, tmp_path / "first.log").wait() == 0
+    champion, before = _alias("champion"), {v.version for v in _versions()}
+    attempt = []  # the register process that made the lookup
+
+    def stop_mlflow() -> None:
+        attempt.extend(_stage_procs("register"))
+        services.stop(stack, "mlflow")
+
+    proxy = FaultProxy(stack.mlflow_url, _is_champion_lookup, stop_mlflow).start()
+    # Held requests wait for the server (up to minutes): the client must not time out on them first.
+    env = {**faults["env"], "MLFLOW_TRACKING_URI": proxy.url, "MLFLOW_HTTP_REQUEST_TIMEOUT": "900"}
+    # A new candidate, so that register gets to the lookup: another learning rate changes the weights from the
+    # first step (same files would be "already registered"); two epochs keep it quick. Nothing new landed, so
+    # the data stages skip.
+    sets = [*faults["conf"]["set"], "train.epochs=2", "train.lr=0.0011"]
+    run = DagRun(env, {**faults["conf"], "set": sets}, tmp_path / "run.log")
+    try:
+        wait_for(lambda: proxy.tripped.is_set() or run.proc.poll() is not None, 1200, "the champion lookup",
+                 interval=0.5)
+        assert proxy.tripped.is_set(), "the DAG run ended before the champion lookup: " + run.log.read_text()[-3000:]
+        # Fail-closed code ends the attempt on the failed lookup; fail-open code reads "no champion" and goes on
+        # (its next requests wait in the proxy), so its process is still alive here.
+        _, still_running = psutil.wait_procs(attempt, timeout=120)
+        services.start_mlflow(stack)
+        assert _alias("champion") == champion  # nothing was promoted during the outage
+        new = [v for v in _versions() if v.version not in before]
+        assert len(new) == 1 and "gate" not in new[0].tags and new[0].tags["candidate_id"], new
+    finally:
+        services.start_mlflow(stack)
+        proxy.release()  # the retry (and, in fail-open code, the first attempt) goes on against a live server
+    code = run.wait()
+    proxy.close()
+    decision = json.loads((faults["ws"] / "registry" / "decision.json").read_text())
+    assert not still_running, f"register went on after the failed champion lookup: {decision['reason']}"
+    assert code == 0, run.log.read_text()[-4000:]
+    log = run.full_log()
+    assert "cannot read alias champion of faults-defect-classifier" in log
+    assert log.count("dvc repro --single-item register") == 2
+    assert proxy.refused and all(_is_champion_lookup(*r.split(" ", 1)) for r in proxy.refused)
+
+    after = {v.version: v for v in _versions()}
+    assert set(after) - before == {new[0].version}, "exactly one new version"
+    assert all(v.tags.get("gate") in ("promoted", "rejected") for v in after.values())
+    done = MlflowClient().get_model_version(MODEL, new[0].version)
+    # the retry compared with the real champion, through both pyfuncs, with the bootstrap's numbers recorded
+    assert done.tags["champion_version_at_gate"] == champion and done.tags["gate_p_improve"] != ""
+    assert not decision["reason"].startswith("no champion")
+    assert _alias("champion") == (new[0].version if decision["gate"] == "promoted" else champion)

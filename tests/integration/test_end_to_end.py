@@ -33,6 +33,62 @@ def test_dag_registers_a_champion_with_lineage_tags(trained, stack):
     assert f"{float(champ.tags['weighted_f1']):.4f}" == f"{decision['weighted_f1']:.4f}"
     assert "Gate:" in champ.description and "stain" in champ.description
     assert validation["class_counts"] == {"crack": 8, "mold": 8, "stain": 8}
+    # A first champion: no comparison, so no interval; the gate's own numbers and the calibration are recorded.
+    n_test = json.loads((trained / "metrics" / "eval.json").read_text())["n_test"]
+    assert champ.tags["gate_n_test"] == str(n_test) == str(decision["gate_n_test"])
+    assert champ.tags["gate_p_improve"] == "" and champ.tags["gate_delta_ci_low"] == ""
+    assert float(champ.tags["calibration_temperature"]) > 0 and champ.tags["calibration_ece_test_before"] != ""
+    assert "## Gate: candidate against champion" in champ.description and "## Calibration" in champ.description
+    artifacts = {a.path for folder in ("gate", "calibration") for a in client.list_artifacts(champ.run_id, folder)}
+    assert {"gate/comparison.png", "calibration/reliability.png", "calibration/calibration.json"} <= artifacts
+
+
+# The scoring-parity tolerance: the gate's weighted F1 (the registered pyfunc on base64 test images) and
+# evaluate's (the image cache) must agree to the 6 decimals the tags keep; per image, the labels must be equal, and
+# the package's probabilities (before calibration) and served confidence (after) must match evaluate's to float32
+# rounding. Raw probabilities are compared too: a temperature that sharpens hard (the tiny data's val split is
+# all right) pushes every confidence to 1 and would hide a preprocessing difference.
+PARITY_F1_TOL = 1e-6
+PARITY_PROB_TOL = 1e-5
+
+
+def test_the_gate_scores_the_registered_package_like_evaluate_scores_the_files(trained, stack):
+    import mlflow
+    import numpy as np
+
+    decision = json.loads((trained / "registry" / "decision.json").read_text())
+    metrics = json.loads((trained / "metrics" / "eval.json").read_text())
+    version = mlflow.MlflowClient().get_model_version(MODEL, decision["model_version"])
+    # one scoring path: the gate scored the candidate through its own registered pyfunc
+    assert "gate_candidate_wf1" in version.tags, "the candidate's registered package was never scored"
+    assert abs(float(version.tags["gate_candidate_wf1"]) - metrics["weighted_f1"]) <= PARITY_F1_TOL
+
+    # image by image: the registered package on the gate's frame against evaluate's code on the image cache
+    from pipeline.adapters.serving import decode_rows
+    from pipeline.core.calibration import temperature_scale
+    from pipeline.core.data import load_split
+    from pipeline.core.inference import BagPredictor
+    from pipeline.stages.evaluate import split_arrays
+    from pipeline.stages.register import test_frame
+
+    frame, truth = test_frame(trained / "data" / "split.csv", trained / "data" / "raw")
+    package = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version.version}")
+    served = package.predict(frame)
+    images, errors = decode_rows(frame["image"].tolist())  # the pyfunc's own decode, then its own resize
+    package_probs = package.unwrap_python_model().predictor.predict_proba(images)
+    bag = BagPredictor.from_dirs(sorted((trained / "models").glob("member_*")))
+    arrays, _ = split_arrays(trained / "data" / "raw", load_split(trained / "data" / "split.csv"), "test",
+                             bag.sizes(), None)
+    probs = bag.predict_proba_arrays(arrays)
+    assert errors == [""] * len(truth)
+    np.testing.assert_allclose(package_probs, probs, atol=PARITY_PROB_TOL)
+    temperature = json.loads((trained / "reports" / "eval" / "calibration.json").read_text())["temperature"]
+    expected = temperature_scale(probs, temperature).max(axis=1)
+    assert served["label"].tolist() == [bag.class_names[k] for k in probs.argmax(axis=1)]
+    np.testing.assert_allclose(served["confidence"].to_numpy(), expected, atol=PARITY_PROB_TOL)
+    evaluated = (trained / "reports" / "eval" / "predictions.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[1] for line in evaluated] == served["label"].tolist()
+    assert len(truth) == metrics["n_test"]
 
 
 def test_champion_pyfunc_answers_the_contract(trained, stack):
@@ -102,21 +158,32 @@ def test_mlflow_models_serve_answers_a_real_image(trained, stack, stack_env, tmp
         proc.wait(timeout=30)
 
 
-def test_worse_candidate_is_rejected_and_champion_untouched_then_rollback(trained, stack, stack_env):
+def test_a_candidate_trained_with_a_crippled_recipe_is_rejected_then_rollback(trained, stack, stack_env):
     from mlflow import MlflowClient
+
+    from tests.conftest import GOOD_TINY_RECIPE
 
     client = MlflowClient()
     champion_before = client.get_model_version_by_alias(MODEL, "champion").version
-    # A different model (another learning rate) that must beat the champion by 1.0 weighted F1: impossible.
+    # The champion's recipe with a learning rate of 1e-9: the weights never leave their random start. Default
+    # gate settings (min_delta 0, confidence 0.9): the champion must win on the images, not by a tuned margin.
     conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test",
-                       "set": ["registry.min_delta=1.0", "train.lr=0.003"]})
+                       "set": [*GOOD_TINY_RECIPE, "train.lr=1.0e-9"]})
     out = run_cli(["devstack", "run-dag", "defect_training", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:]
     decision = json.loads((trained / "registry" / "decision.json").read_text())
-    assert decision["gate"] == "rejected" and "min_delta 1.0" in decision["reason"]
-    assert decision["champion_f1_rescored"] is not None  # the champion was re-scored, not read from a tag
+    # really worse, on the same test images, through the same pyfunc scoring
+    assert decision["champion_f1_rescored"] >= decision["gate_candidate_wf1"] + 0.3, decision
+    assert decision["gate"] == "rejected" and decision["gate_p_improve"] < 0.9, decision
+    assert "P(ΔwF1 > 0) = " in decision["reason"] and decision["gate_delta_wf1"] < 0
+    assert decision["gate_n_test"] == json.loads((trained / "metrics" / "eval.json").read_text())["n_test"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion_before
-    assert client.get_model_version_by_alias(MODEL, "challenger").version == decision["model_version"]
+    challenger = client.get_model_version_by_alias(MODEL, "challenger")
+    assert challenger.version == decision["model_version"]
+    assert challenger.tags["champion_version_at_gate"] == champion_before
+    for key in ("gate_delta_wf1", "gate_delta_ci_low", "gate_delta_ci_high", "gate_p_improve", "gate_n_test"):
+        assert challenger.tags[key] != "", key
+    assert "| P(ΔwF1 > 0) |" in challenger.description and "bootstrap interval" in challenger.description
 
     audit = run_cli(["pipeline", "audit", "--model", MODEL, champion_before, decision["model_version"]], stack_env)
     assert audit.returncode == 0 and "param train.lr" in audit.stdout and "tag gate" in audit.stdout
