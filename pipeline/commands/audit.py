@@ -43,7 +43,7 @@ def diff_versions(client, name: str, a: str, b: str) -> list[tuple[str, str, str
     va, vb = _version(client, name, a), _version(client, name, b)
     rows: list[tuple[str, str, str]] = []
     tag_keys = ["data_fingerprint", "dvc_data_md5", "dvc_split_md5", "git_commit", "params_hash", "profile",
-                "weighted_f1", "macro_f1", "gate", "gate_reason"]
+                "dvc_lock_sha256", "params_sha256", "weights_sha256", "weighted_f1", "macro_f1", "gate", "gate_reason"]
     for key in tag_keys:
         x, y = va.tags.get(key, ""), vb.tags.get(key, "")
         if x != y:

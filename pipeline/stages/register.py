@@ -90,6 +90,24 @@ def dvc_hashes(lock_fp: Path) -> dict[str, str]:
     return out
 
 
+def lineage_files(lock_fp: Path, params_fp: Path) -> dict[str, str]:
+    """What ``python -m pipeline reproduce`` needs, as the run's ``lineage/`` artifacts: the params file as read and
+    ``dvc.lock`` without the ``register`` stage (that is this very run). Empty when not run under DVC.
+
+    Under ``dvc repro`` the lock already holds every stage before this one (DVC writes it stage by stage).
+    """
+    if not lock_fp.exists():
+        return {}
+    lock = yaml.safe_load(lock_fp.read_text(encoding="utf-8")) or {}
+    lock.get("stages", {}).pop("register", None)
+    return {"lineage/dvc.lock": yaml.safe_dump(lock, allow_unicode=True, sort_keys=False),
+            "lineage/params.yaml": params_fp.read_text(encoding="utf-8")}
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], counts: dict, lineage: dict,
                decision: str, reason: str, members: list[dict], backbones: dict | None = None) -> str:
     backbones = backbones or {}
@@ -119,7 +137,8 @@ def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], 
 
 
 def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
-                 reports_dir: Path, decision_fp: Path, lock_fp: Path = Path("dvc.lock")) -> dict:
+                 reports_dir: Path, decision_fp: Path, lock_fp: Path = Path("dvc.lock"),
+                 params_fp: Path = paths.PARAMS) -> dict:
     dirs = member_dirs(cfg.bag.seeds, models_dir)
     cid = candidate_id(dirs, metrics_fp)
     metrics = json.loads(metrics_fp.read_text())
@@ -132,16 +151,19 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
                                existing.tags["gate"], existing.tags.get("gate_reason", ""),
                                existing.tags.get("champion_f1_rescored"))
     validation = json.loads((reports_dir / "validation.json").read_text(encoding="utf-8"))
+    stored = lineage_files(lock_fp, params_fp)
     lineage = {"data_fingerprint": validation["fingerprint"], **dvc_hashes(lock_fp),
-               "git_commit": tracking.git_commit(None), "params_hash": cfg.params_hash()}
+               "git_commit": tracking.git_commit(None), "params_hash": cfg.params_hash(),
+               **({"dvc_lock_sha256": text_sha256(stored["lineage/dvc.lock"]),
+                   "params_sha256": text_sha256(stored["lineage/params.yaml"])} if stored else {})}
     frame, truth = test_frame(split_fp, raw_dir)
     if existing is None:
         split_df = pd.DataFrame(read_csv(split_fp))
         run_id, version = tracking.log_candidate(
             cfg_dict=cfg.to_dict(), candidate_id=cid, metrics=metrics, member_dirs=dirs,
-            artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"], dataset_frame=split_df,
-            dataset_source=cfg.data.landing_uri, lineage=lineage, input_example=frame.head(2), model_name=name,
-            backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
+            artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"], artifact_texts=stored,
+            dataset_frame=split_df, dataset_source=cfg.data.landing_uri, lineage=lineage,
+            input_example=frame.head(2), model_name=name, backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
             # Set by the Airflow DAG (one parent run per DAG run); a workstation `dvc repro` opens its own.
             parent_run_id=os.environ.get("PIPELINE_PARENT_RUN_ID") or None)
     else:  # registered by an earlier attempt that died before the gate: finish it
@@ -158,7 +180,9 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     card = model_card(cfg, version, {k: v for k, v in metrics.items() if k not in ("members", "backbones")},
                       per_class, validation["class_counts"], lineage, decision, reason, members,
                       metrics.get("backbones"))
-    tags = {**lineage, "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
+    weights = {d.name: m["model_sha256"] for d, m in zip(dirs, members)}
+    tags = {**lineage, "weights_sha256": json.dumps(weights, sort_keys=True),
+            "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
             "per_class_f1": json.dumps({r["class_name"]: round(r["f1"], 4) for r in per_class}, ensure_ascii=False),
             "gate_reason": reason, "champion_f1_rescored": "" if champion_f1 is None else f"{champion_f1:.6f}",
             "champion_version_at_gate": "" if champion is None else champion.version, "profile": cfg.profile}
