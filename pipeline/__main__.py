@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="apply a profile to this clone's params.yaml; DVC remote from the environment")
     p.add_argument("name", help="full (the committed recipe), or a profiles/<name>.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    p.add_argument("--no-lock", action="store_true",
+                   help="do not write dvc.lock from the newest version registered with these params")
 
     p = sub.add_parser("reproduce", help="a workspace at a registered version's exact inputs, every hash checked")
     p.add_argument("--model", required=True, help="registered model name")
@@ -180,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "profile":
         from pipeline.commands.profile import print_profile
 
-        return print_profile(args.name, args.set)
+        return print_profile(args.name, args.set, take_lock=not args.no_lock)
     elif cmd == "reproduce":
         from pipeline.commands.reproduce import run_reproduce
 

@@ -272,6 +272,18 @@ def get_version(name: str, version: str):
                             f"{mlflow.get_tracking_uri()}: {exc.message.splitlines()[0]}") from None
 
 
+def versions_tagged(name: str, key: str, value: str) -> list:
+    """Versions of ``name`` whose tag ``key`` equals ``value``, newest first (none when the model is unknown)."""
+    client = connect_registry()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise TrackingError(f"cannot list versions of {name}: {exc.message.splitlines()[0]}") from None
+    return sorted((v for v in versions if v.tags.get(key) == value), key=lambda v: -int(v.version))
+
+
 def download_artifact(run_id: str, path: str, dst: Path) -> Path:
     """Artifact ``path`` of run ``run_id`` into folder ``dst``; a missing one is a :class:`PipelineError`."""
     try:
