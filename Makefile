@@ -40,13 +40,14 @@ PROFILE     ?= cpu-demo
 export PIPELINE_LANDING_URI ?= $(LANDING_URI)
 export PIPELINE_PROFILE     ?= $(PROFILE)
 
-.PHONY: help credentials venv services-up services-down ui demo demo-data test bench bench-serve bench-loop gpu-check clean
+.PHONY: help credentials venv services-up services-down ui demo demo-data profile test bench bench-serve bench-loop gpu-check clean
 help:
 	@echo "make demo          fresh clone -> services -> ELPV data -> training DAG -> registered model"
 	@echo "make test          the full test suite (what CI runs)"
 	@echo "make services-up   start SeaweedFS S3 (:$(S3_PORT)) and MLflow (:$(MLFLOW_PORT)); migrate Airflow's DB"
 	@echo "make services-down stop them"
 	@echo "make ui            also start Airflow (api-server :8080, scheduler, dag-processor, triggerer) on 127.0.0.1"
+	@echo "make profile       PROFILE=P: params.yaml = recipe + profiles/P.yaml here, for dvc repro in this clone"
 	@echo "make bench         benchmarks in bench/, results to docs/BENCHMARKS.md"
 	@echo "make bench-serve   serving load test of the champion (after make demo)"
 	@echo "make bench-loop    timed event loop under a running scheduler (private stack, ~15 min)"
@@ -86,6 +87,12 @@ demo: demo-data
 
 ui: venv
 	$(PY) -m devstack.services ui
+
+# The clone's profile step (README, "Workstation"): params.yaml = committed recipe + profiles/$(PROFILE).yaml, edited
+# in place (PROFILE=full restores the recipe); the DVC remote's URL and endpoint from the environment into
+# .dvc/config.local. Then `dvc pull`, `dvc repro`, `dvc exp run` work in this folder.
+profile: venv
+	$(PY) -m pipeline profile $(PROFILE)
 
 # PostgreSQL and Redis from Debian's packages for tests/celery (skips what is installed; needs root or sudo).
 .PHONY: system-deps

@@ -95,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     p.add_argument("--git", action="store_true", help="make it a Git repository too, for `dvc exp run`")
 
+    p = sub.add_parser("profile", help="apply a profile to this clone's params.yaml; DVC remote from the environment")
+    p.add_argument("name", help="full (the committed recipe), or a profiles/<name>.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    p.add_argument("--no-lock", action="store_true",
+                   help="do not write dvc.lock from the newest version registered with these params")
+
+    p = sub.add_parser("reproduce", help="a workspace at a registered version's exact inputs, every hash checked")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--version", required=True, help="the version to reproduce")
+    p.add_argument("--dir", type=Path, default=None, help="workspace (default .local/reproduce/<model>-v<N>)")
+    p.add_argument("--retrain", action="store_true", help="run the stages again and compare weighted F1")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="largest weighted-F1 difference --retrain accepts (default 0: bit for bit, as on a CPU)")
+
     p = sub.add_parser("audit", help="what differs between two registered versions")
     p.add_argument("--model", required=True, help="registered model name")
     p.add_argument("version_a")
@@ -151,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.stages.register import run_register
 
         print(json.dumps(run_register(cfg, args.split, args.raw_dir, args.models_dir, args.metrics,
-                                      args.reports_dir, args.decision)))
+                                      args.reports_dir, args.decision, params_fp=args.params)))
     elif cmd == "predict":
         from pipeline.commands.predict import run_predict
 
@@ -165,6 +179,14 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.adapters.workspace import default_workspace, prepare_workspace
 
         print(prepare_workspace(args.dir or default_workspace(), args.profile, parse_set(args.set), git=args.git))
+    elif cmd == "profile":
+        from pipeline.commands.profile import print_profile
+
+        return print_profile(args.name, args.set, take_lock=not args.no_lock)
+    elif cmd == "reproduce":
+        from pipeline.commands.reproduce import run_reproduce
+
+        return run_reproduce(args.model, args.version, args.dir, args.retrain, args.tolerance)
     elif cmd == "audit":
         from pipeline.commands.audit import print_diff
 

@@ -93,7 +93,8 @@ def default_model_uri() -> str:
 
 def prepare(form: dict) -> str:
     """Create/refresh the DVC workspace for the run's form (profile + overrides); returns its path."""
-    from pipeline.adapters.workspace import default_workspace, form_overrides, prepare_workspace
+    from pipeline.adapters.profiles import form_overrides
+    from pipeline.adapters.workspace import default_workspace, prepare_workspace
 
     return str(prepare_workspace(default_workspace(), form["profile"], form_overrides(form)))
 

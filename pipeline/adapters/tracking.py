@@ -157,10 +157,12 @@ def close_pipeline_run(run_id: str, status: str, tags: dict[str, str]) -> None:
 def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_dirs: list[Path],
                   artifact_paths: list[Path], dataset_frame, dataset_source: str, lineage: dict[str, str],
                   input_example, model_name: str, backbone_dirs: dict[str, Path] | None = None,
-                  parent_run_id: str | None = None, calibration_fp: Path | None = None) -> tuple[str, str]:
-    """Log into the execution's parent run (``parent_run_id``, or a new one): config, metrics, artifacts,
-    lineage, a nested run per backbone and per bag member; register the bag (with ``calibration_fp`` as its
-    ``calibration`` artifact, so served confidences are calibrated). Returns (run_id, version)."""
+                  parent_run_id: str | None = None, calibration_fp: Path | None = None,
+                  artifact_texts: dict[str, str] | None = None) -> tuple[str, str]:
+    """Log into the execution's parent run (``parent_run_id``, or a new one): config, metrics, artifacts
+    (``artifact_texts``: artifact path -> exact text, e.g. the stored ``lineage/dvc.lock``), lineage, a nested run
+    per backbone and per bag member; register the bag (with ``calibration_fp`` as its ``calibration`` artifact, so
+    served confidences are calibrated). Returns (run_id, version)."""
     from mlflow.models import infer_signature
 
     from pipeline.adapters.serving import CALIBRATION_ARTIFACT, BagModel
@@ -179,6 +181,8 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
             elif path.exists():
                 mlflow.log_artifact(str(path))
+        for artifact_file, text in (artifact_texts or {}).items():
+            mlflow.log_text(text, artifact_file)
         dataset = mlflow.data.from_pandas(dataset_frame, source=dataset_source, name="split",
                                           targets="class_name")
         mlflow.log_input(dataset, context="training", tags=lineage)
@@ -289,14 +293,48 @@ def finish_version(client: MlflowClient, name: str, version: str, tags: dict[str
 
 
 def git_commit(home: str | None) -> str:
+    """HEAD of the checkout, ``-dirty`` when tracked files other than ``params.yaml`` and ``dvc.lock`` differ
+    (a profile or ``dvc exp run -S`` edits those two, and the version stores both itself)."""
     import subprocess
 
     home = home or os.environ.get("PIPELINE_HOME", ".")
     try:
         sha = subprocess.run(["git", "-C", home, "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", home, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", home, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)params.yaml", ":(exclude)dvc.lock"],
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
+
+
+def get_version(name: str, version: str):
+    """One registered version (tags, run id), or a :class:`PipelineError` naming what is missing."""
+    client = connect_registry()
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise PipelineError(f"model {name!r} has no version {version} in the registry at "
+                            f"{mlflow.get_tracking_uri()}: {exc.message.splitlines()[0]}") from None
+
+
+def versions_tagged(name: str, key: str, value: str) -> list:
+    """Versions of ``name`` whose tag ``key`` equals ``value``, newest first (none when the model is unknown)."""
+    client = connect_registry()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise TrackingError(f"cannot list versions of {name}: {exc.message.splitlines()[0]}") from None
+    return sorted((v for v in versions if v.tags.get(key) == value), key=lambda v: -int(v.version))
+
+
+def download_artifact(run_id: str, path: str, dst: Path) -> Path:
+    """Artifact ``path`` of run ``run_id`` into folder ``dst``; a missing one is a :class:`PipelineError`."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    except Exception as exc:
+        raise PipelineError(f"run {run_id} has no artifact {path} ({type(exc).__name__}); the version was "
+                            "registered before lineage was stored, or its artifacts were deleted") from None

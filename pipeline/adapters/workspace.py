@@ -1,11 +1,13 @@
-"""DVC workspaces for orchestrated runs, and running one DVC stage in them.
+"""DVC projects: orchestrated workspaces, running one stage in them, the clone's remote, and DVC's own hashes.
 
-Airflow must not rewrite the committed ``params.yaml`` (the full GPU recipe) to apply a profile.
-So an orchestrated run works in a DVC workspace under ``.local/workspace`` (``PIPELINE_WORKSPACE``):
-a copy of ``dvc.yaml`` and the ``pipeline`` package plus a ``params.yaml`` merged from the committed
-one, ``profiles/<profile>.yaml`` and the run's overrides — what ``dvc exp run -S`` does, made
-explicit. Each task then runs ``dvc repro --single-item <stage>`` there: exactly the workstation's
-commands, with ``dvc.lock``, the DVC cache and a remote on the embedded S3 bucket ``dvc``.
+Airflow must not rewrite a checkout's ``params.yaml`` (the committed recipe), so an orchestrated run works in a
+DVC workspace under ``.local/workspace`` (``PIPELINE_WORKSPACE``): a copy of ``dvc.yaml`` and the ``pipeline``
+package plus a ``params.yaml`` merged from the recipe, ``profiles/<profile>.yaml`` and the run's overrides
+(:mod:`pipeline.adapters.profiles`). Each task then runs ``dvc repro --single-item <stage>`` there: exactly the
+commands a workstation runs in the clone's own root, with the same ``dvc.lock`` for the same profile and data,
+and the cache pushed to the same remote (``store``, the S3 bucket ``dvc``). So a clone's ``dvc pull`` fetches
+what Airflow trained for the same lock, and ``python -m pipeline reproduce`` rebuilds a workspace from the lock
+stored with a registered version.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.core.config import REPLACED_WHOLE, config_from_dict, deep_merge, parse_set, read_yaml
-from pipeline.core.errors import ConfigError, PipelineError, StageFailed
+from pipeline.adapters.profiles import merged_params
+from pipeline.core.config import config_from_dict
+from pipeline.core.errors import PipelineError, StageFailed
 
 _logger = logging.getLogger(__name__)
+DEFAULT_REMOTE = "s3://dvc/cache"  # the DVC remote `store` of the clone (.dvc/config) and of every workspace
 
 
 def project_home() -> Path:
@@ -32,32 +36,6 @@ def project_home() -> Path:
 def default_workspace() -> Path:
     local = Path(os.environ.get("PIPELINE_LOCAL", project_home() / ".local"))
     return Path(os.environ.get("PIPELINE_WORKSPACE", local / "workspace"))
-
-
-def merged_params(home: Path, profile: str, overrides: dict) -> dict:
-    params = read_yaml(home / "params.yaml")
-    if profile not in ("", "full"):
-        prof_fp = home / "profiles" / f"{profile}.yaml"
-        if not prof_fp.exists():
-            known = sorted(p.stem for p in (home / "profiles").glob("*.yaml"))
-            raise ConfigError(f"unknown profile {profile!r}; known: full, {', '.join(known)}")
-        params = deep_merge(params, read_yaml(prof_fp), replace=REPLACED_WHOLE)
-    params = deep_merge(params, overrides)
-    params["profile"] = profile or "full"
-    config_from_dict(params)  # fail here, naming the key, before any stage runs
-    return params
-
-
-def form_overrides(form: dict) -> dict:
-    """The training DAG's Params (a form in the UI) as a params override mapping."""
-    overrides: dict = {"data": {"landing_uri": form["landing_uri"]}}
-    if form.get("epochs"):
-        overrides["train"] = {"epochs": int(form["epochs"])}
-    if form.get("bag_size"):
-        overrides["bag"] = {"seeds": list(range(int(form["bag_size"])))}
-    if form.get("backbone"):
-        overrides["model"] = {"backbone": form["backbone"]}
-    return deep_merge(overrides, parse_set(list(form.get("set") or [])))
 
 
 def _sync_tree(src: Path, dst: Path) -> None:
@@ -94,6 +72,36 @@ def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
     return proc
 
 
+def remote_url() -> str:
+    """The DVC remote's URL: ``PIPELINE_DVC_REMOTE``, else :data:`DEFAULT_REMOTE`."""
+    return os.environ.get("PIPELINE_DVC_REMOTE") or DEFAULT_REMOTE
+
+
+def init_dvc(ws: Path) -> None:
+    """A workspace: ``dvc init --no-scm`` once, remote ``store`` = :func:`remote_url` at ``AWS_ENDPOINT_URL``."""
+    if not (ws / ".dvc").exists():
+        dvc(ws, "init", "--no-scm", "--quiet")
+        dvc(ws, "config", "core.autostage", "false")
+    dvc(ws, "remote", "add", "--force", "--default", "store", remote_url())
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        dvc(ws, "remote", "modify", "store", "endpointurl", os.environ["AWS_ENDPOINT_URL"])
+
+
+def configure_clone_remote(root: Path) -> str:
+    """The clone's remote ``store`` from the environment, in git-ignored ``.dvc/config.local``; returns it.
+
+    The committed ``.dvc/config`` holds ``store`` = :data:`DEFAULT_REMOTE` and nothing else (no endpoint, no keys).
+    ``PIPELINE_DVC_REMOTE`` and ``AWS_ENDPOINT_URL`` go into ``.dvc/config.local``, rewritten each time (an unset
+    variable removes its line); the keys stay in ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, read by DVC.
+    """
+    for option, var in (("url", "PIPELINE_DVC_REMOTE"), ("endpointurl", "AWS_ENDPOINT_URL")):
+        if os.environ.get(var):
+            dvc(root, "remote", "modify", "--local", "store", option, os.environ[var])
+        else:
+            dvc(root, "remote", "modify", "--local", "store", option, "--unset", check=False)
+    return f"{remote_url()} at {os.environ.get('AWS_ENDPOINT_URL') or 'the AWS default endpoint'}"
+
+
 def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, home: Path | None = None,
                       git: bool = False) -> Path:
     """Create or refresh the workspace; idempotent (unchanged inputs leave every file untouched).
@@ -107,14 +115,7 @@ def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, hom
     _sync_tree(home / "pipeline", ws / "pipeline")
     _write_if_changed(ws / "dvc.yaml", (home / "dvc.yaml").read_text(encoding="utf-8"))
     _write_if_changed(ws / "params.yaml", yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
-    if not (ws / ".dvc").exists():
-        dvc(ws, "init", "--no-scm", "--quiet")
-        dvc(ws, "config", "core.autostage", "false")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    remote = os.environ.get("PIPELINE_DVC_REMOTE", "s3://dvc/cache")
-    dvc(ws, "remote", "add", "--force", "--default", "store", remote)
-    if endpoint:
-        dvc(ws, "remote", "modify", "store", "endpointurl", endpoint)
+    init_dvc(ws)
     if git:
         _git_baseline(ws)
     _logger.info("workspace %s ready (profile %s)", ws, profile or "full")
@@ -137,14 +138,15 @@ def _git_baseline(ws: Path) -> None:
         run("commit", "--quiet", "-m", "pipeline workspace")
 
 
-def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None) -> str:
+def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None, force: bool = False) -> str:
     """``dvc repro --single-item <stage>`` in ``ws``; streams DVC's output into our log, raises on failure.
 
-    ``extra_env`` reaches the stage's command (DVC passes its environment on), e.g. the MLflow parent run id.
+    ``extra_env`` reaches the stage's command (DVC passes its environment on), e.g. the MLflow parent run id;
+    ``force`` runs it even when DVC finds it up to date (``reproduce --retrain``).
     """
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", **(extra_env or {}))
-    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
+    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", *(["--force"] if force else []), stage]
     _logger.info("running %s in %s", " ".join(cmd), ws)
     proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
@@ -162,6 +164,61 @@ def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None) -> 
         # DVC itself failed (lock held, missing output...): worth one more try.
         raise StageFailed(f"stage {stage} failed:\n" + "\n".join(tail[-15:]), transient=True)
     return stage
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC records for ``path``: of the bytes for a file; for a folder, of its listing (sorted
+    ``{"md5", "relpath"}`` entries as JSON) with ``.dir`` appended — what ``dvc.lock`` holds, computed without DVC."""
+    import hashlib
+    import json
+
+    def md5(fp: Path) -> str:
+        h = hashlib.md5()
+        with open(fp, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if path.is_file():
+        return md5(path)
+    entries = sorted(({"md5": md5(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*")
+                      if p.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def dvc_dir_listing(ws: Path, md5: str) -> dict[str, str] | None:
+    """``relpath -> md5`` of a folder DVC recorded as ``md5`` (``….dir``), from ``ws``'s cache; None if absent."""
+    import json
+
+    fp = ws / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not fp.is_file():
+        return None
+    return {e["relpath"]: e["md5"] for e in json.loads(fp.read_text(encoding="utf-8"))}
+
+
+def export_code(home: Path, commit: str, ws: Path) -> str:
+    """Put ``pipeline/`` and ``dvc.yaml`` as of git ``commit`` of ``home`` into ``ws``; returns where they came from.
+
+    A commit marked ``-dirty`` or absent from ``home`` falls back to ``home``'s working tree; either way
+    ``dvc.lock``'s md5s of the code decide whether it is the code that ran.
+    """
+    import io
+    import tarfile
+
+    sha = commit.removesuffix("-dirty")
+    known = subprocess.run(["git", "-C", str(home), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True)
+    if commit.endswith("-dirty") or known.returncode != 0:
+        _sync_tree(home / "pipeline", ws / "pipeline")
+        shutil.copy2(home / "dvc.yaml", ws / "dvc.yaml")
+        why = "had uncommitted code" if commit.endswith("-dirty") else "is not in this repository"
+        return f"the working tree of {home} (git commit {commit or '?'} {why})"
+    archive = subprocess.run(["git", "-C", str(home), "archive", "--format=tar", sha, "pipeline", "dvc.yaml"],
+                             capture_output=True, check=True).stdout
+    if (ws / "pipeline").exists():
+        shutil.rmtree(ws / "pipeline")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(ws, filter="data")
+    return f"git commit {sha[:12]} of {home}"
 
 
 def default_model_uri() -> str:

@@ -43,6 +43,7 @@ def diff_versions(client, name: str, a: str, b: str) -> list[tuple[str, str, str
     va, vb = _version(client, name, a), _version(client, name, b)
     rows: list[tuple[str, str, str]] = []
     tag_keys = ["data_fingerprint", "dvc_data_md5", "dvc_split_md5", "git_commit", "params_hash", "profile",
+                "dvc_lock_sha256", "params_sha256", "weights_sha256",
                 "weighted_f1", "macro_f1", "gate", "gate_reason", "gate_candidate_wf1", "champion_f1_rescored",
                 "gate_delta_wf1", "gate_delta_ci_low", "gate_delta_ci_high", "gate_p_improve", "gate_n_test",
                 "calibration_temperature", "calibration_ece_test_before", "calibration_ece_test_after"]

@@ -217,6 +217,24 @@ def calibration_card(calibration: dict) -> list[str]:
             f"- reliability diagram: run artifact `{RELIABILITY_PNG}`", ""]
 
 
+def lineage_files(lock_fp: Path, params_fp: Path) -> dict[str, str]:
+    """What ``python -m pipeline reproduce`` needs, as the run's ``lineage/`` artifacts: the params file as read and
+    ``dvc.lock`` without the ``register`` stage (that is this very run). Empty when not run under DVC.
+
+    Under ``dvc repro`` the lock already holds every stage before this one (DVC writes it stage by stage).
+    """
+    if not lock_fp.exists():
+        return {}
+    lock = yaml.safe_load(lock_fp.read_text(encoding="utf-8")) or {}
+    lock.get("stages", {}).pop("register", None)
+    return {"lineage/dvc.lock": yaml.safe_dump(lock, allow_unicode=True, sort_keys=False),
+            "lineage/params.yaml": params_fp.read_text(encoding="utf-8")}
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], counts: dict, lineage: dict,
                decision: str, reason: str, members: list[dict], backbones: dict | None = None,
                extra: list[str] | None = None) -> str:
@@ -249,7 +267,8 @@ def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], 
 
 
 def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
-                 reports_dir: Path, decision_fp: Path, lock_fp: Path = Path("dvc.lock")) -> dict:
+                 reports_dir: Path, decision_fp: Path, lock_fp: Path = Path("dvc.lock"),
+                 params_fp: Path = paths.PARAMS) -> dict:
     dirs = member_dirs(cfg.bag.seeds, models_dir)
     cid = candidate_id(dirs, metrics_fp)
     metrics = json.loads(metrics_fp.read_text())
@@ -261,17 +280,20 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
         return _write_decision(decision_fp, name, existing.version, existing.run_id, metrics["weighted_f1"],
                                existing.tags["gate"], existing.tags)
     validation = json.loads((reports_dir / "validation.json").read_text(encoding="utf-8"))
+    stored = lineage_files(lock_fp, params_fp)
     lineage = {"data_fingerprint": validation["fingerprint"], **dvc_hashes(lock_fp),
-               "git_commit": tracking.git_commit(None), "params_hash": cfg.params_hash()}
+               "git_commit": tracking.git_commit(None), "params_hash": cfg.params_hash(),
+               **({"dvc_lock_sha256": text_sha256(stored["lineage/dvc.lock"]),
+                   "params_sha256": text_sha256(stored["lineage/params.yaml"])} if stored else {})}
     frame, truth = test_frame(split_fp, raw_dir)
     calibration_fp = reports_dir / "eval" / "calibration.json"
     if existing is None:
         split_df = pd.DataFrame(read_csv(split_fp))
         run_id, version = tracking.log_candidate(
             cfg_dict=cfg.to_dict(), candidate_id=cid, metrics=metrics, member_dirs=dirs,
-            artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"], dataset_frame=split_df,
-            dataset_source=cfg.data.landing_uri, lineage=lineage, input_example=frame.head(2), model_name=name,
-            backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
+            artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"], artifact_texts=stored,
+            dataset_frame=split_df, dataset_source=cfg.data.landing_uri, lineage=lineage,
+            input_example=frame.head(2), model_name=name, backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
             # Set by the Airflow DAG (one parent run per DAG run); a workstation `dvc repro` opens its own.
             parent_run_id=os.environ.get("PIPELINE_PARENT_RUN_ID") or None, calibration_fp=calibration_fp)
     else:  # registered by an earlier attempt that died before the gate: finish it
@@ -289,7 +311,9 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
                       per_class, validation["class_counts"], lineage, decision.label, decision.reason, members,
                       metrics.get("backbones"),
                       extra=gate_card(decision, champion_version, cfg.registry.confidence) + calibration_card(report))
-    tags = {**lineage, "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
+    weights = {d.name: m["model_sha256"] for d, m in zip(dirs, members)}
+    tags = {**lineage, "weights_sha256": json.dumps(weights, sort_keys=True),
+            "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
             "per_class_f1": json.dumps({r["class_name"]: round(r["f1"], 4) for r in per_class}, ensure_ascii=False),
             "gate_reason": decision.reason, **gate_tags(decision, cfg.registry.confidence),
             "champion_version_at_gate": champion_version or "", "profile": cfg.profile,
