@@ -129,27 +129,20 @@ def test_frame(split_fp: Path, raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     return frame, [r["class_name"] for r in rows]
 
 
-def rescore_champion(model_uri: str, frame: pd.DataFrame, truth: list[str], device_choice: str = "auto") -> float:
-    """Weighted F1 of the current champion on today's test split (never a stale logged metric).
-
-    Scored on ``train.device`` (``device_choice``), where evaluate scored the candidate: on a GPU both run as
-    they trained (bf16), on a CPU both fp32, so the gate compares like with like.
-    """
-    device = resolve_device(device_choice, "train.device")
-    pyfunc = tracking.load_pyfunc(model_uri)
-    predictor = getattr(pyfunc.unwrap_python_model(), "predictor", None)
-    if hasattr(predictor, "to"):  # a champion registered before devices existed loads on the CPU and stays there
-        predictor.to(device)
-    pred = pyfunc.predict(frame)["label"].tolist()
-    return float(f1_score(truth, pred, average="weighted", zero_division=0))
-def score_version(name: str, version: str, frame: pd.DataFrame) -> list[str]:
+def score_version(name: str, version: str, frame: pd.DataFrame, device_choice: str = "auto") -> list[str]:
     """Labels of registered version ``version`` on ``frame``: its own pyfunc, loaded from the registry.
 
     Candidate and champion go through this one function (same decode, resize, no TTA), so a difference in
     preprocessing between two code paths cannot bias the gate, and a package that does not load or predict
-    is caught before it can be promoted.
+    is caught before it can be promoted. Both run on ``train.device`` (``device_choice``), where evaluate
+    scored: on a GPU as they trained (bf16), on a CPU fp32.
     """
-    return tracking.predict_labels(f"models:/{name}/{version}", frame)
+    device = resolve_device(device_choice, "train.device")
+    pyfunc = tracking.load_pyfunc(f"models:/{name}/{version}")
+    predictor = getattr(pyfunc.unwrap_python_model(), "predictor", None)
+    if hasattr(predictor, "to"):  # a version registered before devices existed loads on the CPU and stays there
+        predictor.to(device)
+    return [str(x) for x in pyfunc.predict(frame)["label"].tolist()]
 
 
 def draw_comparison(truth: list[str], predictions: dict[str, list[str]], decision: GateDecision,

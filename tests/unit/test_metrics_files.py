@@ -29,7 +29,7 @@ PARAMS = {"data": {"landing_uri": "s3://x/", "expected_classes": DACON_CLASSES, 
 
 def test_the_metrics_files_are_the_ones_dvc_yaml_lists():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    listed = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
+    listed = {m if isinstance(m, str) else next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
     assert listed == {p.as_posix() for p in (paths.VALIDATION_REPORT, paths.SPLIT_REPORT, paths.METRICS)}
 
 
