@@ -242,7 +242,7 @@ def test_mlflow_stopped_at_the_champion_lookup_fails_closed_and_the_retry_compar
     attempt = []  # the register process that made the lookup
 
     def stop_mlflow() -> None:
-        attempt.extend(_stage_procs("register"))
+        attempt.extend(_stage_procs("register", faults["ws"]))
         services.stop(stack, "mlflow")
 
     proxy = FaultProxy(stack.mlflow_url, _is_champion_lookup, stop_mlflow).start()
