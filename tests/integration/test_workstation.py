@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import GOOD_TINY_RECIPE, ROOT, run_cli
 from tests.integration.helpers import upload_tiny_dataset
 
 pytestmark = pytest.mark.integration
@@ -190,7 +190,9 @@ def test_a_fresh_clone_pulls_what_airflow_trained_and_reproduces_it(trained, sta
     (tmp_path / "clone2").mkdir()
     root = fresh_clone(tmp_path / "clone2")
     env = {**stack_env, "PIPELINE_HOME": str(root)}
-    out = ok(run_cli(["pipeline", "profile", "test", "--set", "data.landing_uri=s3://landing/tiny/"], env, cwd=root))
+    # The DAG's params: the test profile, the tiny landing prefix and the recipe `trained` set (tests.conftest).
+    sets = [x for s in ["data.landing_uri=s3://landing/tiny/", *GOOD_TINY_RECIPE] for x in ("--set", s)]
+    out = ok(run_cli(["pipeline", "profile", "test", *sets], env, cwd=root))
     version = next(ln for ln in out.splitlines() if ln.startswith("dvc.lock: "))
     assert f"the one stored with {MODEL} v" in version and "(same params)" in version, out
     number = version.split(f"{MODEL} v")[1].split()[0]
