@@ -336,7 +336,8 @@ def validation_summary(ws: str) -> dict | None:
         rows = list(csv.DictReader(fh))
     report_fp = root / paths.VALIDATION_REPORT
     report = json.loads(report_fp.read_text(encoding="utf-8")) if report_fp.exists() else {}
-    return {"quarantine": str(qfp), "data_docs": str(docs.parent), "quarantined": len(rows), "files": report.get("files"),
+    return {"quarantine": str(qfp), "data_docs": str(docs.parent), "quarantined": len(rows),
+            "files": report.get("files"),
             "by_reason": dict(Counter(reason_kind(r["reason"]) for r in rows).most_common()),
             "quarantine_sha256": hashlib.sha256(qfp.read_bytes()).hexdigest(),
             "data_docs_sha256": hashlib.sha256(docs.read_bytes()).hexdigest() if docs.exists() else ""}

@@ -8,7 +8,10 @@ models" page logged in (both versions, Hangul, the DAG runs) and anonymous (401)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
+from pathlib import Path
 import sys
 import urllib.error
 import urllib.request
@@ -82,7 +85,7 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
 
     base = f"http://127.0.0.1:{stack.airflow_port}"
     listed = subprocess.run([sys.executable, "-m", "airflow", "plugins", "--output", "json"], capture_output=True,
-                            text=True, env={**__import__("os").environ, **stack_env}, timeout=300)
+                            text=True, env={**os.environ, **stack_env}, timeout=300)
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "defect_models" in listed.stdout and "/defect-models" in listed.stdout, listed.stdout[-2000:]
 
@@ -135,3 +138,13 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
     assert _get(f"{base}/defect-models/")[0] == 401
     assert _get(f"{base}/defect-models/validation/defect_training/{good}")[0] == 401
     assert _get(f"{base}/defect-models/", token, method="POST")[0] == 405
+
+    hold = os.environ.get("OPERATOR_VIEW_HOLD")  # a file path: keep the stack up for screenshots until it is deleted
+    if hold:
+        from devstack import services
+
+        Path(hold).write_text(json.dumps({"base": base, "password": services.airflow_admin_password(),
+                                          "runs": [good, bad], "mlflow": os.environ["MLFLOW_TRACKING_URI"]}))
+        deadline = time.monotonic() + 900
+        while Path(hold).exists() and time.monotonic() < deadline:
+            time.sleep(2)
