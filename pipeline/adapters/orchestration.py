@@ -344,5 +344,7 @@ def validation_summary(ws: str) -> dict | None:
 
 
 def reason_kind(reason: str) -> str:
-    """A quarantine reason without the file it names: ``label conflict: same bytes as a/1.png`` → ``label conflict``."""
-    return reason.split(":", 1)[0].strip() or reason
+    """A quarantine reason's first rule, without the file it names (validate joins the rules a file breaks with
+    ``; ``): ``label conflict: same bytes as a/1.png`` → ``label conflict``."""
+    first = reason.split("; ", 1)[0]
+    return first.split(":", 1)[0].strip() or reason

@@ -22,7 +22,10 @@ def _workspace(tmp_path):
     rows = ["source_key,path,class_name,reason",
             "l/곰팡이/a.png,곰팡이/a.png,곰팡이,not a decodable image",
             "l/곰팡이/b.png,곰팡이/b.png,곰팡이,not a decodable image",
-            '"l/창틀,문틀수정/c.png","창틀,문틀수정/c.png","창틀,문틀수정",label conflict: same bytes as l/오염/d.png']
+            '"l/창틀,문틀수정/c.png","창틀,문틀수정/c.png","창틀,문틀수정",label conflict: same bytes as l/오염/d.png',
+            # several rules broken at once, as validate writes them: counted under the first
+            '"l/오염/e.png","오염/e.png","오염","not a decodable image; format not in [\'PNG\']; width below '
+            'validate.min_side=16 (UnidentifiedImageError: cannot identify image file \'data/raw/오염/e.png\')"']
     (tmp_path / "data" / "quarantine.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return tmp_path
 
@@ -32,8 +35,8 @@ def test_validation_summary_counts_reasons_without_file_names_and_pins_the_files
 
     ws = _workspace(tmp_path)
     s = orc.validation_summary(str(ws))
-    assert s["quarantined"] == 3 and s["files"] == 40
-    assert s["by_reason"] == {"not a decodable image": 2, "label conflict": 1}
+    assert s["quarantined"] == 4 and s["files"] == 40
+    assert s["by_reason"] == {"not a decodable image": 3, "label conflict": 1}
     assert s["quarantine_sha256"] == hashlib.sha256((ws / "data" / "quarantine.csv").read_bytes()).hexdigest()
     assert s["data_docs_sha256"] == hashlib.sha256(b"<html>docs</html>").hexdigest()
     json.dumps(s)  # an XCom: plain JSON
@@ -87,3 +90,14 @@ def test_page_renders_hangul_escapes_html_and_links_each_version_to_its_dag_run(
                                    "by_reason": {"not a decodable image": 2, "label conflict": 1}},
                                   "defect_training", "run 1")
     assert "3 of 40 files" in q and "<td>not a decodable image</td><td>2</td>" in q
+
+
+def test_watch_section_shows_when_the_data_watch_fired_and_the_fingerprint(plugin):
+    from datetime import datetime, timezone
+
+    events = [{"timestamp": datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc), "source_run_id": "w1",
+               "extra": {"landing_uri": "s3://landing/곰팡이/", "fingerprint": "ab" * 32, "objects": 25}}]
+    html = plugin.watch_section(events, {"s3://landing/곰팡이/": "ab" * 32})
+    assert "2026-11-26 20:00:00+00:00" in html and "s3://landing/곰팡이/" in html and "abababababababab" in html
+    assert "<td>25</td>" in html
+    assert "has not fired yet" in plugin.watch_section([], {})
