@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-from pathlib import Path
 import sys
+import time
 import urllib.error
 import urllib.request
+from datetime import datetime
+from pathlib import Path
 from urllib.parse import unquote, urljoin
 
 import pytest
@@ -143,6 +144,8 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
     assert "곰팡이" in page and "창틀,문틀수정" in page  # Hangul class names in per-class F1 and quarantine
     assert "not a decodable image" in page
     assert event["extra"]["fingerprint"][:16] in page and "s3://landing/view/" in page
+    fired = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+    assert str(fired) in page and "has not fired yet" not in page, (event, page[-2000:])  # when it fired
     assert good in unquote(page) and bad in unquote(page)  # each version names the DAG run that made it
     # Behind Airflow's login, and read-only.
     assert _get(f"{base}/defect-models/")[0] == 401
