@@ -243,6 +243,7 @@ class DefectModelsPlugin(AirflowPlugin):
     fastapi_apps = [{"app": app, "url_prefix": orc.PLUGIN_PREFIX, "name": "Defect models"}]
     external_views = [{"name": "Defect models", "href": orc.PLUGIN_PREFIX.lstrip("/") + "/",
                        "destination": "nav", "url_route": "defect-models"}]
-    # The links are evaluated by the workers (see the module docstring); listing them here shows them in
-    # `airflow plugins` and lets the api-server import them by name.
+    # The links are evaluated by the workers and read back by the api-server from XCom (see the module docstring);
+    # listing them here only shows them in `airflow plugins` (their `operators` list is empty, so they attach to
+    # no other operator).
     operator_extra_links = [cls() for cls in orc.link_classes()]
