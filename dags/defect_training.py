@@ -14,6 +14,9 @@ Runs the DVC stages of the pipeline in a DVC workspace, one task per stage:
   (`.local/workspace` by default), so `dvc status` there is clean after a run.
 * **Safety:** validation failures are not retried and stop the run before training; the registry's
   `champion` alias only moves in `register`, after the gate, so a failed run leaves it untouched.
+* **Links:** in a run's grid, `start_tracking`/`finish_tracking` link to the MLflow parent run, `backbone` and
+  `train` to their nested runs, `register` to the model version it created, `validate` to this run's quarantine
+  list and Data Docs; the "Defect models" page (plugins/defect_models.py) puts runs, models and data side by side.
 * One active run at a time, and every stage takes the single slot of the `dvc_workspace` pool,
   because DVC's workspace lock forbids two `dvc repro` at once.
 """
@@ -53,7 +56,7 @@ def prepare() -> str:
         return orc.prepare(form)
 
 
-@task(**TRANSIENT)
+@orc.linked_task("run", **TRANSIENT)
 def start_tracking(ws: str) -> str:
     """Open this DAG run's MLflow parent run; returns its id."""
     ctx = get_current_context()
@@ -77,10 +80,14 @@ def ingest(ws: str) -> str:
     return ws
 
 
-@task(pool=POOL, retries=0)
+@orc.linked_task("quarantine", "data_docs", pool=POOL, retries=0)
 def validate(ws: str) -> str:
-    """No retries: a dataset that breaks a rule stays broken until someone fixes the data."""
-    _stage(ws, "validate")
+    """No retries: a dataset that breaks a rule stays broken until someone fixes the data. The quarantine counts
+    go to an XCom either way, for the task's links and the "Defect models" page."""
+    try:
+        _stage(ws, "validate")
+    finally:
+        orc.publish_validation(ws)
     return ws
 
 
@@ -102,14 +109,14 @@ def backbone_names(ws: str) -> list[str]:
     return list(orc.workspace_params(ws).backbones)
 
 
-@task(pool=POOL, queue=GPU_QUEUE, retries=1, retry_delay=timedelta(seconds=10))
+@orc.linked_task("member", pool=POOL, queue=GPU_QUEUE, retries=1, retry_delay=timedelta(seconds=10))
 def backbone(ws: str, name: str) -> str:
     """Transfer-train one backbone (seed 0) so evaluate can compare it; a retry resumes from its checkpoint."""
     _stage(ws, f"backbone@{name}")
     return ws
 
 
-@task(pool=POOL, queue=GPU_QUEUE, retries=1, retry_delay=timedelta(seconds=10))
+@orc.linked_task("member", pool=POOL, queue=GPU_QUEUE, retries=1, retry_delay=timedelta(seconds=10))
 def train(ws: str, member: int) -> str:
     """A retry resumes from the member's last epoch checkpoint."""
     _stage(ws, f"train@{member}")
@@ -124,7 +131,7 @@ def evaluate(ws: str, trained: list[str], compared: list[str]) -> dict:
     return {"weighted_f1": m["weighted_f1"], "macro_f1": m["macro_f1"], "n_test": m["n_test"]}
 
 
-@task(pool=POOL, **TRANSIENT)
+@orc.linked_task("version", pool=POOL, **TRANSIENT)
 def register(ws: str, metrics: dict, parent_run: str) -> dict:
     _stage(ws, "register", {"PIPELINE_PARENT_RUN_ID": parent_run})
     return orc.read_output(ws, "decision")
@@ -137,7 +144,7 @@ def push(ws: str, decision: dict) -> str:
     return decision["model_version"]
 
 
-@task(**TRANSIENT)
+@orc.linked_task("run", **TRANSIENT)
 def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
     """Close the parent run with the outcome (also when DVC found everything up to date and nothing retrained)."""
     orc.close_tracking_run(parent_run, "FINISHED", {

@@ -174,3 +174,177 @@ def profile_names() -> list[str]:
 def gpu_queue() -> str:
     """The Celery queue of the training tasks (``PIPELINE_GPU_QUEUE``, default ``gpu``)."""
     return os.environ.get("PIPELINE_GPU_QUEUE", "gpu")
+
+
+# --- extra links: what a task instance produced, one click away in the run's grid ------------------------------
+# Airflow 3 evaluates a task's ``operator_extra_links`` in the worker when the task instance ends (success or
+# failure) and stores each URL as an XCom of that very task instance; the api-server only reads it back. So every
+# link below is resolved from what this task instance (or this DAG run's ``start_tracking``) wrote, never from
+# "the latest" anything. Links into the plugin's pages are paths on the api-server (plugins/defect_models.py).
+
+PLUGIN_PREFIX = "/defect-models"
+TRACKING_TASK = "start_tracking"
+VALIDATION_KEY = "validation_report"
+
+
+def airflow_ui_base() -> str:
+    """Airflow's UI as a browser reaches it (``AIRFLOW__API__BASE_URL``); empty = root-relative links."""
+    return os.environ.get("AIRFLOW__API__BASE_URL", "").rstrip("/")
+
+
+def plugin_url(path: str) -> str:
+    """A page of the plugin (plugins/defect_models.py) under the api-server."""
+    return airflow_ui_base() + PLUGIN_PREFIX + path
+
+
+def _run_path(ti_key) -> str:
+    from urllib.parse import quote
+
+    return f"/{quote(ti_key.dag_id, safe='')}/{quote(ti_key.run_id, safe='')}"
+
+
+def _links():
+    """The link classes (built on first use: the DAG processor imports DAG files often)."""
+    global _LINKS
+    if _LINKS is None:
+        _LINKS = _define_links()
+    return _LINKS
+
+
+_LINKS = None
+
+
+def _define_links() -> dict:
+    from airflow.sdk import BaseOperatorLink
+
+    class ModelVersionLink(BaseOperatorLink):
+        """``register`` → the MLflow model version its decision names (promoted or rejected)."""
+        name = "MLflow model version"
+
+        def get_link(self, operator, *, ti_key) -> str:
+            from pipeline.adapters import tracking
+
+            decision = ti_key.xcom_pull(task_ids=ti_key.task_id)
+            if not decision:
+                return ""
+            return tracking.version_ui_url(decision["model_name"], decision["model_version"])
+
+    class ParentRunLink(BaseOperatorLink):
+        """``start_tracking``/``finish_tracking`` → the DAG run's MLflow parent run (start_tracking's id)."""
+        name = "MLflow run"
+
+        def get_link(self, operator, *, ti_key) -> str:
+            from pipeline.adapters import tracking
+
+            run_id = ti_key.xcom_pull(task_ids=TRACKING_TASK)
+            return tracking.run_ui_url(run_id) if run_id else ""
+
+    class MemberRunLink(BaseOperatorLink):
+        """``backbone``/``train`` → that model's nested run. ``register`` logs it after this task ends, so the
+        link names it (DAG run, role, run name) and the plugin finds it under this DAG run's parent run."""
+        name = "MLflow member run"
+
+        def get_link(self, operator, *, ti_key) -> str:
+            from urllib.parse import urlencode
+
+            role, run_name = member_run_name(ti_key.task_id, operator.op_kwargs)
+            return plugin_url(f"/member{_run_path(ti_key)}?" + urlencode({"role": role, "name": run_name}))
+
+    class QuarantineLink(BaseOperatorLink):
+        """``validate`` → this run's quarantine list and counts (from the XCom validate wrote)."""
+        name = "Quarantine"
+
+        def get_link(self, operator, *, ti_key) -> str:
+            if not ti_key.xcom_pull(task_ids=ti_key.task_id, key=VALIDATION_KEY):
+                return ""
+            return plugin_url(f"/validation{_run_path(ti_key)}")
+
+    class DataDocsLink(BaseOperatorLink):
+        """``validate`` → this run's Great Expectations Data Docs."""
+        name = "Data Docs"
+
+        def get_link(self, operator, *, ti_key) -> str:
+            report = ti_key.xcom_pull(task_ids=ti_key.task_id, key=VALIDATION_KEY)
+            if not report or not report.get("data_docs_sha256"):
+                return ""
+            return plugin_url(f"/validation{_run_path(ti_key)}/data_docs/index.html")
+
+    return {"version": ModelVersionLink, "run": ParentRunLink, "member": MemberRunLink,
+            "quarantine": QuarantineLink, "data_docs": DataDocsLink}
+
+
+def member_run_name(task_id: str, op_kwargs: dict) -> tuple[str, str]:
+    """(role, run name) of the nested run ``register`` logs for a ``backbone``/``train`` task instance."""
+    if task_id == "backbone":
+        return "backbone", f"backbone-{op_kwargs['name']}"
+    return "bag_member", f"member_{op_kwargs['member']}"
+
+
+def link_classes() -> list:
+    """Every extra-link class the training DAG uses (the plugin lists them)."""
+    return list(_links().values())
+
+
+_OPERATORS: dict[tuple[str, ...], type] = {}
+
+
+def linked_task(*links: str, **task_kwargs):
+    """``@task(**task_kwargs)`` whose task instances show the extra links named in ``links``
+    (``version``, ``run``, ``member``, ``quarantine``, ``data_docs``).
+
+    A TaskFlow ``@task`` takes no ``operator_extra_links`` argument: links are a class attribute of the operator.
+    So this is the same decorator with a subclass of its operator that carries them (mapped tasks included).
+    """
+    from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
+    from airflow.sdk.bases.decorator import task_decorator_factory
+
+    if links not in _OPERATORS:
+        classes = _links()
+        name = "LinkedTask_" + "_".join(links)
+        _OPERATORS[links] = type(name, (_PythonDecoratedOperator,), {
+            "operator_extra_links": tuple(classes[k]() for k in links), "custom_operator_name": "@task",
+            "__module__": __name__})
+        globals()[name] = _OPERATORS[links]  # importable by name, like any operator class
+    return task_decorator_factory(decorated_operator_class=_OPERATORS[links], **task_kwargs)
+
+
+def publish_validation(ws: str) -> None:
+    """XCom ``validation_report`` of the running task: counts by reason and the SHA-256 of the quarantine list
+    and of the Data Docs page, so the plugin shows this run's files or says the workspace has moved on."""
+    from airflow.sdk import get_current_context
+
+    summary = validation_summary(ws)
+    if summary is not None:
+        get_current_context()["ti"].xcom_push(key=VALIDATION_KEY, value=summary)
+
+
+def validation_summary(ws: str) -> dict | None:
+    """What validate left in the workspace, small enough for an XCom; None when it wrote no quarantine list."""
+    import csv
+    import hashlib
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    from pipeline.stages import paths
+
+    root = Path(ws)
+    qfp, docs = root / paths.QUARANTINE, root / paths.DATA_DOCS / "index.html"
+    if not qfp.exists():
+        return None
+    with qfp.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    report_fp = root / paths.VALIDATION_REPORT
+    report = json.loads(report_fp.read_text(encoding="utf-8")) if report_fp.exists() else {}
+    return {"quarantine": str(qfp), "data_docs": str(docs.parent), "quarantined": len(rows),
+            "files": report.get("files"),
+            "by_reason": dict(Counter(reason_kind(r["reason"]) for r in rows).most_common()),
+            "quarantine_sha256": hashlib.sha256(qfp.read_bytes()).hexdigest(),
+            "data_docs_sha256": hashlib.sha256(docs.read_bytes()).hexdigest() if docs.exists() else ""}
+
+
+def reason_kind(reason: str) -> str:
+    """A quarantine reason's first rule, without the file it names (validate joins the rules a file breaks with
+    ``; ``): ``label conflict: same bytes as a/1.png`` → ``label conflict``."""
+    first = reason.split("; ", 1)[0]
+    return first.split(":", 1)[0].strip() or reason

@@ -338,3 +338,71 @@ def download_artifact(run_id: str, path: str, dst: Path) -> Path:
     except Exception as exc:
         raise PipelineError(f"run {run_id} has no artifact {path} ({type(exc).__name__}); the version was "
                             "registered before lineage was stored, or its artifacts were deleted") from None
+
+
+# --- the operator's view: links into the MLflow UI (Airflow extra links, the "Defect models" page) -------------
+
+
+def ui_base() -> str:
+    """The MLflow UI as a browser reaches it: ``PIPELINE_MLFLOW_UI_URL``, else the tracking server itself."""
+    return (os.environ.get("PIPELINE_MLFLOW_UI_URL") or mlflow.get_tracking_uri()).rstrip("/")
+
+
+def version_ui_url(name: str, version: str) -> str:
+    from urllib.parse import quote
+
+    return f"{ui_base()}/#/models/{quote(name, safe='')}/versions/{quote(str(version), safe='')}"
+
+
+def run_ui_url(run_id: str) -> str:
+    """The run's page (MLflow's UI addresses a run through its experiment, so the server is asked for it)."""
+    try:
+        run = connect_registry().get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id}: {exc.message.splitlines()[0]}") from None
+    return f"{ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def runs_of_dag_run(dag_id: str, run_id: str) -> list:
+    """MLflow parent runs that ``start_tracking`` opened for one Airflow DAG run (tags, newest first)."""
+    client = connect_registry()
+    filt = f"tags.airflow_dag_id = '{_quoted(dag_id)}' and tags.airflow_run_id = '{_quoted(run_id)}'"
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string=filt,
+                              order_by=["attributes.start_time DESC"], max_results=5)
+
+
+def nested_run(parent_run_id: str, role: str, run_name: str):
+    """The nested run ``run_name`` with tag ``role`` under ``parent_run_id``, or None (not logged yet)."""
+    client = connect_registry()
+    parent = client.get_run(parent_run_id)
+    filt = (f"tags.mlflow.parentRunId = '{_quoted(parent_run_id)}' and tags.role = '{_quoted(role)}' "
+            f"and attributes.run_name = '{_quoted(run_name)}'")
+    found = client.search_runs([parent.info.experiment_id], filter_string=filt, max_results=1)
+    return found[0] if found else None
+
+
+def registered_models_overview(max_versions: int) -> list[dict]:
+    """Each registered model: its aliases and its newest versions with their tags and the run's Airflow ids."""
+    client = connect_registry()
+    out = []
+    for model in client.search_registered_models(order_by=["name ASC"]):
+        versions = sorted(client.search_model_versions(f"name = '{_quoted(model.name)}'"),
+                          key=lambda v: -int(v.version))[:max_versions]
+        rows = []
+        for v in versions:
+            try:
+                run_tags = client.get_run(v.run_id).data.tags if v.run_id else {}
+            except MlflowException:
+                run_tags = {}
+            rows.append({"version": v.version, "tags": dict(v.tags), "run_id": v.run_id,
+                         "airflow_dag_id": run_tags.get("airflow_dag_id", ""),
+                         "airflow_run_id": run_tags.get("airflow_run_id", ""),
+                         "url": version_ui_url(model.name, v.version)})
+        aliases = client.get_registered_model(model.name).aliases  # a search result may leave them out
+        out.append({"name": model.name, "aliases": dict(aliases or {}), "versions": rows})
+    return out
+
+
+def _quoted(value: str) -> str:
+    """A value inside single quotes of an MLflow search filter."""
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")

@@ -54,3 +54,16 @@ def test_batch_predict_dag(dagbag):
     assert "classify_new" in dag.get_task("stable_photos").downstream_task_ids
     assert dag.max_active_runs == 1 and dag.get_task("classify_new").retries >= 2
     assert {"incoming_uri", "model_uri", "tta"} <= set(dag.params.keys())
+
+
+def test_training_tasks_carry_their_links_into_the_serialized_dag(dagbag):
+    """The api-server sees only the serialized DAG: each linked task must arrive there with its links (by XCom
+    key), the other tasks with none. (The links' URLs: tests/integration/test_operator_view.py.)"""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    want = {"start_tracking": {"MLflow run"}, "finish_tracking": {"MLflow run"}, "register": {"MLflow model version"},
+            "validate": {"Quarantine", "Data Docs"}, "backbone": {"MLflow member run"},
+            "train": {"MLflow member run"}}
+    tasks = DagSerialization.to_dict(dagbag.dags["defect_training"])["dag"]["tasks"]
+    got = {t["__var"]["task_id"]: set(t["__var"].get("_operator_extra_links") or {}) for t in tasks}
+    assert {k: v for k, v in got.items() if v} == want

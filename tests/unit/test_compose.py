@@ -263,12 +263,23 @@ def test_published_ports_bind_loopback_only():
                 assert str(port).startswith("127.0.0.1:"), (name, port)
 
 
+def test_every_airflow_role_mounts_the_plugins_folder_where_airflow_looks_for_it():
+    """The operator's view (plugins/defect_models.py): the api-server serves its page, every role can import its
+    link classes; mounted at the image's AIRFLOW__CORE__PLUGINS_FOLDER, read-only."""
+    folder = re.search(r"AIRFLOW__CORE__PLUGINS_FOLDER=(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
+    for name, svc in load_compose()["services"].items():
+        if name.startswith("airflow-"):
+            assert f"./plugins:{folder}:ro" in svc.get("volumes", []), name
+
+
 def test_volumes_are_named_and_the_only_bind_mount_is_the_read_only_postgres_init_script():
     doc = load_compose()
     for name, svc in doc["services"].items():
         for volume in svc.get("volumes", []):
             source, target, *mode = volume.split(":")
-            if source.startswith((".", "/")):
+            if source == "./plugins":  # the Airflow plugin folder, read-only (next test)
+                assert mode == ["ro"], (name, volume)
+            elif source.startswith((".", "/")):
                 assert source.startswith("./deploy/") and mode == ["ro"], (name, volume)
                 assert (ROOT / source).is_file(), (name, volume)
             else:

@@ -67,6 +67,21 @@ def test_nothing_shipped_imports_the_harness_and_only_orchestration_imports_airf
     assert violations(others, ("airflow",)) == []
 
 
+def test_plugins_import_only_the_adapters():
+    """plugins/ runs inside Airflow's api-server: it reads the pipeline through the adapters (MLflow through
+    ``tracking``), never the stages, commands, core or harness, nor a service library of its own."""
+    bad = []
+    for fp in py_files(ROOT / "plugins"):
+        for mod in imported_modules(fp):
+            top = mod.split(".")[0]
+            if top in ("pipeline", "devstack") and mod != "pipeline.adapters" \
+                    and not mod.startswith("pipeline.adapters."):
+                bad.append(f"{fp.name} imports {mod}")
+            if top in ("torch", "mlflow", "dvc", "boto3", "great_expectations", "timm"):
+                bad.append(f"{fp.name} imports {mod}")
+    assert py_files(ROOT / "plugins") and bad == []
+
+
 def test_dag_files_import_only_the_orchestration_surface():
     bad = []
     for fp in py_files(ROOT / "dags"):
