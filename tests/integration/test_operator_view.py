@@ -125,7 +125,7 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
     decisions = {r: airflow_api.xcom("defect_training", r, "register") for r in (good, bad)}
     assert decisions[bad]["gate"] == "rejected", decisions
 
-    token = airflow_api.token
+    bearer = airflow_api.token
     for run_id in (good, bad):
         links = _links(airflow_api, run_id)
         for task, names in links.items():
@@ -134,7 +134,7 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
             for name, url in names.items():
                 assert url, (run_id, task, name)  # every link of a finished run resolves
                 if url.startswith("/"):  # a page of the plugin on this api-server
-                    status, final, body = _get(urljoin(base, url), token)
+                    status, final, body = _get(urljoin(base, url), bearer)
                     assert status == 200, (task, name, url, status, body[:500])
                     if "#/" in final:  # /member redirects into the MLflow UI
                         kind, target = _mlflow_target(final)
@@ -161,7 +161,7 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
     event = next(e for e in airflow_api.asset_events() if (e.get("extra") or {}).get("landing_uri")
                  == "s3://landing/view/")
 
-    status, _, page = _get(f"{base}/defect-models/", token)
+    status, _, page = _get(f"{base}/defect-models/", bearer)
     assert status == 200, page[:1000]
     assert MODEL in page and "promoted" in page and "rejected" in page, page[:3000]
     assert decisions[good]["model_version"] in page and decisions[bad]["model_version"] in page
@@ -174,7 +174,7 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
     # Behind Airflow's login, and read-only.
     assert _get(f"{base}/defect-models/")[0] == 401
     assert _get(f"{base}/defect-models/validation/defect_training/{good}")[0] == 401
-    assert _get(f"{base}/defect-models/", token, method="POST")[0] == 405
+    assert _get(f"{base}/defect-models/", bearer, method="POST")[0] == 405
 
     hold = os.environ.get("OPERATOR_VIEW_HOLD")  # a file path: keep the stack up for screenshots until it is deleted
     if hold:
