@@ -1,7 +1,7 @@
 """The CeleryExecutor tier: Airflow scaled out on PostgreSQL + Redis from Debian's packages, no Docker.
 
-One private stack per module on its own ports (S3 48333, MLflow 45000, Airflow 48080, PostgreSQL 45432, Redis
-46379; TEST_CELERY_* override them) under a temporary folder; started before the first test, stopped after the
+One private stack per module on its own ports (S3 21333, MLflow 26000, Airflow 29080, PostgreSQL 25432, Redis
+26379, all below Linux's ephemeral range 32768-60999, where an outgoing connection once held 48334; TEST_CELERY_* override them) under a temporary folder; started before the first test, stopped after the
 last one (also on failure), including PostgreSQL and Redis. Missing system packages skip the tier on a
 workstation (`make system-deps` installs them) but fail it under CI.
 """
@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTS = {name: int(os.environ.get(f"TEST_CELERY_{name.upper()}_PORT", default))
-         for name, default in (("s3", 48333), ("mlflow", 45000), ("airflow", 48080), ("postgres", 45432),
-                               ("redis", 46379))}
+         for name, default in (("s3", 21333), ("mlflow", 26000), ("airflow", 29080), ("postgres", 25432),
+                               ("redis", 26379))}
 
 
 def in_ci() -> bool:
