@@ -60,11 +60,12 @@ def merged_params(home: Path, profile: str, overrides: dict) -> dict:
     return params
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested params as dotted keys (an empty mapping stays one value), as DVC records them in dvc.lock."""
     out: dict[str, object] = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -81,7 +82,7 @@ def apply_profile(home: Path, profile: str, overrides: dict | None = None) -> li
     text = recipe_text(home)
     recipe = yaml.safe_load(text) or {}
     merged = merged_params(home, profile, overrides or {})
-    flat_recipe, flat_new = _flat(recipe), _flat({k: v for k, v in merged.items() if k != "profile"})
+    flat_recipe, flat_new = flatten(recipe), flatten({k: v for k, v in merged.items() if k != "profile"})
     changes = [f"{k}: {flat_recipe[k]!r} -> {v!r}" if k in flat_recipe else f"{k}: (absent) -> {v!r}"
                for k, v in flat_new.items() if flat_recipe.get(k, object()) != v]
     changes += [f"{k}: {v!r} -> (absent)" for k, v in flat_recipe.items() if k not in flat_new]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.adapters import tracking, workspace
+from pipeline.adapters import profiles, tracking, workspace
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import sha256_file
@@ -147,22 +147,12 @@ def _dotted(params: dict, key: str):
     return node
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def param_checks(ws: Path, lock: dict) -> list[Check]:
     """Each stage's params as the lock recorded them = the values in params.yaml."""
     params = yaml.safe_load((ws / "params.yaml").read_text(encoding="utf-8"))
     recorded = {}
     for stage in lock.values():
-        recorded.update(_flatten(stage.get("params", {}).get("params.yaml", {})))
+        recorded.update(profiles.flatten(stage.get("params", {}).get("params.yaml", {})))
     bad = []
     for key, value in recorded.items():
         try:
