@@ -2,8 +2,8 @@
 
 * **"Defect models"** in the navigation (an external view): a FastAPI app that the api-server mounts at
   ``/defect-models``. Each registered model with its ``champion``, ``challenger`` and ``previous_champion``, the
-  newest versions with gate decision, weighted F1 and the DAG run that made each; the last training run's
-  quarantine counts by reason; the data watch's last fingerprint and when it fired.
+  newest versions with gate decision, weighted F1 and the DAG run that made each; the last five training runs'
+  landing prefix and quarantine counts by reason; the data watch's last fingerprint and when it fired.
 * **Pages behind the task links** of ``dags/defect_training.py`` (the links themselves are resolved in the worker,
   see ``pipeline.adapters.orchestration.linked_task``): ``/validation/<dag>/<run>`` (that run's quarantine list,
   ``/data_docs/…`` its Great Expectations Data Docs) and ``/member/<dag>/<run>`` (redirect to a nested MLflow run).
@@ -35,6 +35,7 @@ from pipeline.adapters import orchestration as orc
 _logger = logging.getLogger(__name__)
 TRAINING_DAG = "defect_training"
 MAX_VERSIONS = 10  # per model on the page
+RECENT_RUNS = 5  # training runs with their quarantine counts
 CAN_READ_RUNS = [Depends(requires_access_dag("GET", DagAccessEntity.RUN))]
 
 app = FastAPI(title="Defect models", dependencies=CAN_READ_RUNS)
@@ -52,16 +53,23 @@ def _xcom(dag_id: str, run_id: str, task_id: str, key: str):
     return None if row is None else XComModel.deserialize_value(row)
 
 
-def _last_training_run() -> dict | None:
+def _recent_training_runs(limit: int) -> list[dict]:
+    """The newest training runs (by ``run_after``), each with its landing prefix and its validate XCom."""
     from sqlalchemy import select
 
     from airflow.models import DagRun
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        run = session.scalars(select(DagRun).where(DagRun.dag_id == TRAINING_DAG)
-                              .order_by(DagRun.run_after.desc()).limit(1)).first()
-        return None if run is None else {"run_id": run.run_id, "state": str(run.state), "run_after": run.run_after}
+        runs = session.scalars(select(DagRun).where(DagRun.dag_id == TRAINING_DAG)
+                               .order_by(DagRun.run_after.desc()).limit(limit)).all()
+        found = [{"run_id": r.run_id, "state": str(r.state), "run_after": r.run_after,
+                  "landing_uri": (r.conf or {}).get("landing_uri")  # started by hand, or by the data watch:
+                  or next(((e.extra or {}).get("landing_uri", "") for e in r.consumed_asset_events), "")}
+                 for r in runs]
+    for run in found:
+        run["report"] = _xcom(TRAINING_DAG, run["run_id"], "validate", orc.VALIDATION_KEY)
+    return found
 
 
 def _watch_events(limit: int = 5) -> list[dict]:
@@ -147,6 +155,27 @@ def quarantine_section(report: dict | None, dag_id: str, run_id: str) -> str:
             + (f"<table><tr><th>reason</th><th>files</th></tr>{counts}</table>" if counts else ""))
 
 
+def recent_runs_section(runs: list[dict]) -> str:
+    """One row per recent training run: its state, landing prefix and quarantine counts by reason (the data watch's
+    own runs and hand-started ones side by side, so one run never hides another's quarantine)."""
+    if not runs:
+        return "<p>No training run yet.</p>"
+    rows = []
+    for run in runs:
+        report = run.get("report")
+        if not report:
+            counts = "no quarantine report (validate has not run, or ingest failed)"
+        else:
+            link = f"validation/{quote(TRAINING_DAG, safe='')}/{quote(run['run_id'], safe='')}"
+            reasons = "; ".join(f"{_e(r)}: {n}" for r, n in report["by_reason"].items())
+            counts = (f"<a href='{_e(link)}'>{report['quarantined']} of {_e(report.get('files', '?'))}</a>"
+                      + (f" ({reasons})" if reasons else ""))
+        rows.append(f"<tr><td>{_airflow_run_link(TRAINING_DAG, run['run_id'])}</td><td>{_e(run['state'])}</td>"
+                    f"<td>{_e(run.get('landing_uri') or '–')}</td><td>{counts}</td></tr>")
+    return ("<table><tr><th>DAG run</th><th>state</th><th>landing prefix</th><th>quarantined (by reason)</th></tr>"
+            + "".join(rows) + "</table>")
+
+
 def watch_section(events: list[dict], fingerprints: dict[str, str]) -> str:
     rows = "".join(f"<tr><td>{_e(e['timestamp'])}</td><td>{_e(e['extra'].get('landing_uri', ''))}</td>"
                    f"<td><code>{_e(str(e['extra'].get('fingerprint', ''))[:16])}</code></td>"
@@ -168,14 +197,8 @@ def overview() -> HTMLResponse:
         models = models_section(tracking.registered_models_overview(MAX_VERSIONS))
     except Exception as exc:  # MLflow away: the Airflow half of the page still helps
         models = f"<p>MLflow registry unreachable: {_e(exc)}</p>"
-    last = _last_training_run()
-    if last is None:
-        quarantine = "<p>No training run yet.</p>"
-    else:
-        report = _xcom(TRAINING_DAG, last["run_id"], "validate", orc.VALIDATION_KEY)
-        quarantine = (f"<p>Run {_airflow_run_link(TRAINING_DAG, last['run_id'])} ({_e(last['state'])})</p>"
-                      + quarantine_section(report, TRAINING_DAG, last["run_id"]))
-    body = (f"<h2>Registered models</h2>{models}<h2>Last training run: quarantine</h2>{quarantine}"
+    body = (f"<h2>Registered models</h2>{models}<h2>Last {RECENT_RUNS} training runs: quarantine</h2>"
+            f"{recent_runs_section(_recent_training_runs(RECENT_RUNS))}"
             f"<h2>Data watch</h2>{watch_section(_watch_events(), _watched_fingerprints())}")
     return _page("Defect models", body)
 

@@ -92,6 +92,18 @@ def test_page_renders_hangul_escapes_html_and_links_each_version_to_its_dag_run(
     assert "3 of 40 files" in q and "<td>not a decodable image</td><td>2</td>" in q
 
 
+def test_recent_runs_show_each_runs_prefix_and_quarantine_counts(plugin):
+    runs = [{"run_id": "asset_triggered__1", "state": "running", "landing_uri": "s3://landing/new/", "report": None},
+            {"run_id": "manual__2", "state": "success", "landing_uri": "s3://landing/곰팡이/",
+             "report": {"quarantined": 1, "files": 25, "by_reason": {"not a decodable image": 1}}}]
+    html = plugin.recent_runs_section(runs)
+    assert html.count("<tr>") == 3  # header + one row per run: the newest run does not hide the one before
+    assert "s3://landing/new/" in html and "no quarantine report" in html
+    assert "s3://landing/곰팡이/" in html and "1 of 25</a> (not a decodable image: 1)" in html
+    assert "validation/defect_training/manual__2" in html
+    assert "No training run yet" in plugin.recent_runs_section([])
+
+
 def test_watch_section_shows_when_the_data_watch_fired_and_the_fingerprint(plugin):
     from datetime import datetime, timezone
 
