@@ -2,7 +2,8 @@
 ### Wallpaper-defect training
 
 Runs the DVC stages of the pipeline in a DVC workspace, one task per stage:
-`ingest → validate → split → backbone[name…] + train[member…] → evaluate + label_issues → register → push`.
+`ingest → validate → split → backbone[name…] + train[member…] → evaluate + label_issues → register →
+push`.
 
 * **Tracking:** `start_tracking` opens one MLflow parent run per DAG run (the resolved config as params, the
   DAG run id as a tag); `register` logs metrics, artifacts, lineage and a nested run per backbone and per bag

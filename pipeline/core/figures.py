@@ -28,7 +28,7 @@ FONT_FILE = "koreanize_matplotlib/fonts/NanumGothic.ttf"
 # Installed Hangul fonts tried when the bundled one is missing (Debian fonts-nanum / fonts-noto-cjk, Windows, macOS).
 SYSTEM_HANGUL_FAMILIES = ("NanumGothic", "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", "AppleGothic")
 FALLBACK_FAMILY = "DejaVu Sans"  # matplotlib's own font, for any glyph the Hangul font lacks
-# "given → suggested" in captions: NanumGothic's U+2192 (→) draws only its arrowhead, a stray comma; ⇒ draws whole.
+# "given → suggested" in captions: NanumGothic's U+2192 (→) draws only its arrowhead, like a stray comma; ⇒ is whole.
 ARROW = "⇒"
 
 

@@ -125,7 +125,8 @@ def run_label_issues(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Pat
                      metrics_fp: Path, grid_fp: Path, cache_dir: Path | None = None) -> dict:
     device = resolve_device(cfg.train.device, "train.device")
     split = load_split(split_fp)
-    groups = [r.get("group") or r["path"] for r in read_csv(split_fp) if r["split"] == "train"]  # load_split's train order
+    # duplicate groups of the train images, in load_split's order (a split file without groups: one image each)
+    groups = [r.get("group") or r["path"] for r in read_csv(split_fp) if r["split"] == "train"]
     dirs = member_dirs(cfg.bag.seeds, models_dir)
     names = [d.name for d in dirs]
     class_names, train_probs = member_probabilities(dirs, device, raw_dir, split.paths["train"],
