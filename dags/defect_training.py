@@ -2,7 +2,8 @@
 ### Wallpaper-defect training
 
 Runs the DVC stages of the pipeline in a DVC workspace, one task per stage:
-`ingest → validate → split → backbone[name…] + train[member…] → evaluate → register → push`.
+`ingest → validate → split → backbone[name…] + train[member…] → evaluate + label_issues → register →
+push`.
 
 * **Tracking:** `start_tracking` opens one MLflow parent run per DAG run (the resolved config as params, the
   DAG run id as a tag); `register` logs metrics, artifacts, lineage and a nested run per backbone and per bag
@@ -131,8 +132,16 @@ def evaluate(ws: str, trained: list[str], compared: list[str]) -> dict:
     return {"weighted_f1": m["weighted_f1"], "macro_f1": m["macro_f1"], "n_test": m["n_test"]}
 
 
+@task(pool=POOL)
+def label_issues(ws: str, trained: list[str]) -> dict:
+    """cleanlab on the bag's out-of-bag probabilities; register logs the CSV, counts and thumbnail grid."""
+    _stage(ws, "label_issues")
+    m = orc.read_output(ws, "label_issues")
+    return {k: m[k] for k in ("n_scored", "n_unscored", "n_flagged")}
+
+
 @orc.linked_task("version", pool=POOL, **TRANSIENT)
-def register(ws: str, metrics: dict, parent_run: str) -> dict:
+def register(ws: str, metrics: dict, parent_run: str, issues: dict) -> dict:
     _stage(ws, "register", {"PIPELINE_PARENT_RUN_ID": parent_run})
     return orc.read_output(ws, "decision")
 
@@ -184,7 +193,7 @@ def defect_training():
     parent_run >> ws
     compared = backbone.partial(ws=ws).expand(name=backbone_names(ws))
     trained = train.partial(ws=ws).expand(member=bag_members(ws))
-    decision = register(ws, evaluate(ws, trained, compared), parent_run)
+    decision = register(ws, evaluate(ws, trained, compared), parent_run, label_issues(ws, trained))
     finish_tracking(parent_run, decision, push(ws, decision))
 
 

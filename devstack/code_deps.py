@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGE_MODULES = {
     "ingest": "pipeline.stages.ingest", "validate": "pipeline.stages.validate", "split": "pipeline.stages.split",
     "backbone": "pipeline.stages.train", "train": "pipeline.stages.train", "evaluate": "pipeline.stages.evaluate",
+    "label_issues": "pipeline.stages.label_issues",
     "register": "pipeline.stages.register",
 }
 ENTRY = "pipeline.__main__"

@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports-dir", type=Path, default=paths.EVAL_REPORTS)
     p.add_argument("--cache-dir", type=Path, default=paths.IMAGE_CACHE)
 
+    p = sub.add_parser("label_issues", help="rank train/val images by label quality (cleanlab, out-of-bag)")
+    _params(p)
+    p.add_argument("--split", type=Path, default=paths.SPLIT)
+    p.add_argument("--raw-dir", type=Path, default=paths.RAW_DIR)
+    p.add_argument("--models-dir", type=Path, default=paths.MODELS_DIR)
+    p.add_argument("--issues", type=Path, default=paths.LABEL_ISSUES)
+    p.add_argument("--metrics", type=Path, default=paths.LABEL_ISSUES_METRICS)
+    p.add_argument("--grid", type=Path, default=paths.LABEL_ISSUES_GRID)
+    p.add_argument("--cache-dir", type=Path, default=paths.IMAGE_CACHE)
+
     p = sub.add_parser("register", help="log to MLflow, register the bag, gate, set aliases")
     _params(p)
     p.add_argument("--split", type=Path, default=paths.SPLIT)
@@ -131,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.adapters.workspace import default_model_uri
 
         args.model = default_model_uri()
-    if cmd in ("ingest", "validate", "split", "train", "evaluate", "register"):
+    if cmd in ("ingest", "validate", "split", "train", "evaluate", "label_issues", "register"):
         from pipeline.core.config import load_config
 
         cfg = load_config(args.params)
@@ -161,6 +171,11 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.stages.evaluate import run_evaluate
 
         run_evaluate(cfg, args.split, args.raw_dir, args.models_dir, args.metrics, args.reports_dir, args.cache_dir)
+    elif cmd == "label_issues":
+        from pipeline.stages.label_issues import run_label_issues
+
+        print(json.dumps(run_label_issues(cfg, args.split, args.raw_dir, args.models_dir, args.issues, args.metrics,
+                                          args.grid, args.cache_dir)))
     elif cmd == "register":
         from pipeline.stages.register import run_register
 

@@ -117,13 +117,13 @@ def workspace_params(ws: str):
 
 
 def read_output(ws: str, what: str) -> dict:
-    """A stage's small JSON output by name: ``metrics`` (evaluate) or ``decision`` (register)."""
+    """A stage's small JSON output by name: ``metrics`` (evaluate), ``label_issues`` or ``decision`` (register)."""
     import json
     from pathlib import Path
 
     from pipeline.stages import paths
 
-    fp = {"metrics": paths.METRICS, "decision": paths.DECISION}[what]
+    fp = {"metrics": paths.METRICS, "label_issues": paths.LABEL_ISSUES_METRICS, "decision": paths.DECISION}[what]
     return json.loads((Path(ws) / fp).read_text(encoding="utf-8"))
 
 

@@ -102,6 +102,15 @@ class BagConfig:
 
 
 @dataclass(frozen=True)
+class LabelIssuesConfig:
+    """Stage ``label_issues``: cleanlab on the bag's out-of-sample probabilities (docs/ARCHITECTURE.md)."""
+
+    filter_by: str = "prune_by_noise_rate"  # cleanlab's confident-learning rule that flags an image as an issue
+    ranked_by: str = "self_confidence"  # cleanlab's label-quality score (0..1, low = likely wrong) that ranks all
+    grid_per_class: int = 6  # flagged images per given class drawn in reports/label_issues.png
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     model_name: str = "wallpaper-defect-classifier"
     f1_floor: float = 0.0  # a candidate below this weighted F1 is never promoted
@@ -121,6 +130,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     bag: BagConfig = field(default_factory=BagConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    label_issues: LabelIssuesConfig = field(default_factory=LabelIssuesConfig)
     # name -> spec; the `backbone` DVC stage trains each once (seed 0, whole train split) and evaluate scores it.
     backbones: dict = field(default_factory=dict)
     profile: str = "full"  # which profile produced this file (informational)
@@ -146,14 +156,18 @@ class Config:
 
 _SECTIONS = {
     "data": DataConfig, "validate": ValidateConfig, "split": SplitConfig, "model": ModelConfig,
-    "train": TrainConfig, "bag": BagConfig, "registry": RegistryConfig,
+    "train": TrainConfig, "bag": BagConfig, "registry": RegistryConfig, "label_issues": LabelIssuesConfig,
 }
 _CHOICES = {
     "model.freeze": None,  # checked by _check_freeze
     "train.amp": ("bf16", "none"),
     "train.device": DEVICE_CHOICES,
+    # what cleanlab 2.9's find_label_issues / get_label_quality_scores accept
+    "label_issues.filter_by": ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                               "predicted_neq_given", "low_normalized_margin", "low_self_confidence"),
+    "label_issues.ranked_by": ("self_confidence", "normalized_margin", "confidence_weighted_entropy"),
 }
-_POSITIVE = {"train.epochs", "train.batch_size", "train.lr", "model.img_size", "validate.min_side",
+_POSITIVE = {"label_issues.grid_per_class", "train.epochs", "train.batch_size", "train.lr", "model.img_size", "validate.min_side",
              "validate.max_pixels", "validate.max_bytes"}
 _FRACTIONS = {"split.val_fraction", "split.test_fraction", "validate.max_quarantine_share",
               "train.cutmix_prob", "train.label_smoothing", "registry.confidence"}
@@ -244,7 +258,7 @@ def _check(cfg: Config) -> None:
     if cfg.split.min_class_for_split < MIN_SPLIT_GROUPS:
         raise ConfigError(f"split.min_class_for_split must be >= {MIN_SPLIT_GROUPS} (one test, one val and a train "
                           f"majority of duplicate groups), got {cfg.split.min_class_for_split!r}")
-    for key in ("train.amp", "train.device"):
+    for key in ("train.amp", "train.device", "label_issues.filter_by", "label_issues.ranked_by"):
         if flat[key] not in _CHOICES[key]:
             raise ConfigError(f"{key} must be one of {_CHOICES[key]}, got {flat[key]!r}")
     _check_freeze("model.freeze", cfg.model.freeze)

@@ -28,6 +28,8 @@ FONT_FILE = "koreanize_matplotlib/fonts/NanumGothic.ttf"
 # Installed Hangul fonts tried when the bundled one is missing (Debian fonts-nanum / fonts-noto-cjk, Windows, macOS).
 SYSTEM_HANGUL_FAMILIES = ("NanumGothic", "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", "AppleGothic")
 FALLBACK_FAMILY = "DejaVu Sans"  # matplotlib's own font, for any glyph the Hangul font lacks
+# "given → suggested" in captions: NanumGothic's U+2192 (→) draws only its arrowhead, like a stray comma; ⇒ is whole.
+ARROW = "⇒"
 
 
 def bundled_font_file() -> Path | None:
@@ -169,5 +171,35 @@ def plot_reliability(panels: dict[str, dict], temperature: float, png_fp: Path) 
             ax.set_ylabel("accuracy")
             ax.set_title(title + "\n(numbers: images per bin)", fontsize=10)
             ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        _save(fig, png_fp)
+
+
+def plot_label_issue_grid(suspects: dict[str, list[tuple[np.ndarray, str]]], title: str, png_fp: Path) -> None:
+    """The top suspects of each given class: one row per class, thumbnails captioned "given ⇒ suggested".
+
+    ``suspects`` maps a given class name to ``(H×W×3 uint8 thumbnail, caption)`` pairs, most suspect first.
+    A run with no suspects still draws a one-line figure that says so, so the artefact always exists.
+    """
+    rows = {c: items for c, items in suspects.items() if items}
+    ncols = max((len(items) for items in rows.values()), default=1)
+    with hangul_figure((1.9 * ncols + 1.6, 2.1 * max(len(rows), 1) + 0.6)) as (fig, _ax):
+        fig.delaxes(_ax)
+        if not rows:
+            fig.text(0.5, 0.5, "no label issues flagged", ha="center", va="center", fontsize=12)
+        for r, (name, items) in enumerate(rows.items()):
+            for c in range(ncols):
+                ax = fig.add_subplot(len(rows), ncols, r * ncols + c + 1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c < len(items):
+                    thumb, caption = items[c]
+                    ax.imshow(thumb)
+                    ax.set_title(caption, fontsize=8)
+                else:
+                    ax.axis("off")
+                if c == 0:
+                    ax.set_ylabel(name, fontsize=10, rotation=0, ha="right", va="center")
+        fig.suptitle(title, fontsize=11)
         fig.tight_layout()
         _save(fig, png_fp)

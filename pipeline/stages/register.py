@@ -210,6 +210,21 @@ def calibration_card(calibration: dict) -> list[str]:
             f"- reliability diagram: run artifact `{RELIABILITY_PNG}`", ""]
 
 
+def label_issues_card(summary: dict) -> list[str]:
+    """The model card's label-issue counts (``label_issues.json``; empty when that stage did not run)."""
+    if not summary:
+        return []
+    src = summary["by_source"]
+    per_class = ", ".join(f"{c} {n}" for c, n in summary["flagged_per_class"].items()) or "none"
+    return ["## Label issues (cleanlab on out-of-sample probabilities)", "",
+            f"- flagged: {summary['n_flagged']} of {summary['n_scored']} scored train/val images "
+            f"(`{summary['filter_by']}`, ranked by `{summary['ranked_by']}`); per given class: {per_class}",
+            f"- scored out-of-bag {src['oob']} train images, {src['val']} val images by every member; unscored "
+            f"{summary['n_unscored']} train images that every member trained on",
+            f"- every image ranked: run artifact `reports/{paths.LABEL_ISSUES.name}`; top suspects' thumbnails: "
+            f"`reports/{paths.LABEL_ISSUES_GRID.name}`. Nothing was relabelled or excluded.", ""]
+
+
 def lineage_files(lock_fp: Path, params_fp: Path) -> dict[str, str]:
     """What ``python -m pipeline reproduce`` needs, as the run's ``lineage/`` artifacts: the params file as read and
     ``dvc.lock`` without the ``register`` stage (that is this very run). Empty when not run under DVC.
@@ -300,16 +315,20 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     calibration = metrics.get("calibration") or {}  # the summary evaluate keeps as DVC metrics
     report = json.loads(calibration_fp.read_text(encoding="utf-8")) if calibration_fp.exists() else {}
     champion_version = None if champion is None else champion.version
+    issues_fp = reports_dir / paths.LABEL_ISSUES_METRICS.name  # logged with reports_dir, as are the CSV and grid
+    issues = json.loads(issues_fp.read_text(encoding="utf-8")) if issues_fp.exists() else {}
     card = model_card(cfg, version, {k: v for k, v in metrics.items() if k not in ("members", "backbones")},
                       per_class, validation["class_counts"], lineage, decision.label, decision.reason, members,
                       metrics.get("backbones"),
-                      extra=gate_card(decision, champion_version, cfg.registry.confidence) + calibration_card(report))
+                      extra=gate_card(decision, champion_version, cfg.registry.confidence) + calibration_card(report)
+                      + label_issues_card(issues))
     weights = {d.name: m["model_sha256"] for d, m in zip(dirs, members)}
     tags = {**lineage, "weights_sha256": json.dumps(weights, sort_keys=True),
             "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
             "per_class_f1": json.dumps({r["class_name"]: round(r["f1"], 4) for r in per_class}, ensure_ascii=False),
             "gate_reason": decision.reason, **gate_tags(decision, cfg.registry.confidence),
             "champion_version_at_gate": champion_version or "", "profile": cfg.profile,
+            "label_issues_flagged": str(issues.get("n_flagged", "")),
             **{f"calibration_{k}": "" if v is None else f"{v:.6f}" for k, v in calibration.items()}}
     # The decision tag goes last, with the alias switch: a version without it is unfinished and is resumed.
     client.log_text(run_id, card, "model_card.md")

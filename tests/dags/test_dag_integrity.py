@@ -35,7 +35,8 @@ def test_every_dag_has_tags_docs_and_retries(dagbag):
 def test_training_dag_order_and_safety(dagbag):
     dag = dagbag.dags["defect_training"]
     for order in (["prepare", "ingest", "validate", "split", "train", "evaluate", "register", "push",
-                   "finish_tracking"], ["split", "backbone", "evaluate"], ["prepare", "start_tracking", "split"]):
+                   "finish_tracking"], ["split", "backbone", "evaluate"], ["prepare", "start_tracking", "split"],
+                  ["train", "label_issues", "register"]):
         for up, down in zip(order, order[1:]):
             assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert "start_tracking" in dag.get_task("register").upstream_task_ids  # logs into the parent run

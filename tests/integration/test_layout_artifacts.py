@@ -55,9 +55,10 @@ def test_dvc_status_follows_code(trained, stack_env, tmp_path):
     backbones = {f"backbone@{b}" for b in ("test_efficientnet", "test_resnet")}
     cases = {
         "pipeline/core/losses.py": backbones | {"train@0"},
-        "pipeline/core/data.py": backbones | {"train@0", "evaluate", "register"},
+        "pipeline/core/data.py": backbones | {"train@0", "evaluate", "label_issues", "register"},
         "pipeline/stages/split.py": {"split"},
-        "pipeline/core/io.py": {"ingest", "validate", "split", *backbones, "train@0", "evaluate", "register"},
+        "pipeline/core/io.py": {"ingest", "validate", "split", *backbones, "train@0", "evaluate", "label_issues",
+                                "register"},
     }
     for rel, expected in cases.items():
         fp = ws / rel

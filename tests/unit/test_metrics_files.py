@@ -1,7 +1,7 @@
 """Every DVC metrics file (``metrics:`` in dvc.yaml) is ASCII JSON, whatever the class names, and DVC takes it.
 
-DVC calls a metrics file with UTF-8 bytes "binary" and fails the stage (../shared/FACTS.md), so validate, split
-and evaluate write escaped JSON; ``json.loads`` gives the Korean names back.
+DVC calls a metrics file with UTF-8 bytes "binary" and fails the stage (../shared/FACTS.md), so validate, split,
+evaluate and label_issues write escaped JSON (label_issues: tests/unit/test_label_issues.py); ``json.loads`` gives the Korean names back.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ PARAMS = {"data": {"landing_uri": "s3://x/", "expected_classes": DACON_CLASSES, 
 def test_the_metrics_files_are_the_ones_dvc_yaml_lists():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     listed = {m if isinstance(m, str) else next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
-    assert listed == {p.as_posix() for p in (paths.VALIDATION_REPORT, paths.SPLIT_REPORT, paths.METRICS)}
+    assert listed == {p.as_posix() for p in (paths.VALIDATION_REPORT, paths.SPLIT_REPORT, paths.METRICS,
+                                             paths.LABEL_ISSUES_METRICS)}
 
 
 def ascii_json(fp: Path):
