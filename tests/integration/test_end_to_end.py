@@ -41,6 +41,14 @@ def test_dag_registers_a_champion_with_lineage_tags(trained, stack):
     assert "## Gate: candidate against champion" in champ.description and "## Calibration" in champ.description
     artifacts = {a.path for folder in ("gate", "calibration") for a in client.list_artifacts(champ.run_id, folder)}
     assert {"gate/comparison.png", "calibration/reliability.png", "calibration/calibration.json"} <= artifacts
+    # The label_issues stage ran in the DAG: its ranking, counts and thumbnail grid are the version's artifacts, the
+    # flagged count its tag and a section of its model card.
+    issues = json.loads((trained / "reports" / "label_issues.json").read_text())
+    reports = {a.path for a in client.list_artifacts(champ.run_id, "reports")}
+    assert {"reports/label_issues.csv", "reports/label_issues.json", "reports/label_issues.png"} <= reports, reports
+    assert champ.tags["label_issues_flagged"] == str(issues["n_flagged"])
+    assert "## Label issues" in champ.description and f"{issues['n_scored']}" in champ.description
+    assert issues["n_scored"] + issues["n_unscored"] == sum(validation["class_counts"].values()) - n_test
 
 
 # The scoring-parity tolerance: the gate's weighted F1 (the registered pyfunc on base64 test images) and
