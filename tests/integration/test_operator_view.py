@@ -167,7 +167,8 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
     assert decisions[good]["model_version"] in page and decisions[bad]["model_version"] in page
     assert "곰팡이" in page and "창틀,문틀수정" in page  # Hangul class names in per-class F1 and quarantine
     # The recent runs' quarantine counts: each run its own row (a scheduled watch run may start a newer one).
-    rows = {run_id: next((r for r in page.split("<tr>") if f">{run_id}</a>" in r), "") for run_id in (good, bad)}
+    recent = page.split("training runs: quarantine</h2>", 1)[1].split("<h2>", 1)[0]
+    rows = {run_id: next((r for r in recent.split("<tr>") if f">{run_id}</a>" in r), "") for run_id in (good, bad)}
     assert all("not a decodable image: 1" in r and "s3://landing/view/" in r for r in rows.values()), rows
     assert event["extra"]["fingerprint"][:16] in page and "s3://landing/view/" in page
     fired = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
