@@ -25,7 +25,7 @@ def print_summary(ws: Path | None = None) -> int:
           f"accuracy {metrics['accuracy']:.4f}   ({metrics['n_test']} held-out images)")
     print(f"gate             : {d['gate']} ({d['reason']})")
     print(f"MLflow UI        : {mlflow_url}/#/models/{d['model_name']}")
-    print(f"Airflow UI       : `make ui`, then http://127.0.0.1:8080")
+    print("Airflow UI       : `make ui`, then http://127.0.0.1:8080")
     print(f"DVC workspace    : {ws}  (dvc status / dvc metrics show there)")
     print("=" * 72)
     print(f"MODEL_NAME={d['model_name']}")

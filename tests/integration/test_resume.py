@@ -21,7 +21,6 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture()
 def tiny_split(tmp_path):
-    raw = tmp_path / "raw"
     write_tiny_split(tmp_path, per_class=12, val_per_class=2)
     params = {"data": {"landing_uri": "s3://x/"}, "model": {"backbone": "test_efficientnet", "img_size": 32,
               "weights": "none"}, "train": {"epochs": 4, "batch_size": 4, "num_threads": 1, "num_workers": 0,

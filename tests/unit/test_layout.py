@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
-import os
 import shlex
 import subprocess
 import sys
