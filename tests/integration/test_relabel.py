@@ -80,7 +80,10 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     dry = run_cli(["pipeline", "relabel", "--from", str(export_fp)], stack_env)
     assert dry.returncode == 1, dry.stdout + dry.stderr[-2000:]
     assert _keys(s3) == before and _logs(s3) == []  # a dry run moves and writes nothing
-    assert "MOVE      task 1" in dry.stdout
+    assert "MOVE      task 1" in dry.stdout and "KEEP      task 2" in dry.stdout
+    dry_refused = {int(ln.split()[2].rstrip(":")): ln for ln in dry.stdout.splitlines() if ln.startswith("REFUSED")}
+    assert sorted(dry_refused) == [3, 4, 5, 6, 7, 8], dry.stdout  # the dry run foresees every refusal
+    assert "key changed since export (ETag" in dry_refused[7]  # found by the check, before any copy is tried
 
     applied = run_cli(["pipeline", "relabel", "--from", str(export_fp), "--apply"], stack_env)
     assert applied.returncode == 1, applied.stdout + applied.stderr[-2000:]
