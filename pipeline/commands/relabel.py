@@ -48,6 +48,7 @@ class Row:
     prefix: str = ""  # the landing prefix the key lives under
     key: str = ""
     etag: str = ""
+    size: int = 0  # bytes of the source when checked
     given: str = ""  # the class folder of the key (NFC)
     chosen: str = ""
     target: str = ""
@@ -136,9 +137,10 @@ def class_folders(bucket: str, prefix: str) -> dict[str, str]:
     return folders
 
 
-def _same_bytes(a, b) -> bool:
-    """Two objects hold the same bytes as far as S3 tells: equal ETags (multipart ETags: equal sizes too)."""
-    return a.etag == b.etag or ("-" in a.etag and a.size == b.size)
+def _is_copy_of(copy, original) -> bool:
+    """``copy`` holds ``original``'s bytes as far as S3 tells: equal ETags; for a multipart original (whose ETag a
+    server-side copy need not keep) equal sizes."""
+    return copy.etag == original.etag or ("-" in original.etag and copy.size == original.size)
 
 
 def check(row: Row, folders: dict[str, str], claimed: set[str]) -> Row:
@@ -151,19 +153,20 @@ def check(row: Row, folders: dict[str, str], claimed: set[str]) -> Row:
     if row.target in claimed:
         return _refuse(row, f"another row of this export already moves a photo to {row.target}")
     source, target = storage.head(row.bucket, row.key), storage.head(row.bucket, row.target)
-    exported = storage.ObjectInfo(row.key, row.etag, source.size if source else 0)
     if target is not None:
-        if source is None and _same_bytes(target, exported):
+        if source is None and target.etag == row.etag:
             row.action = "done"  # moved by an earlier run of this export
             return row
-        if source is None or not _same_bytes(source, exported) or not _same_bytes(target, source):
+        if source is None or source.etag != row.etag or not _is_copy_of(target, source):
             return _refuse(row, f"target key exists: {row.target}")
+        row.size = source.size
         row.action = "resumed"  # an earlier run copied it and stopped before the delete
         return row
     if source is None:
         return _refuse(row, "missing key: the object is not in the bucket any more")
     if source.etag != row.etag:
         return _refuse(row, f"key changed since export (ETag {row.etag} then, {source.etag} now)")
+    row.size = source.size
     return row
 
 
@@ -178,7 +181,7 @@ def apply_move(row: Row) -> Row:
             if "PreconditionFailed" in str(exc) or "412" in str(exc):
                 return _refuse(row, "key changed since export (while moving)")
             raise
-        if not _same_bytes(copied, storage.ObjectInfo(row.key, row.etag, copied.size)):
+        if not _is_copy_of(copied, storage.ObjectInfo(row.key, row.etag, row.size)):
             storage.delete(row.bucket, row.target)
             return _refuse(row, f"the copy at {row.target} does not match the source (ETag {copied.etag}); "
                                 "undone")

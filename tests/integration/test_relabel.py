@@ -65,12 +65,18 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
         {"id": 5, "data": {"image": "x"}, "annotations": []},  # not from review-export
     ]
     # rows whose object changed in the bucket since the export (built from real keys of the fixture)
-    gone, changed, blocked = (json.loads(json.dumps(stain)) for _ in range(3))
+    gone, changed, blocked, half = (json.loads(json.dumps(stain)) for _ in range(4))
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}오염/late.png", Body=fx.png(7, 1))
     gone["data"]["landing_key"] = f"{PREFIX}오염/gone.png"
     changed["data"].update(landing_key=f"{PREFIX}오염/late.png", etag=_etag(s3, f"{PREFIX}오염/late.png"))
     blocked["data"].update(landing_key=f"{PREFIX}오염/102.png", etag=_etag(s3, f"{PREFIX}오염/102.png"))
     export += [_annotate(gone, 6, "곰팡이"), _annotate(changed, 7, "곰팡이"), _annotate(blocked, 8, "창틀,문틀수정")]
+    # a move an earlier run copied and then died before deleting the source: this run finishes it
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}오염/half.png", Body=fx.png(8, 1))
+    half_target = fx.landing_key(PREFIX, "곰팡이/half.png")
+    s3.copy_object(Bucket=BUCKET, Key=half_target, CopySource={"Bucket": BUCKET, "Key": f"{PREFIX}오염/half.png"})
+    half["data"].update(landing_key=f"{PREFIX}오염/half.png", etag=_etag(s3, f"{PREFIX}오염/half.png"))
+    export.append(_annotate(half, 9, "곰팡이"))
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}오염/late.png", Body=b"replaced after the export")
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}창틀,문틀수정/102.png", Body=b"another photo already there")
     export_fp = tmp_path / "export.json"
@@ -97,16 +103,19 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     after = _keys(s3)
     target = f"{PREFIX}{unicodedata.normalize('NFD', '곰팡이')}/101.png"
     assert stain["data"]["landing_key"] not in after and after[target] == before[stain["data"]["landing_key"]]
+    assert "RESUMED   task 9" in applied.stdout and after[half_target] == before[half_target]
+    gone_keys = {stain["data"]["landing_key"], half["data"]["landing_key"]}
     assert {k: v for k, v in after.items() if k != target} == {
-        k: v for k, v in before.items() if k != stain["data"]["landing_key"]}  # nothing else moved
+        k: v for k, v in before.items() if k not in gone_keys}  # nothing else moved
 
     [log_key] = _logs(s3)
     records = [json.loads(x) for x in s3.get_object(Bucket=BUCKET, Key=log_key)["Body"].read().decode().splitlines()]
     assert [(r["task"], r["action"]) for r in records] == [
         ("1", "moved"), ("2", "keep"), ("3", "refused"), ("4", "refused"), ("5", "refused"), ("6", "refused"),
-        ("7", "refused"), ("8", "refused")]
+        ("7", "refused"), ("8", "refused"), ("9", "resumed")]
     assert records[0]["key"] == stain["data"]["landing_key"] and records[0]["target"] == target
     assert records[0]["model_version"] == version and all(r["reason"] for r in records[2:])
+    assert records[0]["size"] == len(before[stain["data"]["landing_key"]])
 
     again = run_cli(["pipeline", "relabel", "--from", str(export_fp), "--apply"], stack_env)
     assert "DONE      task 1" in again.stdout and _keys(s3) == after  # the same export again: nothing moves twice

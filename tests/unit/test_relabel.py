@@ -104,3 +104,11 @@ def test_an_export_that_is_not_a_task_list_is_an_error(tmp_path):
     fp.write_text("[{")
     with pytest.raises(PipelineError, match="not a JSON file"):
         relabel.load_export(fp)
+
+
+def test_a_copy_matches_its_original_by_etag_or_for_multipart_originals_by_size():
+    single, multi = ObjectInfo("a", "abc", 5), ObjectInfo("a", "abc-2", 5)
+    assert relabel._is_copy_of(ObjectInfo("b", "abc", 5), single)
+    assert not relabel._is_copy_of(ObjectInfo("b", "abd", 5), single)  # same size, other bytes
+    assert relabel._is_copy_of(ObjectInfo("b", "fff", 5), multi)  # a server-side copy may re-compute the ETag
+    assert not relabel._is_copy_of(ObjectInfo("b", "fff", 6), multi)
