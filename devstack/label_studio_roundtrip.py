@@ -2,7 +2,7 @@
 
     python -m devstack.label_studio_roundtrip [--ls-port 43100] [--s3-port 43333] [--mlflow-port 43000] [--keep]
 
-Too heavy for ``make test`` (installing Label Studio took 61 s here, a round trip 89 s), so it is a script:
+Too heavy for ``make test`` (installing Label Studio took 61 s here, a round trip 53–89 s), so it is a script:
 
 1. a separate venv ``.local/label-studio-venv`` with ``label-studio==LABEL_STUDIO_VERSION`` (made once, reused);
 2. a private SeaweedFS and MLflow under a temporary folder (random S3 keys), seeded by ``devstack.review_fixture``:
