@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="tasks JSON; the labeling config goes beside it")
     p.add_argument("--url-expiry", type=int, default=7 * 24 * 3600,
                    help="seconds the presigned image URLs stay valid (default and maximum: 7 days)")
+    p.add_argument("--predictions", default="", metavar="S3_PREFIX",
+                   help="also export the batch DAG's unsure photos under this prefix (e.g. s3://landing/incoming/)")
+    p.add_argument("--below", type=float, default=0.5, help="unsure = confidence below this (default 0.5)")
 
     p = sub.add_parser("relabel", help="apply a Label Studio export to the landing bucket (dry run by default)")
     p.add_argument("--from", dest="export", type=Path, required=True, help="Label Studio JSON export")
@@ -230,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.top is not None and args.top < 1:
             raise PipelineError(f"--top must be at least 1, got {args.top}")
         print(json.dumps(run_review_export(args.model, args.version, args.alias, args.top, args.out,
-                                           args.url_expiry), ensure_ascii=False))
+                                           args.url_expiry, args.predictions, args.below), ensure_ascii=False))
     elif cmd == "relabel":
         from pipeline.commands.relabel import run_relabel
 

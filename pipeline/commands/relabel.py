@@ -9,6 +9,9 @@ key, the photo is copied to ``<prefix>/<chosen class>/<file>`` and the old key d
 the change and the pipeline retrains. The class folder keeps the spelling it has in the bucket (NFD or NFC), so
 ingest never sees two folders for one class.
 
+A task of ``review-export --predictions`` (``source: prediction``) names an unlabelled photo outside the prefix
+(``incoming/``): it moves into the chosen class folder, and its ``.prediction.json`` sidecar is deleted.
+
 A row is refused, with its reason, and nothing of it moves, when: the task is not from ``review-export`` (no
 landing key), its annotations disagree, the chosen class is not a class folder under the landing prefix, the
 key is missing, the object changed since the export (ETag), the target key exists holding other bytes, or
@@ -52,6 +55,7 @@ class Row:
     given: str = ""  # the class folder of the key (NFC)
     chosen: str = ""
     target: str = ""
+    source: str = ""  # "prediction": an unlabelled photo of the batch DAG, outside the landing prefix
     meta: dict = field(default_factory=dict)  # model, version, rank: carried into the log
 
 
@@ -89,16 +93,22 @@ def parse_task(task, position: int) -> Row:
     if missing:
         return _refuse(row, f"not from review-export: data lacks {', '.join(missing)}")
     row.bucket, row.key, row.etag = data["landing_bucket"], data["landing_key"], data["etag"]
-    row.meta = {k: data[k] for k in ("model", "model_version", "rank") if k in data}
+    row.meta = {k: data[k] for k in ("model", "model_version", "rank", "confidence") if k in data}
     row.prefix = prefix = data["landing_prefix"]
+    row.source = "prediction" if data.get("source") == "prediction" else ""
     if prefix and not prefix.endswith("/"):
         return _refuse(row, f"landing_prefix {prefix!r} does not end with '/'")
-    if not row.key.startswith(prefix):
+    if row.source:  # an unlabelled photo: it joins the landing prefix under the chosen class
+        if row.key.startswith(prefix):
+            return _refuse(row, "a prediction's photo is already under the landing prefix")
+        parsed = safe_relative_key(f"unlabelled/{row.key.rsplit('/', 1)[-1]}")
+    elif not row.key.startswith(prefix):
         return _refuse(row, f"landing key is not under the landing prefix {prefix!r}")
-    parsed = safe_relative_key(row.key[len(prefix):])
+    else:
+        parsed = safe_relative_key(row.key[len(prefix):])
     if isinstance(parsed, str):
         return _refuse(row, f"landing key is not <class>/<file> under the prefix: {parsed}")
-    row.given = parsed[0]
+    row.given = "" if row.source else parsed[0]
     chosen = chosen_classes(task)
     if not chosen:
         row.action = "unreviewed"
@@ -149,7 +159,7 @@ def check(row: Row, folders: dict[str, str], claimed: set[str]) -> Row:
 
     if row.chosen not in folders:
         return _refuse(row, f"unknown class {row.chosen!r}: no such class folder under the landing prefix")
-    row.target = f"{row.prefix}{folders[row.chosen]}/{row.key.rsplit('/', 1)[1]}"
+    row.target = f"{row.prefix}{folders[row.chosen]}/{row.key.rsplit('/', 1)[-1]}"
     if row.target in claimed:
         return _refuse(row, f"another row of this export already moves a photo to {row.target}")
     source, target = storage.head(row.bucket, row.key), storage.head(row.bucket, row.target)
@@ -187,6 +197,10 @@ def apply_move(row: Row) -> Row:
                                 "undone")
         row.action = "moved"
     storage.delete(row.bucket, row.key)
+    if row.source == "prediction":  # the batch DAG's result for a photo that is no longer there
+        from pipeline.commands.predict import SIDECAR_SUFFIX
+
+        storage.delete(row.bucket, f"{row.key}{SIDECAR_SUFFIX}")
     if row.action == "resumed":
         row.reason = "finished a move an earlier run had copied but not deleted"
     return row
@@ -216,7 +230,7 @@ class MoveLog:
 
 def plan_line(row: Row) -> str:
     if row.action in ("move", "moved", "resumed", "done"):
-        return f"{row.action.upper():9} task {row.task}: {row.key} -> {row.target}  ({row.given} -> {row.chosen})"
+        return f"{row.action.upper():9} task {row.task}: {row.key} -> {row.target}  ({row.given or 'unlabelled'} -> {row.chosen})"
     if row.action == "keep":
         return f"KEEP      task {row.task}: {row.key} (class {row.given} confirmed)"
     if row.action == "unreviewed":

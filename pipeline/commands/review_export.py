@@ -15,8 +15,13 @@ flagged rows in rank order (``--top K`` of them), finds each photo's object unde
 * ``review.label_config.xml`` beside it — the project's labeling config: the photo and one single-choice list of
   the model's classes (``<Choices name="label" toName="image">``).
 
-Photos whose object is gone from the landing prefix since training are left out (counted as ``gone``). The
-batch DAG's low-confidence predictions are not exported (not built yet).
+Photos whose object is gone from the landing prefix since training are left out (counted as ``gone``).
+
+``--predictions s3://landing/incoming/ --below 0.5`` adds the batch DAG's unsure photos: every photo under that
+prefix whose ``.prediction.json`` sidecar has no error and a confidence below the threshold becomes a task with
+no given class (``source: prediction``), the predicted class as the pre-annotation. ``relabel`` moves such a photo
+into the chosen class folder of the landing prefix (new labelled data) and deletes its sidecar. The prefix must be
+in the landing bucket (a move is a copy inside one bucket).
 """
 from __future__ import annotations
 
@@ -83,6 +88,35 @@ def build_task(row: dict[str, str], obj, bucket: str, prefix: str, url: str, sha
     return {"data": data, "predictions": [prediction]}
 
 
+def prediction_task(record: dict, obj, bucket: str, prefix: str, url: str, model: str, version: str) -> dict:
+    """One task for an unsure batch prediction: no given class, the predicted one as the pre-annotation."""
+    data = {"image": url, "landing_bucket": bucket, "landing_prefix": prefix, "landing_key": obj.key,
+            "etag": obj.etag, "source": "prediction", "given_class": "", "suggested_class": record["label"],
+            "confidence": float(record["confidence"]), "model": model, "model_version": version,
+            "predicted_by": f"{record.get('model_name', '')} v{record.get('model_version', '')}"}
+    prediction = {"model_version": data["predicted_by"], "score": data["confidence"],
+                  "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+                              "value": {"choices": [record["label"]]}}]}
+    return {"data": data, "predictions": [prediction]}
+
+
+def unsure_predictions(predictions_uri: str, below: float) -> list[tuple[dict, object]]:
+    """(sidecar record, photo object) for each classified photo under the prefix with confidence < ``below``."""
+    from pipeline.adapters import storage
+    from pipeline.commands.predict import SIDECAR_SUFFIX
+
+    bucket, _ = storage.parse_s3_uri(predictions_uri)
+    objects = {o.key: o for o in storage.list_objects(predictions_uri)}
+    out = []
+    for key in sorted(k for k in objects if k.endswith(SIDECAR_SUFFIX)):
+        photo = objects.get(key[: -len(SIDECAR_SUFFIX)])
+        record = json.loads(storage.get_bytes(f"s3://{bucket}/{key}"))
+        if photo is not None and not record.get("error") and record.get("label") \
+                and float(record.get("confidence", 1.0)) < below:
+            out.append((record, photo))
+    return sorted(out, key=lambda item: float(item[0]["confidence"]))
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -102,7 +136,7 @@ def resolve_version(model: str, version: str | None, alias: str) -> object:
 
 
 def run_review_export(model: str, version: str | None, alias: str, top: int | None, out: Path,
-                      url_expiry: int = MAX_URL_EXPIRY) -> dict:
+                      url_expiry: int = MAX_URL_EXPIRY, predictions_uri: str = "", below: float = 0.5) -> dict:
     from pipeline.adapters import storage, tracking
 
     if not 0 < url_expiry <= MAX_URL_EXPIRY:
@@ -127,9 +161,19 @@ def run_review_export(model: str, version: str | None, alias: str, top: int | No
             continue
         url = storage.presigned_get_url(bucket, obj.key, url_expiry)
         tasks.append(build_task(row, obj, bucket, prefix, url, sha.get(row["path"], ""), model, str(mv.version)))
+    unsure = []
+    if predictions_uri:
+        if storage.parse_s3_uri(predictions_uri)[0] != bucket:
+            raise PipelineError(f"--predictions {predictions_uri} must be in the landing bucket {bucket!r} "
+                                f"({landing_uri}): relabel moves photos inside one bucket")
+        unsure = unsure_predictions(predictions_uri, below)
+        for record, obj in unsure:
+            url = storage.presigned_get_url(bucket, obj.key, url_expiry)
+            tasks.append(prediction_task(record, obj, bucket, prefix, url, model, str(mv.version)))
     if gone:
         _logger.warning("%d suspect(s) no longer under %s, left out: %s", len(gone), landing_uri, gone[:5])
     write_atomic(out, json.dumps(tasks, ensure_ascii=False, indent=1) + "\n")
     write_atomic(config_path(out), labeling_config(classes))
-    return {"tasks": len(tasks), "gone": len(gone), "out": str(out), "label_config": str(config_path(out)),
+    return {"tasks": len(tasks), "suspects": len(tasks) - len(unsure), "unsure_predictions": len(unsure),
+            "gone": len(gone), "out": str(out), "label_config": str(config_path(out)),
             "model": model, "version": str(mv.version), "landing_uri": landing_uri, "classes": len(classes)}

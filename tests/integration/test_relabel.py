@@ -16,6 +16,7 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
 BUCKET, PREFIX, MODEL = "landing", "relabel/", "relabel-fixture"
+INCOMING = "relabel-incoming/"  # where the batch DAG would classify new photos
 
 
 def _annotate(task: dict, task_id: int, *choices: str) -> dict:
@@ -38,11 +39,22 @@ def _logs(s3) -> list[str]:
 def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(stack, stack_env, s3, tmp_path):
     paths = fx.seed_landing(BUCKET, PREFIX)
     version = fx.seed_version(MODEL, f"s3://{BUCKET}/{PREFIX}", paths)
+    # the batch DAG's results for three new photos: unsure (exported), sure, not classified yet
+    for name, conf in (("p1.png", 0.31), ("p2.png", 0.95), ("p3.png", None)):
+        s3.put_object(Bucket=BUCKET, Key=f"{INCOMING}{name}", Body=fx.png(len(name) + int(name[1]), 2))
+        if conf is not None:
+            record = {"id": name, "label": "오염", "confidence": conf, "error": "", "model_name": MODEL,
+                      "model_version": "0"}
+            s3.put_object(Bucket=BUCKET, Key=f"{INCOMING}{name}.prediction.json", Body=json.dumps(record).encode())
     out = tmp_path / "review.json"
-    res = run_cli(["pipeline", "review-export", "--model", MODEL, "--top", "3", "--out", str(out)], stack_env)
+    res = run_cli(["pipeline", "review-export", "--model", MODEL, "--top", "3", "--out", str(out),
+                   "--predictions", f"s3://{BUCKET}/{INCOMING}", "--below", "0.5"], stack_env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["version"] == version
     tasks = json.loads(out.read_text(encoding="utf-8"))
+    unsure = [t for t in tasks if t["data"].get("source") == "prediction"]
+    assert [t["data"]["landing_key"] for t in unsure] == [f"{INCOMING}p1.png"]
+    tasks = [t for t in tasks if t not in unsure]
     assert [t["data"]["path"] for t in tasks] == [p for p, _, _ in fx.SUSPECTS]
     by_path = {t["data"]["path"]: t for t in tasks}
     mold_task = by_path["곰팡이/002.png"]
@@ -77,6 +89,7 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     s3.copy_object(Bucket=BUCKET, Key=half_target, CopySource={"Bucket": BUCKET, "Key": f"{PREFIX}오염/half.png"})
     half["data"].update(landing_key=f"{PREFIX}오염/half.png", etag=_etag(s3, f"{PREFIX}오염/half.png"))
     export.append(_annotate(half, 9, "곰팡이"))
+    export.append(_annotate(unsure[0], 10, "창틀,문틀수정"))  # an unlabelled photo joins the training data
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}오염/late.png", Body=b"replaced after the export")
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}창틀,문틀수정/102.png", Body=b"another photo already there")
     export_fp = tmp_path / "export.json"
@@ -104,17 +117,22 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     target = f"{PREFIX}{unicodedata.normalize('NFD', '곰팡이')}/101.png"
     assert stain["data"]["landing_key"] not in after and after[target] == before[stain["data"]["landing_key"]]
     assert "RESUMED   task 9" in applied.stdout and after[half_target] == before[half_target]
+    new_photo = f"{PREFIX}창틀,문틀수정/p1.png"
+    assert after[new_photo] == s3.get_object(Bucket=BUCKET, Key=new_photo)["Body"].read()
+    left = s3.list_objects_v2(Bucket=BUCKET, Prefix=INCOMING).get("Contents", [])
+    assert sorted(o["Key"] for o in left) == [f"{INCOMING}p2.png", f"{INCOMING}p2.png.prediction.json",
+                                              f"{INCOMING}p3.png"]  # p1 and its sidecar moved out
     gone_keys = {stain["data"]["landing_key"], half["data"]["landing_key"]}
-    assert {k: v for k, v in after.items() if k != target} == {
+    assert {k: v for k, v in after.items() if k not in (target, new_photo)} == {
         k: v for k, v in before.items() if k not in gone_keys}  # nothing else moved
 
     [log_key] = _logs(s3)
     records = [json.loads(x) for x in s3.get_object(Bucket=BUCKET, Key=log_key)["Body"].read().decode().splitlines()]
     assert [(r["task"], r["action"]) for r in records] == [
         ("1", "moved"), ("2", "keep"), ("3", "refused"), ("4", "refused"), ("5", "refused"), ("6", "refused"),
-        ("7", "refused"), ("8", "refused"), ("9", "resumed")]
+        ("7", "refused"), ("8", "refused"), ("9", "resumed"), ("10", "moved")]
     assert records[0]["key"] == stain["data"]["landing_key"] and records[0]["target"] == target
-    assert records[0]["model_version"] == version and all(r["reason"] for r in records[2:])
+    assert records[0]["model_version"] == version and all(r["reason"] for r in records[2:8])
     assert records[0]["size"] == len(before[stain["data"]["landing_key"]])
 
     again = run_cli(["pipeline", "relabel", "--from", str(export_fp), "--apply"], stack_env)

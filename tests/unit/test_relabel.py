@@ -112,3 +112,21 @@ def test_a_copy_matches_its_original_by_etag_or_for_multipart_originals_by_size(
     assert not relabel._is_copy_of(ObjectInfo("b", "abd", 5), single)  # same size, other bytes
     assert relabel._is_copy_of(ObjectInfo("b", "fff", 5), multi)  # a server-side copy may re-compute the ETag
     assert not relabel._is_copy_of(ObjectInfo("b", "fff", 6), multi)
+
+
+def test_an_unsure_prediction_becomes_an_unlabelled_task_and_a_move_into_the_landing_prefix():
+    record = {"id": "a/p1.png", "label": "오염", "confidence": 0.31, "error": "", "model_name": "m",
+              "model_version": "2"}
+    task = review_export.prediction_task(record, ObjectInfo("incoming/a/p1.png", "e9", 5), "landing", PREFIX,
+                                         "http://x/y", "m", "3")
+    assert task["data"]["given_class"] == "" and task["predictions"][0]["score"] == 0.31
+    annotated = {**task, "id": 4, "annotations": [{"result": [{"from_name": "label", "type": "choices",
+                                                               "value": {"choices": ["오염"]}}]}]}
+    row = relabel.parse_task(annotated, 1)
+    assert (row.action, row.source, row.given, row.chosen) == ("move", "prediction", "", "오염")
+    inside = json.loads(json.dumps(annotated))
+    inside["data"]["landing_key"] = f"{PREFIX}오염/p1.png"
+    assert "already under the landing prefix" in relabel.parse_task(inside, 1).reason
+    hidden = json.loads(json.dumps(annotated))
+    hidden["data"]["landing_key"] = "incoming/.p1.png"
+    assert "hidden file" in relabel.parse_task(hidden, 1).reason
