@@ -40,7 +40,8 @@ PROFILE     ?= cpu-demo
 export PIPELINE_LANDING_URI ?= $(LANDING_URI)
 export PIPELINE_PROFILE     ?= $(PROFILE)
 
-.PHONY: help credentials venv services-up services-down ui demo demo-data profile test bench bench-serve bench-loop label-studio-roundtrip gpu-check clean
+.PHONY: help credentials venv services-up services-down ui demo demo-data profile test bench bench-serve bench-loop \
+	label-studio-roundtrip gpu-check clean
 help:
 	@echo "make demo          fresh clone -> services -> ELPV data -> training DAG -> registered model"
 	@echo "make test          the full test suite (what CI runs)"

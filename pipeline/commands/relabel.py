@@ -230,7 +230,8 @@ class MoveLog:
 
 def plan_line(row: Row) -> str:
     if row.action in ("move", "moved", "resumed", "done"):
-        return f"{row.action.upper():9} task {row.task}: {row.key} -> {row.target}  ({row.given or 'unlabelled'} -> {row.chosen})"
+        given = row.given or "unlabelled"
+        return f"{row.action.upper():9} task {row.task}: {row.key} -> {row.target}  ({given} -> {row.chosen})"
     if row.action == "keep":
         return f"KEEP      task {row.task}: {row.key} (class {row.given} confirmed)"
     if row.action == "unreviewed":
