@@ -129,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="the version to serve again")
     p.add_argument("--reason", required=True, help="why (recorded as a tag)")
 
+    p = sub.add_parser("review-export", help="a version's label-issue suspects as a Label Studio import file")
+    p.add_argument("--model", required=True, help="registered model name")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", default=None, help="the version whose label_issues.csv to export")
+    which.add_argument("--alias", default="champion", help="or the version this alias points at (default champion)")
+    p.add_argument("--top", type=int, default=None, help="only the K highest-ranked flagged photos")
+    p.add_argument("--out", type=Path, required=True, help="tasks JSON; the labeling config goes beside it")
+    p.add_argument("--url-expiry", type=int, default=7 * 24 * 3600,
+                   help="seconds the presigned image URLs stay valid (default and maximum: 7 days)")
+    p.add_argument("--predictions", default="", metavar="S3_PREFIX",
+                   help="also export the batch DAG's unsure photos under this prefix (e.g. s3://landing/incoming/)")
+    p.add_argument("--below", type=float, default=0.5, help="unsure = confidence below this (default 0.5)")
+
+    p = sub.add_parser("relabel", help="apply a Label Studio export to the landing bucket (dry run by default)")
+    p.add_argument("--from", dest="export", type=Path, required=True, help="Label Studio JSON export")
+    p.add_argument("--apply", action="store_true", help="move the objects (default: print the plan only)")
+
     p = sub.add_parser("summary", help="print the last run's outcome and machine-readable lines")
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--profile", default="")
@@ -210,6 +227,19 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.commands.audit import rollback
 
         print(json.dumps(rollback(args.model, args.to, args.reason), ensure_ascii=False))
+    elif cmd == "review-export":
+        from pipeline.commands.review_export import run_review_export
+
+        if args.top is not None and args.top < 1:
+            raise PipelineError(f"--top must be at least 1, got {args.top}")
+        print(json.dumps(run_review_export(args.model, args.version, args.alias, args.top, args.out,
+                                           args.url_expiry, args.predictions, args.below), ensure_ascii=False))
+    elif cmd == "relabel":
+        from pipeline.commands.relabel import run_relabel
+
+        code, summary = run_relabel(args.export, args.apply)
+        print(json.dumps(summary, ensure_ascii=False))
+        return code
     elif cmd == "summary":
         from pipeline.commands.summary import print_summary
 

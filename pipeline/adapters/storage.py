@@ -62,7 +62,7 @@ def _new_client():
     from botocore.config import Config
 
     cfg = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=16,
-                 s3={"addressing_style": "path"})
+                 s3={"addressing_style": "path"}, signature_version="s3v4")  # v4 presigned URLs too, not v2
     # A fresh session: boto3's default session caches the credentials it saw first, even after the env changes.
     return boto3.session.Session().client("s3", config=cfg,
                                           region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
@@ -145,3 +145,41 @@ def check_bucket(bucket: str) -> None:
     """Raise a clear StorageError unless ``bucket`` exists and our credentials work on it."""
     with storage_errors(f"checking bucket {bucket!r}"):
         client().head_bucket(Bucket=bucket)
+
+
+def head(bucket: str, key: str) -> ObjectInfo | None:
+    """The object's ETag and size now, or None when there is no such key."""
+    from botocore.exceptions import ClientError
+
+    with storage_errors(f"reading s3://{bucket}/{key}"):
+        try:
+            resp = client().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+    return ObjectInfo(key, resp.get("ETag", "").strip('"'), int(resp.get("ContentLength", 0)))
+
+
+def copy(bucket: str, src_key: str, dst_key: str, if_etag: str) -> ObjectInfo:
+    """Server-side copy of ``src_key`` to ``dst_key`` in one bucket, only while the source's ETag is ``if_etag``
+    (a source replaced between our check and the copy makes the copy fail); returns the new object."""
+    with storage_errors(f"copying s3://{bucket}/{src_key} to {dst_key}"):
+        client().copy_object(Bucket=bucket, Key=dst_key, CopySource={"Bucket": bucket, "Key": src_key},
+                             CopySourceIfMatch=f'"{if_etag}"', MetadataDirective="COPY")
+    info = head(bucket, dst_key)
+    if info is None:
+        raise StorageError(f"copy to s3://{bucket}/{dst_key} reported success but the object is not there")
+    return info
+
+
+def delete(bucket: str, key: str) -> None:
+    with storage_errors(f"deleting s3://{bucket}/{key}"):
+        client().delete_object(Bucket=bucket, Key=key)
+
+
+def presigned_get_url(bucket: str, key: str, expires_s: int) -> str:
+    """A GET URL for one object that works without credentials until it expires (SigV4: at most 7 days)."""
+    with storage_errors(f"signing a URL for s3://{bucket}/{key}"):
+        return client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                               ExpiresIn=int(expires_s))

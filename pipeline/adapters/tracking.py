@@ -406,3 +406,11 @@ def registered_models_overview(max_versions: int) -> list[dict]:
 def _quoted(value: str) -> str:
     """A value inside single quotes of an MLflow search filter."""
     return str(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    """The params a run logged (e.g. ``data.landing_uri`` of the pipeline run behind a version)."""
+    try:
+        return dict(connect_registry().get_run(run_id).data.params)
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id}: {exc.message.splitlines()[0]}") from None

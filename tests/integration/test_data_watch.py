@@ -1,5 +1,5 @@
 """The data-watch DAG for real (SeaweedFS + `airflow dags test`): one event per new data, none for the same data,
-none while an upload is still growing."""
+none while an upload is still growing, one after a relabel moved a photo."""
 from __future__ import annotations
 
 import json
@@ -39,12 +39,13 @@ def _watch(env, settle: int = 1, checks: int = 2) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 
-def test_new_data_fires_once_same_data_never_growing_upload_waits(stack, stack_env, s3):
+def test_new_data_fires_once_same_data_never_growing_upload_waits_relabel_fires(stack, stack_env, s3, tmp_path):
     for i in range(3):
         s3.put_object(Bucket="landing", Key=f"watch/crack/{i}.png", Body=png_bytes(i))
+    s3.put_object(Bucket="landing", Key="watch/mold/m0.png", Body=png_bytes(50))
     _watch(stack_env)
     events = _asset_events(stack_env)
-    assert len(events) == 1 and events[0]["objects"] == 3 and len(events[0]["fingerprint"]) == 64
+    assert len(events) == 1 and events[0]["objects"] == 4 and len(events[0]["fingerprint"]) == 64
 
     _watch(stack_env)  # same data again
     assert len(_asset_events(stack_env)) == 1
@@ -69,4 +70,20 @@ def test_new_data_fires_once_same_data_never_growing_upload_waits(stack, stack_e
 
     _watch(stack_env)  # the upload has finished: one new event with the new count
     events = _asset_events(stack_env)
-    assert len(events) == 2 and events[1]["objects"] > 3 and events[1]["fingerprint"] != events[0]["fingerprint"]
+    assert len(events) == 2 and events[1]["objects"] > 4 and events[1]["fingerprint"] != events[0]["fingerprint"]
+
+    # A Label Studio export applied by `pipeline relabel` moves a photo to another class folder: new data, one event
+    # (the training DAG is scheduled on it). The move log lands outside the watched prefix.
+    key = "watch/crack/0.png"
+    etag = s3.head_object(Bucket="landing", Key=key)["ETag"].strip('"')
+    export = [{"id": 1, "data": {"landing_bucket": "landing", "landing_prefix": "watch/", "landing_key": key,
+                                 "etag": etag},
+               "annotations": [{"result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                                            "value": {"choices": ["mold"]}}]}]}]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    out = run_cli(["pipeline", "relabel", "--from", str(tmp_path / "export.json"), "--apply"], stack_env)
+    assert out.returncode == 0 and "MOVED" in out.stdout, out.stdout + out.stderr[-2000:]
+    _watch(stack_env)
+    events = _asset_events(stack_env)
+    assert len(events) == 3 and events[2]["objects"] == events[1]["objects"]
+    assert events[2]["fingerprint"] != events[1]["fingerprint"]
