@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,14 @@ def lay_out_elpv(raw_dir: Path, manifest_fp: Path, limit_per_class: int) -> int:
 def flip_train_labels(validated: list[dict], clean_split: list[dict], fraction: float, seed: int
                       ) -> tuple[list[dict], dict[str, tuple[str, str]]]:
     """``validated`` with ``fraction`` of the clean split's train images given a random other class (seeded)."""
+    n_flip = round(fraction * sum(r["split"] == "train" for r in clean_split))
     classes = sorted({r["class_name"] for r in validated})
-    train = sorted(r["path"] for r in clean_split if r["split"] == "train")
+    # Only images alone in their duplicate group: a flipped near-duplicate would leave its group (groups never span
+    # classes), get a split of its own and could land in test, and the three runs would not share one test split.
+    size = Counter(r["group"] for r in clean_split)
+    train = sorted(r["path"] for r in clean_split if r["split"] == "train" and size[r["group"]] == 1)
     rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(train), size=round(fraction * len(train)), replace=False).tolist())
+    chosen = sorted(rng.choice(len(train), size=n_flip, replace=False).tolist())
     given = {r["path"]: r["class_name"] for r in validated}
     flips = {}
     for i in chosen:
