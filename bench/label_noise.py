@@ -117,6 +117,24 @@ def train_and_evaluate(cfg, name: str, split_fp: Path, raw_dir: Path, work: Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    measure(argv)
+    return 0
+
+
+def run() -> dict[str, str]:
+    """``python -m bench label-noise``: the default recipe, as ``KEY=value`` results for docs/BENCHMARKS.md."""
+    r = measure([])
+    f, w = r["finder"], r["weighted_f1"]
+    gap = r["gap_recovered"]
+    return {"LABEL_NOISE_FLAGGED": str(f["flagged"]), "LABEL_NOISE_PRECISION": f"{f['precision']:.3f}",
+            "LABEL_NOISE_RECALL": f"{f['recall']:.3f}", "LABEL_NOISE_WF1_NOISY": f"{w['a_noisy']:.4f}",
+            "LABEL_NOISE_WF1_NOISY_MINUS_FLAGGED": f"{w['b_noisy_minus_flagged']:.4f}",
+            "LABEL_NOISE_WF1_CLEAN": f"{w['c_clean']:.4f}",
+            "LABEL_NOISE_GAP_RECOVERED": "n/a" if gap is None else f"{gap:.3f}",
+            "LABEL_NOISE_WALL_S": f"{r['wall_seconds']:.0f}"}
+
+
+def measure(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.label_noise", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--limit-per-class", type=int, default=0, help="first N ELPV images per class (0 = all 2,624)")
@@ -219,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
           f"| (c) clean wF1 | {fc:.4f} |\n| gap recovered | {results['gap_recovered']} |\n"
           f"| wall | {results['wall_seconds']:.0f} s |")
     print(f"results: {out / 'results.json'}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

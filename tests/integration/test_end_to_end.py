@@ -49,6 +49,13 @@ def test_dag_registers_a_champion_with_lineage_tags(trained, stack):
     assert champ.tags["label_issues_flagged"] == str(issues["n_flagged"])
     assert "## Label issues" in champ.description and f"{issues['n_scored']}" in champ.description
     assert issues["n_scored"] + issues["n_unscored"] == sum(validation["class_counts"].values()) - n_test
+    # data.exclude_label_issues is off: the DAG's label_exclusions task wrote the header only (its md5 in the lock),
+    # split dropped nothing, and the model card and a tag say so.
+    assert (trained / "data" / "label_exclusions.csv").read_text(encoding="utf-8").count("\n") == 1
+    assert [o["path"] for o in lock["stages"]["label_exclusions"]["outs"]] == ["data/label_exclusions.csv"]
+    assert json.loads((trained / "reports" / "split.json").read_text())["excluded"]["listed"] == 0
+    assert "## Label exclusions" in champ.description and "false: no image was excluded" in champ.description
+    assert champ.tags["label_excluded"] == "0"
 
 
 # The scoring-parity tolerance: the gate's weighted F1 (the registered pyfunc on base64 test images) and
