@@ -137,9 +137,10 @@ def run() -> dict[str, str]:
 def measure(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.label_noise", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--limit-per-class", type=int, default=0, help="first N ELPV images per class (0 = all 2,624)")
+    ap.add_argument("--limit-per-class", type=int, default=150,
+                    help="first N ELPV images per class (0 = all 2,624; 150 = 973)")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--img-size", type=int, default=160)
+    ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--seeds", default="0,1,2", help="bag member seeds")
     ap.add_argument("--noise", type=float, default=0.10, help="share of train labels flipped")
     ap.add_argument("--noise-seed", type=int, default=0)

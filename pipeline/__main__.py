@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validated", type=Path, default=paths.VALIDATED)
     p.add_argument("--split", type=Path, default=paths.SPLIT)
     p.add_argument("--report", type=Path, default=paths.SPLIT_REPORT)
-    p.add_argument("--exclusions", type=Path, default=None,
-                   help="images to leave out of train/val (stage label_exclusions writes data/label_exclusions.csv)")
+    p.add_argument("--exclusions", type=Path, default=paths.LABEL_EXCLUSIONS,
+                   help="images to leave out of train/val (written by stage label_exclusions; a missing file lists "
+                        "none unless data.exclude_label_issues is true)")
 
     p = sub.add_parser("train", help="train one bag member, or one entry of `backbones`")
     _params(p)

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline.core.config import MIN_SPLIT_GROUPS, Config
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_csv, write_csv, write_json
 
 _logger = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ def run_split(cfg: Config, validated_fp: Path, split_fp: Path, report_fp: Path,
               exclusions_fp: Path | None = None) -> dict:
     rows = sorted(read_csv(validated_fp), key=lambda r: r["path"])
     out, train_only = assign_splits(rows, cfg)
+    if cfg.data.exclude_label_issues and (exclusions_fp is None or not exclusions_fp.exists()):
+        raise PipelineError(f"data.exclude_label_issues is true but there is no exclusion list "
+                            f"({exclusions_fp or 'none given'}): run stage label_exclusions first")
     exclusions = read_csv(exclusions_fp) if exclusions_fp is not None else []
     out, excluded = drop_excluded(out, exclusions)
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from pipeline.core.config import config_from_dict
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_csv, write_csv
 from pipeline.stages.label_exclusions import FIELDS, exclusion_rows
 from pipeline.stages.split import SPLIT_FIELDS, assign_splits, drop_excluded, run_split
@@ -89,6 +90,10 @@ def test_run_split_with_an_exclusion_file_keeps_every_other_assignment(tmp_path)
     run_split(_cfg(), tmp_path / "validated.csv", tmp_path / "same.csv", tmp_path / "same.json", tmp_path / "empty.csv")
     assert (tmp_path / "same.csv").read_bytes() == (tmp_path / "before.csv").read_bytes()
     assert list(before[0]) == SPLIT_FIELDS
+    # the flag on and no list at all (label_exclusions did not run): refuse rather than train on everything
+    on = config_from_dict({"data": {"landing_uri": "s3://x/", "exclude_label_issues": True}})
+    with pytest.raises(PipelineError, match="run stage label_exclusions first"):
+        run_split(on, tmp_path / "validated.csv", tmp_path / "x.csv", tmp_path / "x.json", tmp_path / "missing.csv")
 
 
 def test_exclusion_rows_are_the_flagged_rows_with_their_sha256():
