@@ -131,8 +131,9 @@ def test_workspace_is_up_to_date_for_dvc_after_the_dag(trained, stack_env):
     out = run_cli(["dvc", "status"], stack_env, cwd=trained)
     assert out.returncode == 0, out.stderr
     changed = [ln.strip() for ln in out.stdout.splitlines() if ln.strip().endswith(":") and not ln.startswith("\t")]
-    # ingest always re-checks the bucket; every other stage must be up to date.
-    assert changed == ["ingest:"], out.stdout
+    # ingest always re-checks the bucket and label_exclusions the registry; every other stage must be up to date.
+    assert changed == ["ingest:", "label_exclusions:"], out.stdout
+    assert out.stdout.count("always changed") == 2, out.stdout
 
 
 def test_mlflow_models_serve_answers_a_real_image(trained, stack, stack_env, tmp_path):
