@@ -33,7 +33,7 @@ SPLIT = [{"path": p, "class_name": p.split("/")[0], "sha256": f"{i:064x}", "spli
                                      ("stain/d.png", "test")], 1)]
 
 
-def _register_champion(name: str, tmp: Path, with_report: bool = True) -> str:
+def _register_champion(name: str, tmp: Path, with_report: bool = True, with_split: bool = True) -> str:
     """A run holding the report and split as register logs them, registered as ``name`` and made champion."""
     import mlflow
     from mlflow import MlflowClient
@@ -47,7 +47,8 @@ def _register_champion(name: str, tmp: Path, with_report: bool = True) -> str:
     mlflow.set_experiment("label-exclusions-test")
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(reports), artifact_path="reports")
-        mlflow.log_artifact(str(tmp / "split.csv"))
+        if with_split:
+            mlflow.log_artifact(str(tmp / "split.csv"))
         mlflow.log_text("placeholder", "bag/README.txt")
     client = MlflowClient()
     client.create_registered_model(name)
@@ -90,3 +91,14 @@ def test_a_champion_without_a_report_excludes_nothing_and_says_so(stack, stack_e
     out, rows = _stage(tmp_path, "excl-test-old-champion", stack_env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert rows == [] and "has no reports/label_issues.csv" in out.stderr
+
+
+def test_a_report_that_cannot_be_downloaded_fails_the_stage(stack, stack_env, tmp_path):
+    """The champion's run lacks its split.csv (deleted artifacts): fail, retried as transient, and write no list
+    rather than exclude nothing (or exclude images we cannot identify by content)."""
+    _register_champion("excl-test-broken-champion", tmp_path / "logged", with_split=False)
+    out, rows = _stage(tmp_path, "excl-test-broken-champion", stack_env)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error (transient): cannot download split.csv of "
+                                                         "excl-test-broken-champion v1")
+    assert not (tmp_path / "excl.csv").exists() and rows == []

@@ -136,6 +136,9 @@ def test_reproduce_of_the_first_version_verifies_every_hash_and_retrains_it(clon
     f1 = float(a.tags["weighted_f1"])
     assert f"weighted F1  registered {f1:.6f}  retrained {f1:.6f}  difference +0.000000" in out
     assert "weights member_0: bit-identical" in out and sha256(tmp_path / "a/models/member_0/model.pt") == sha
+    # the live stages keep the version's pulled outputs: today's bucket and today's champion are not A's inputs
+    retrained = next(ln for ln in out.splitlines() if ln.startswith("retraining: "))
+    assert "ingest" not in retrained and "label_exclusions" not in retrained and "split" in retrained, retrained
 
 
 def test_reproduce_names_a_damaged_or_missing_remote_object(clone, versions, tmp_path):
