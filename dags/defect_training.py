@@ -2,8 +2,8 @@
 ### Wallpaper-defect training
 
 Runs the DVC stages of the pipeline in a DVC workspace, one task per stage:
-`ingest → validate → split → backbone[name…] + train[member…] → evaluate + label_issues → register →
-push`.
+`ingest → validate (+ label_exclusions) → split → backbone[name…] + train[member…] → evaluate + label_issues →
+register → push`.
 
 * **Tracking:** `start_tracking` opens one MLflow parent run per DAG run (the resolved config as params, the
   DAG run id as a tag); `register` logs metrics, artifacts, lineage and a nested run per backbone and per bag
@@ -78,6 +78,14 @@ def _mark_run_failed(context) -> None:
 @task(pool=POOL, **TRANSIENT)
 def ingest(ws: str) -> str:
     _stage(ws, "ingest")
+    return ws
+
+
+@task(pool=POOL, **TRANSIENT)
+def label_exclusions(ws: str) -> str:
+    """`data.exclude_label_issues`: the champion's flagged images, for split to leave out of train/val. Reads the
+    registry (retried when MLflow is unreachable: an unreadable champion never means "nothing to exclude")."""
+    _stage(ws, "label_exclusions")
     return ws
 
 
@@ -189,7 +197,9 @@ def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
 def defect_training():
     ws0 = prepare()
     parent_run = start_tracking(ws0)
-    ws = split(validate(ingest(ws0)))
+    ingested = ingest(ws0)
+    ws = split(validate(ingested))
+    label_exclusions(ingested) >> ws
     parent_run >> ws
     compared = backbone.partial(ws=ws).expand(name=backbone_names(ws))
     trained = train.partial(ws=ws).expand(member=bag_members(ws))

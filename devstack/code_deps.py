@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # DVC stage (or foreach stage) -> the module its command runs.
 STAGE_MODULES = {
-    "ingest": "pipeline.stages.ingest", "validate": "pipeline.stages.validate", "split": "pipeline.stages.split",
+    "ingest": "pipeline.stages.ingest", "label_exclusions": "pipeline.stages.label_exclusions",
+    "validate": "pipeline.stages.validate", "split": "pipeline.stages.split",
     "backbone": "pipeline.stages.train", "train": "pipeline.stages.train", "evaluate": "pipeline.stages.evaluate",
     "label_issues": "pipeline.stages.label_issues",
     "register": "pipeline.stages.register",

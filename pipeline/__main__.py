@@ -40,11 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=paths.VALIDATION_REPORT)
     p.add_argument("--docs-dir", type=Path, default=None, help="write GX Data Docs (HTML) here")
 
+    p = sub.add_parser("label_exclusions", help="the champion's flagged label issues, to leave out of train/val")
+    _params(p)
+    p.add_argument("--out", type=Path, default=paths.LABEL_EXCLUSIONS)
+
     p = sub.add_parser("split", help="stratified, duplicate-aware train/val/test split")
     _params(p)
     p.add_argument("--validated", type=Path, default=paths.VALIDATED)
     p.add_argument("--split", type=Path, default=paths.SPLIT)
     p.add_argument("--report", type=Path, default=paths.SPLIT_REPORT)
+    p.add_argument("--exclusions", type=Path, default=paths.LABEL_EXCLUSIONS,
+                   help="images to leave out of train/val (written by stage label_exclusions; a missing file lists "
+                        "none unless data.exclude_label_issues is true)")
 
     p = sub.add_parser("train", help="train one bag member, or one entry of `backbones`")
     _params(p)
@@ -158,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.adapters.workspace import default_model_uri
 
         args.model = default_model_uri()
-    if cmd in ("ingest", "validate", "split", "train", "evaluate", "label_issues", "register"):
+    if cmd in ("ingest", "label_exclusions", "validate", "split", "train", "evaluate", "label_issues", "register"):
         from pipeline.core.config import load_config
 
         cfg = load_config(args.params)
@@ -172,10 +179,14 @@ def _run(args: argparse.Namespace) -> int:
         report = run_validate(cfg, args.raw_dir, args.manifest, args.rejects, args.validated, args.quarantine,
                               args.report, args.docs_dir)
         print(json.dumps({k: report[k] for k in ("validated", "quarantined", "fingerprint")}))
+    elif cmd == "label_exclusions":
+        from pipeline.stages.label_exclusions import run_label_exclusions
+
+        print(json.dumps(run_label_exclusions(cfg, args.out)))
     elif cmd == "split":
         from pipeline.stages.split import run_split
 
-        run_split(cfg, args.validated, args.split, args.report)
+        run_split(cfg, args.validated, args.split, args.report, args.exclusions)
     elif cmd == "train":
         from pipeline.stages.train import run_train
 

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -87,6 +88,55 @@ def version_by_alias(client: MlflowClient, name: str, alias: str):
     except Exception as exc:  # never guess "no champion" (that would promote any candidate)
         raise TrackingError(f"cannot read alias {alias} of {name} at {mlflow.get_tracking_uri()} "
                             f"({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class ChampionReport:
+    """The champion's label-issue report and the split it was scored on (stage ``label_exclusions``)."""
+
+    version: str
+    run_id: str
+    issues: list[dict[str, str]]  # rows of its run artifact reports/label_issues.csv
+    split_rows: list[dict[str, str]]  # rows of its run artifact split.csv (path -> sha256)
+
+
+LABEL_ISSUES_ARTIFACT = "reports/label_issues.csv"  # register logs reports/ (and data/split.csv at the root)
+SPLIT_ARTIFACT = "split.csv"
+
+
+def champion_label_issues(name: str) -> ChampionReport | None:
+    """The label-issue report of ``name``'s champion; None only when the registry says there is no champion.
+
+    Fails closed: an unreachable server, a refused request or a failed download is a :class:`TrackingError`
+    (the stage fails and is retried), never "no exclusions". A champion registered before the label_issues stage
+    existed has no report: that is the registry's own answer, so it gives an empty report and a warning.
+    """
+    from pipeline.core.io import read_csv
+
+    client = connect_registry()
+    champion = version_by_alias(client, name, "champion")
+    if champion is None:
+        return None
+    version, run_id = str(champion.version), champion.run_id
+    try:
+        listed = {a.path for a in client.list_artifacts(run_id, "reports")}
+    except Exception as exc:
+        raise TrackingError(f"cannot list the artifacts of {name} v{version} (run {run_id}) at "
+                            f"{mlflow.get_tracking_uri()} ({type(exc).__name__})") from None
+    if LABEL_ISSUES_ARTIFACT not in listed:
+        _logger.warning("%s v%s (run %s) has no %s (registered before the label_issues stage): nothing to exclude",
+                        name, version, run_id, LABEL_ISSUES_ARTIFACT)
+        return ChampionReport(version, run_id, [], [])
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for artifact in (LABEL_ISSUES_ARTIFACT, SPLIT_ARTIFACT):
+            try:
+                files[artifact] = Path(mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=artifact, dst_path=tmp))
+            except Exception as exc:
+                raise TrackingError(f"cannot download {artifact} of {name} v{version} (run {run_id}) from "
+                                    f"{mlflow.get_tracking_uri()} ({type(exc).__name__})") from None
+        return ChampionReport(version, run_id, read_csv(files[LABEL_ISSUES_ARTIFACT]), read_csv(files[SPLIT_ARTIFACT]))
 
 
 # Mappings keyed by data (class names) are logged as one JSON-valued param each: readable in the UI, and a valid

@@ -12,8 +12,9 @@
    member's weights; then ``dvc status``. The first failing group ends the command with one line naming what
    differs (exit 2).
 
-``--retrain`` then runs every stage but ``ingest`` again (``dvc repro --force --single-item``; ``ingest`` would
-read today's bucket instead of the version's data, and ``register`` is never run) and prints the new weighted F1
+``--retrain`` then runs every stage but ``ingest`` and ``label_exclusions`` again (``dvc repro --force
+--single-item``; they would read today's bucket and today's champion instead of the version's data and exclusion
+list, and ``register`` is never run) and prints the new weighted F1
 beside the registered one. On the CPU the test and demo profiles retrain bit for bit (same weights, same F1);
 on a GPU, cuDNN and bf16 kernels are not deterministic, so pass ``--tolerance`` (see docs/ARCHITECTURE.md).
 """
@@ -33,6 +34,9 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import sha256_file
 
+# Stages that read the outside world as it is now (the bucket, the registry's champion): a retrain keeps their
+# pulled outputs, which are the version's.
+LIVE_STAGES = ("ingest", "label_exclusions")
 MARKER = ".reproduce.json"  # marks a folder this command made, so a second run may replace it whole
 
 
@@ -253,9 +257,9 @@ def differing_files(ws: Path, path: str, md5: str) -> list[str]:
 
 
 def retrain_and_compare(ws: Path, lock: dict, tags: dict, label: str, tolerance: float) -> int:
-    """Every stage but ingest again, forced; the new weighted F1 and weights beside the registered ones."""
+    """Every stage but the live ones again, forced; the new weighted F1 and weights beside the registered ones."""
     before = json.loads((ws / "metrics/eval.json").read_text(encoding="utf-8"))["weighted_f1"]
-    stages = [s for s in lock if s != "ingest"]
+    stages = [s for s in lock if s not in LIVE_STAGES]
     print(f"retraining: dvc repro --force --single-item {' → '.join(stages)}")
     for stage in stages:
         workspace.run_stage(ws, stage, force=True)

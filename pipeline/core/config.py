@@ -34,6 +34,9 @@ class DataConfig:
     landing_uri: str  # s3://bucket/prefix/ holding <class>/<image> folders
     expected_classes: tuple[str, ...] = ()  # known class names; empty = whatever folders exist
     strict_classes: bool = False  # fail validation when the landed classes differ from expected_classes
+    # true: the images the champion's label-issue report flagged leave train/val of the next training (stage
+    # label_exclusions writes data/label_exclusions.csv, split drops them; nothing is deleted)
+    exclude_label_issues: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ VALIDATED = Path("data/validated.csv")
 QUARANTINE = Path("data/quarantine.csv")
 VALIDATION_REPORT = Path("reports/validation.json")
 DATA_DOCS = Path("reports/data_docs")
+LABEL_EXCLUSIONS = Path("data/label_exclusions.csv")  # the champion's flagged images, left out of train/val
 SPLIT = Path("data/split.csv")
 SPLIT_REPORT = Path("reports/split.json")
 MODELS_DIR = Path("models")

@@ -222,7 +222,27 @@ def label_issues_card(summary: dict) -> list[str]:
             f"- scored out-of-bag {src['oob']} train images, {src['val']} val images by every member; unscored "
             f"{summary['n_unscored']} train images that every member trained on",
             f"- every image ranked: run artifact `reports/{paths.LABEL_ISSUES.name}`; top suspects' thumbnails: "
-            f"`reports/{paths.LABEL_ISSUES_GRID.name}`. Nothing was relabelled or excluded.", ""]
+            f"`reports/{paths.LABEL_ISSUES_GRID.name}`. Nothing was relabelled; what left this training is under "
+            "\"Label exclusions\".", ""]
+
+
+def exclusions_card(enabled: bool, excluded: dict, model_name: str) -> list[str]:
+    """The model card's ``data.exclude_label_issues`` section, from ``split.json``'s ``excluded`` counts."""
+    if not enabled:
+        return ["## Label exclusions", "", "- `data.exclude_label_issues` is false: no image was excluded.", ""]
+    versions = excluded.get("source_versions") or []
+    if not excluded.get("listed"):
+        return ["## Label exclusions", "", "- `data.exclude_label_issues` is true, but no image was excluded: "
+                f"{model_name} had no champion (or its report flagged none) when this run split its data.", ""]
+    n = excluded["dropped_train"] + excluded["dropped_val"]
+    return ["## Label exclusions", "",
+            f"- `data.exclude_label_issues` is true: {n} images left this training ({excluded['dropped_train']} "
+            f"train, {excluded['dropped_val']} val), flagged by the label-issue report of {model_name} "
+            f"v{', v'.join(versions)} (the champion when this run split its data)",
+            f"- {excluded['listed']} listed in `{paths.LABEL_EXCLUSIONS}` (its md5 is in the lineage's dvc.lock); "
+            f"{excluded['kept_in_test']} kept because they are test images, {excluded['not_matched']} no longer in "
+            "the data under the same path and content (moved, relabelled or changed: they trained again)",
+            "- nothing was deleted: the images stay in the bucket and in `data/raw`", ""]
 
 
 def lineage_files(lock_fp: Path, params_fp: Path) -> dict[str, str]:
@@ -317,11 +337,15 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     champion_version = None if champion is None else champion.version
     issues_fp = reports_dir / paths.LABEL_ISSUES_METRICS.name  # logged with reports_dir, as are the CSV and grid
     issues = json.loads(issues_fp.read_text(encoding="utf-8")) if issues_fp.exists() else {}
+    split_fp_json = reports_dir / paths.SPLIT_REPORT.name
+    split_report = json.loads(split_fp_json.read_text(encoding="utf-8")) if split_fp_json.exists() else {}
+    excluded = split_report.get("excluded") or {}
     card = model_card(cfg, version, {k: v for k, v in metrics.items() if k not in ("members", "backbones")},
                       per_class, validation["class_counts"], lineage, decision.label, decision.reason, members,
                       metrics.get("backbones"),
                       extra=gate_card(decision, champion_version, cfg.registry.confidence) + calibration_card(report)
-                      + label_issues_card(issues))
+                      + label_issues_card(issues) + exclusions_card(cfg.data.exclude_label_issues, excluded,
+                                                                    name))
     weights = {d.name: m["model_sha256"] for d, m in zip(dirs, members)}
     tags = {**lineage, "weights_sha256": json.dumps(weights, sort_keys=True),
             "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
@@ -329,6 +353,8 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
             "gate_reason": decision.reason, **gate_tags(decision, cfg.registry.confidence),
             "champion_version_at_gate": champion_version or "", "profile": cfg.profile,
             "label_issues_flagged": str(issues.get("n_flagged", "")),
+            "label_excluded": str(excluded.get("dropped_train", 0) + excluded.get("dropped_val", 0)),
+            "label_excluded_from": ",".join(excluded.get("source_versions") or []),
             **{f"calibration_{k}": "" if v is None else f"{v:.6f}" for k, v in calibration.items()}}
     # The decision tag goes last, with the alias switch: a version without it is unfinished and is resumed.
     client.log_text(run_id, card, "model_card.md")

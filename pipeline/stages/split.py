@@ -8,6 +8,12 @@ Classes with fewer than ``split.min_class_for_split`` groups go to train only (D
 3 and 5 images); the report lists them. A split class keeps at least one test and one val group and
 more than half of its groups in train (docs/ARCHITECTURE.md, "Rare classes"). Split first, augment
 after (augmentation happens in training).
+
+``--exclusions data/label_exclusions.csv`` (stage ``label_exclusions``, ``data.exclude_label_issues``): the
+images the champion's label-issue report flagged leave train and val *after* the split is assigned, so no other
+image changes split. A row is dropped only when both its path and its sha256 match a listed image: a relabelled
+(moved to another class folder) or re-saved image comes back. Test rows are never dropped: the gate keeps scoring
+on the same test split. Nothing is deleted; the report counts what left.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline.core.config import MIN_SPLIT_GROUPS, Config
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_csv, write_csv, write_json
 
 _logger = logging.getLogger(__name__)
@@ -109,19 +116,58 @@ def assign_splits(rows: list[dict[str, str]], cfg: Config) -> tuple[list[dict[st
     return out, train_only
 
 
-def run_split(cfg: Config, validated_fp: Path, split_fp: Path, report_fp: Path) -> dict:
+def drop_excluded(rows: list[dict[str, str]], exclusions: list[dict[str, str]]) -> tuple[list[dict[str, str]],
+                                                                                      dict]:
+    """``rows`` (split assigned) less the train/val rows whose (path, sha256) an exclusion lists; and the counts.
+
+    Matching needs both: the same path with other bytes (re-saved, fixed) or the same bytes under another path
+    (moved to its corrected class folder) is a different image now, and stays. An exclusion without a sha256
+    matches nothing. Test rows always stay (the gate's test split must stay comparable between versions).
+    """
+    listed = {(e["path"], e["sha256"]) for e in exclusions if e.get("path") and e.get("sha256")}
+    kept, dropped = [], defaultdict(int)
+    matched = set()
+    for row in rows:
+        key = (row["path"], row["sha256"])
+        if key in listed:
+            matched.add(key)
+            if row["split"] in ("train", "val"):
+                dropped[row["split"]] += 1
+                continue
+            dropped["test_kept"] += 1
+        kept.append(row)
+    sources = sorted({e.get("source_version", "") for e in exclusions if e.get("source_version")})
+    counts = {"listed": len(exclusions), "dropped_train": dropped["train"], "dropped_val": dropped["val"],
+              "kept_in_test": dropped["test_kept"], "not_matched": len(exclusions) - len(matched),
+              "source_versions": sources}
+    return kept, counts
+
+
+def run_split(cfg: Config, validated_fp: Path, split_fp: Path, report_fp: Path,
+              exclusions_fp: Path | None = None) -> dict:
     rows = sorted(read_csv(validated_fp), key=lambda r: r["path"])
     out, train_only = assign_splits(rows, cfg)
+    if cfg.data.exclude_label_issues and (exclusions_fp is None or not exclusions_fp.exists()):
+        raise PipelineError(f"data.exclude_label_issues is true but there is no exclusion list "
+                            f"({exclusions_fp or 'none given'}): run stage label_exclusions first")
+    exclusions = read_csv(exclusions_fp) if exclusions_fp is not None else []
+    out, excluded = drop_excluded(out, exclusions)
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in out:
         counts[row["split"]][row["class_name"]] += 1
     report = {"seed": cfg.split.seed, "rows": len(out), "min_class_for_split": cfg.split.min_class_for_split,
               "train_only_classes": train_only,
               "groups_with_duplicates": len(out) - len({r["group"] for r in out}),
+              "excluded": excluded,
               "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}}
     write_csv(split_fp, out, SPLIT_FIELDS)
     write_json(report_fp, report)  # a DVC metrics file: escaped JSON, or DVC calls the Korean names binary
     _logger.info("split: %s", {s: sum(c.values()) for s, c in report["counts"].items()})
+    if exclusions:
+        _logger.info("split: label exclusions from %s: %d listed, %d left train, %d left val, %d kept in test, "
+                     "%d not in this data (moved, relabelled or changed)", ", ".join(excluded["source_versions"]),
+                     excluded["listed"], excluded["dropped_train"], excluded["dropped_val"],
+                     excluded["kept_in_test"], excluded["not_matched"])
     if train_only:
         _logger.info("split: train-only (fewer than split.min_class_for_split=%d groups, not scored on test): %s",
                      cfg.split.min_class_for_split, train_only)

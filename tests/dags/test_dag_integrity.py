@@ -36,7 +36,7 @@ def test_training_dag_order_and_safety(dagbag):
     dag = dagbag.dags["defect_training"]
     for order in (["prepare", "ingest", "validate", "split", "train", "evaluate", "register", "push",
                    "finish_tracking"], ["split", "backbone", "evaluate"], ["prepare", "start_tracking", "split"],
-                  ["train", "label_issues", "register"]):
+                  ["train", "label_issues", "register"], ["ingest", "label_exclusions", "split"]):
         for up, down in zip(order, order[1:]):
             assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert "start_tracking" in dag.get_task("register").upstream_task_ids  # logs into the parent run
@@ -44,6 +44,7 @@ def test_training_dag_order_and_safety(dagbag):
     assert dag.max_active_runs == 1
     assert dag.get_task("validate").retries == 0  # bad data stays bad: no retry
     assert dag.get_task("ingest").retries >= 2  # S3 hiccups are retried
+    assert dag.get_task("label_exclusions").retries >= 2  # so are MLflow's (reading the champion's report)
     stage_tasks = [t for t in dag.tasks if t.task_id not in ("bag_members", "backbone_names", "start_tracking",
                                                              "finish_tracking")]
     assert {t.pool for t in stage_tasks} == {"dvc_workspace"}

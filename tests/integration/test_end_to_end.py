@@ -49,6 +49,13 @@ def test_dag_registers_a_champion_with_lineage_tags(trained, stack):
     assert champ.tags["label_issues_flagged"] == str(issues["n_flagged"])
     assert "## Label issues" in champ.description and f"{issues['n_scored']}" in champ.description
     assert issues["n_scored"] + issues["n_unscored"] == sum(validation["class_counts"].values()) - n_test
+    # data.exclude_label_issues is off: the DAG's label_exclusions task wrote the header only (its md5 in the lock),
+    # split dropped nothing, and the model card and a tag say so.
+    assert (trained / "data" / "label_exclusions.csv").read_text(encoding="utf-8").count("\n") == 1
+    assert [o["path"] for o in lock["stages"]["label_exclusions"]["outs"]] == ["data/label_exclusions.csv"]
+    assert json.loads((trained / "reports" / "split.json").read_text())["excluded"]["listed"] == 0
+    assert "## Label exclusions" in champ.description and "false: no image was excluded" in champ.description
+    assert champ.tags["label_excluded"] == "0"
 
 
 # The scoring-parity tolerance: the gate's weighted F1 (the registered pyfunc on base64 test images) and
@@ -124,8 +131,9 @@ def test_workspace_is_up_to_date_for_dvc_after_the_dag(trained, stack_env):
     out = run_cli(["dvc", "status"], stack_env, cwd=trained)
     assert out.returncode == 0, out.stderr
     changed = [ln.strip() for ln in out.stdout.splitlines() if ln.strip().endswith(":") and not ln.startswith("\t")]
-    # ingest always re-checks the bucket; every other stage must be up to date.
-    assert changed == ["ingest:"], out.stdout
+    # ingest always re-checks the bucket and label_exclusions the registry; every other stage must be up to date.
+    assert changed == ["ingest:", "label_exclusions:"], out.stdout
+    assert out.stdout.count("always changed") == 2, out.stdout
 
 
 def test_mlflow_models_serve_answers_a_real_image(trained, stack, stack_env, tmp_path):

@@ -98,7 +98,8 @@ def test_dvc_repro_in_the_fresh_clone_registers_a_version(clone, versions):
     raw_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
     assert tags["dvc_data_md5"] == raw_md5 and tags["dvc_lock_sha256"]
     status = json.loads(ok(run_cli(["dvc", "status", "--json"], env, cwd=root)))
-    assert status == {"ingest": ["always changed"]}, status  # ingest re-lists the bucket; the rest is up to date
+    # ingest re-lists the bucket, label_exclusions re-reads the champion; the rest is up to date
+    assert status == {"ingest": ["always changed"], "label_exclusions": ["always changed"]}, status
 
 
 def test_exp_run_registers_a_second_version_and_exp_show_compares(clone, versions):
@@ -135,6 +136,9 @@ def test_reproduce_of_the_first_version_verifies_every_hash_and_retrains_it(clon
     f1 = float(a.tags["weighted_f1"])
     assert f"weighted F1  registered {f1:.6f}  retrained {f1:.6f}  difference +0.000000" in out
     assert "weights member_0: bit-identical" in out and sha256(tmp_path / "a/models/member_0/model.pt") == sha
+    # the live stages keep the version's pulled outputs: today's bucket and today's champion are not A's inputs
+    retrained = next(ln for ln in out.splitlines() if ln.startswith("retraining: "))
+    assert "ingest" not in retrained and "label_exclusions" not in retrained and "split" in retrained, retrained
 
 
 def test_reproduce_names_a_damaged_or_missing_remote_object(clone, versions, tmp_path):
@@ -198,8 +202,9 @@ def test_a_fresh_clone_pulls_what_airflow_trained_and_reproduces_it(trained, sta
     number = version.split(f"{MODEL} v")[1].split()[0]
     ok(run_cli(["dvc", "pull"], env, cwd=root))
     status = json.loads(ok(run_cli(["dvc", "status", "--json"], env, cwd=root)))
-    # ingest re-lists the bucket each time; register has no entry in a stored lock (it is the registration)
-    assert set(status) == {"ingest", "register"} and status["ingest"] == ["always changed"], status
+    # ingest and label_exclusions ask the outside world each time; register has no entry in a stored lock (it is the
+    # registration)
+    assert set(status) == {"ingest", "label_exclusions", "register"} and status["ingest"] == ["always changed"], status
     weights = json.loads(registered(MODEL, number).tags["weights_sha256"])
     assert weights == {"member_0": sha256(root / "models/member_0/model.pt")}  # the DAG's weights, pulled
     out = ok(run_cli(["pipeline", "reproduce", "--model", MODEL, "--version", number, "--dir", str(tmp_path / "dag")],
