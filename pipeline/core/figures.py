@@ -200,6 +200,7 @@ def plot_label_issue_grid(suspects: dict[str, list[tuple[np.ndarray, str]]], tit
                     ax.axis("off")
                 if c == 0:
                     ax.set_ylabel(name, fontsize=10, rotation=0, ha="right", va="center")
-        fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
+        height = fig.get_size_inches()[1]
+        fig.suptitle(title, fontsize=11, y=1 - 0.12 / height)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))  # the title gets its own band above the first captions
         _save(fig, png_fp)
