@@ -33,9 +33,13 @@ COPY dags/ dags/
 COPY plugins/ plugins/
 COPY profiles/ profiles/
 COPY dvc.yaml params.yaml ./
+# `python -m devstack accounts-init` (compose's accounts-init service) and MLflow's basic-auth config.
+COPY devstack/ devstack/
+COPY deploy/mlflow-auth.ini deploy/
 
 # Mount points of the compose file's named volumes: a new volume takes this ownership, so the user can write.
-RUN mkdir -p /opt/airflow /var/lib/pipeline && chown pipeline:pipeline /opt/airflow /var/lib/pipeline
+RUN mkdir -p /opt/airflow /var/lib/pipeline /var/lib/mlflow-auth \
+ && chown pipeline:pipeline /opt/airflow /var/lib/pipeline /var/lib/mlflow-auth
 
 ENV PIPELINE_HOME=/opt/pipeline \
     PIPELINE_LOCAL=/var/lib/pipeline \

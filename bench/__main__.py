@@ -31,6 +31,9 @@ def main() -> int:
     if "train" in which:
         results.update(train_step.run())
     if "serve" in which:
+        from pipeline.adapters.credentials import use_local_account
+
+        use_local_account()  # the champion is read from MLflow: MLFLOW_TRACKING_* or the stack's accounts file
         results.update(serving.run())
     if "event-loop" in which:
         results.update(event_loop.run())

@@ -26,7 +26,7 @@ LANDING = "s3://landing/elpv-loop/"
 
 
 def run() -> dict[str, str]:
-    from devstack import services
+    from devstack import accounts, services
     from pipeline.adapters import storage
     from devstack.airflow_rest import AirflowAPI, watch_and_follow
     from devstack.demo_data import load_elpv_items
@@ -45,9 +45,10 @@ def run() -> dict[str, str]:
     try:
         t = time.monotonic()
         services.up(stack, airflow=True)
+        os.environ.update(MLFLOW_TRACKING_USERNAME="pipeline", MLFLOW_TRACKING_PASSWORD=accounts.password("pipeline"))
         services.start_airflow(stack)
         out["LOOP_STACK_UP_S"] = f"{time.monotonic() - t:.1f}"
-        api = AirflowAPI(f"http://127.0.0.1:{stack.airflow_port}", "admin", services.airflow_admin_password())
+        api = AirflowAPI(f"http://127.0.0.1:{stack.airflow_port}", "pipeline", accounts.password("pipeline"))
         for dag_id in ("defect_data_watch", "defect_training"):
             api.unpause(dag_id)
 

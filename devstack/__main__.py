@@ -3,6 +3,8 @@
     python -m devstack demo-data --landing-uri s3://landing/elpv/
     python -m devstack run-dag defect_training --conf '{"profile": "cpu-demo"}'
     python -m devstack code-deps [--check]
+    python -m devstack add-user auditor2 --role auditor
+    python -m devstack accounts-init      # docker-compose's one-shot service (passwords from .env)
 
 The services have their own entry point: ``python -m devstack.services up|status|ui|down``.
 """
@@ -26,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-dag", help="run a DAG once with `airflow dags test`, failing if it fails")
     p.add_argument("dag_id")
     p.add_argument("--conf", default="{}")
+    p = sub.add_parser("add-user", help="add an account (role pipeline, engineer or auditor) to the local stack; "
+                                        "prints its generated password once")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=("pipeline", "engineer", "auditor"))
+    sub.add_parser("accounts-init", help="docker-compose: the accounts from <NAME>_ACCOUNT_PASSWORD into "
+                                         "Airflow's passwords file and MLflow (MLFLOW_TRACKING_URI)")
     sub.add_parser("code-deps", help="write each stage's code deps into dvc.yaml (see devstack/code_deps.py)",
                    add_help=False)
     return parser
@@ -49,12 +57,40 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(upload_demo_data(args.landing_uri, args.limit_per_class)))
         elif args.command == "run-dag":
             from devstack.rundag import run_dag
+            from pipeline.adapters.credentials import use_local_account
 
+            use_local_account()  # the DAG's tasks run in `airflow dags test`: the service account by default
             return run_dag(args.dag_id, args.conf)
+        elif args.command == "accounts-init":
+            from pathlib import Path
+
+            from devstack import accounts
+
+            home = Path(os.environ.get("AIRFLOW_HOME", "/opt/airflow"))
+            accounts.init_from_env(home / "simple_auth_manager_passwords.json.generated",
+                                   os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow:5000"))
+        elif args.command == "add-user":
+            return _add_user(args.name, args.role)
         return 0
     except PipelineError as exc:
         print(f"error{' (transient)' if exc.transient else ''}: {exc}", file=sys.stderr)
         return 2
+
+
+def _add_user(name: str, role: str) -> int:
+    from devstack import accounts, services
+
+    stack = services.Stack.from_env()
+    secret = accounts.add(name, role, stack.root)
+    if services.mlflow_healthy(stack):
+        accounts.sync_mlflow(stack.mlflow_url, stack.root)
+        where = f"created in MLflow at {stack.mlflow_url}"
+    else:
+        where = "MLflow is not running: `make services-up` creates it there"
+    print(f"account {name} ({role}): password {secret}  (shown this once; kept in "
+          f"{accounts.passwords_file(stack.root)}, mode 600)")
+    print(f"{where}; Airflow reads its users when the api-server starts: `make services-down && make ui`")
+    return 0
 
 
 if __name__ == "__main__":

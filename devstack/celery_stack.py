@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack import services
+from devstack import accounts, services
 from pipeline.core.errors import ServiceError
 
 _logger = logging.getLogger(__name__)
@@ -299,6 +299,8 @@ class CeleryStack:
             "AIRFLOW__API__SECRET_KEY": self.api_secret_key,
             "AIRFLOW__API__HOST": self.stack.host,
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            # The accounts (UI/REST users and their roles) and the tasks' MLflow account: devstack/accounts.py.
+            **accounts.airflow_env(self.stack.root),
         })
         for sqlite_only in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"):
             env.pop(sqlite_only, None)

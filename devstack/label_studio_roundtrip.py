@@ -33,6 +33,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from devstack import accounts
 from devstack import review_fixture as fx
 from devstack import services
 
@@ -112,7 +113,11 @@ def annotate_first_task(ls: LabelStudio, project: int) -> dict:
 def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int) -> dict:
     exe = ensure_venv()
     stack = services.Stack(root=work / "local", s3_port=s3_port, mlflow_port=mlflow_port)
-    env = {"AWS_ACCESS_KEY_ID": f"rt-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+    stack.root.mkdir(parents=True, exist_ok=True)
+    accounts.ensure(stack.root)  # the private MLflow runs basic-auth; this script works as the service account
+    env = {"MLFLOW_TRACKING_USERNAME": accounts.SERVICE_ACCOUNT,
+           "MLFLOW_TRACKING_PASSWORD": accounts.password(accounts.SERVICE_ACCOUNT, stack.root),
+           "AWS_ACCESS_KEY_ID": f"rt-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": stack.s3_url,
            "MLFLOW_TRACKING_URI": stack.mlflow_url, "PIPELINE_S3": "embedded"}
     os.environ.update(env)

@@ -14,7 +14,6 @@ stacks (the demo and the tests) can run side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from devstack import accounts
 from pipeline.core.errors import PipelineError, ServiceError
 
 _logger = logging.getLogger(__name__)
@@ -201,8 +201,10 @@ def start_s3(stack: Stack) -> None:
 
 
 def mlflow_server_args(backend_store_uri: str, host: str, port: int, artifacts: str = "s3://mlflow/") -> list[str]:
-    """`mlflow server` arguments: one worker, artifacts proxied to an S3 prefix (compose runs the same)."""
-    return ["server", "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts,
+    """`mlflow server` arguments: MLflow's basic-auth app (devstack/accounts.py), one worker, artifacts proxied to
+    an S3 prefix (compose runs the same)."""
+    return ["server", "--app-name", "basic-auth", "--backend-store-uri", backend_store_uri,
+            "--artifacts-destination", artifacts,
             "--host", host, "--port", str(port), "--workers", "1"]
 
 
@@ -247,7 +249,7 @@ def start_mlflow(stack: Stack) -> None:
     if port_busy(stack.host, stack.mlflow_port):
         raise ServiceError(f"port {stack.mlflow_port} on {stack.host} is busy; stop what holds it or set "
                            "MLFLOW_PORT to another port")
-    env = dict(os.environ)
+    env = dict(os.environ, **accounts.mlflow_server_env(stack.root))
     if not external_s3():
         env["MLFLOW_S3_ENDPOINT_URL"] = stack.s3_url
     elif os.environ.get("AWS_ENDPOINT_URL"):
@@ -257,6 +259,8 @@ def start_mlflow(stack: Stack) -> None:
     _logger.info("starting MLflow on %s", stack.mlflow_url)
     _spawn(stack, "mlflow", cmd, env)
     _wait(stack, "mlflow", lambda: mlflow_healthy(stack), timeout=180)
+    accounts.sync_mlflow(stack.mlflow_url, stack.root)
+    (stack.root / "mlflow-auth.db").chmod(0o600)  # password hashes
 
 
 def migrate_airflow() -> None:
@@ -343,7 +347,8 @@ def start_airflow(stack: Stack) -> None:
     commands = {name: [airflow, *args] for name, args in airflow_role_args(stack.host, stack.airflow_port).items()}
     # Task processes report to the api-server's execution API; its default URL is localhost:8080, which is
     # wrong for another AIRFLOW_PORT (and may resolve to ::1, where nothing listens).
-    env = dict(os.environ, AIRFLOW__CORE__EXECUTION_API_SERVER_URL=airflow_execution_url(stack))
+    env = dict(os.environ, AIRFLOW__CORE__EXECUTION_API_SERVER_URL=airflow_execution_url(stack),
+               **accounts.airflow_env(stack.root))
     if _airflow_db_file() is not None:  # the embedded SQLite DB: wait for locks instead of failing requests
         env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "devstack.airflow_sqlite.CONNECT_ARGS")
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
@@ -352,14 +357,6 @@ def start_airflow(stack: Stack) -> None:
             _spawn(stack, name, cmd, env)
     _logger.info("starting Airflow on http://%s:%d", stack.host, stack.airflow_port)
     _wait(stack, "airflow-api-server", lambda: airflow_healthy(stack), timeout=240)
-
-
-def airflow_admin_password() -> str:
-    fp = Path(os.environ["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
-    try:
-        return json.loads(fp.read_text()).get("admin", "?")
-    except (FileNotFoundError, ValueError):
-        return f"(see {fp})"
 
 
 def stop(stack: Stack, name: str) -> bool:
@@ -380,7 +377,9 @@ def stop(stack: Stack, name: str) -> bool:
     return True
 
 
-def up(stack: Stack, airflow: bool = True) -> None:
+def up(stack: Stack, airflow: bool = True) -> dict[str, str]:
+    """Start S3 and MLflow (and migrate Airflow's DB); returns the accounts created now ({} when they existed)."""
+    created = accounts.ensure(stack.root)
     if external_s3():
         check_external_s3()
         _logger.info("using the external S3 at %s (PIPELINE_S3=external)",
@@ -390,6 +389,7 @@ def up(stack: Stack, airflow: bool = True) -> None:
     start_mlflow(stack)
     if airflow:
         migrate_airflow()
+    return created
 
 
 def down(stack: Stack) -> None:
@@ -418,15 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack = Stack.from_env()
         if args.action in ("up", "ui"):
-            up(stack, airflow=not args.no_airflow)
+            created = up(stack, airflow=not args.no_airflow)
             s3 = (f"external {os.environ.get('AWS_ENDPOINT_URL') or '(AWS default endpoint)'}" if external_s3()
                   else f"(SeaweedFS): {stack.s3_url}")
             print(f"S3 {s3}   MLflow: {stack.mlflow_url}   data: {stack.root}")
         if args.action == "ui":
             start_airflow(stack)
             print(f"MLflow UI : {stack.mlflow_url}")
-            print(f"Airflow UI: http://{stack.host}:{stack.airflow_port}  user admin, password "
-                  f"{airflow_admin_password()}   (stop everything: make services-down)")
+            print(f"Airflow UI: http://{stack.host}:{stack.airflow_port}   (stop everything: make services-down)")
+        if args.action in ("up", "ui"):
+            print(accounts.notice(created, stack.root))
         elif args.action == "down":
             down(stack)
         elif args.action == "status":

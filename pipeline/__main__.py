@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
+        from pipeline.adapters.credentials import use_local_account
+
+        use_local_account()
         return _run(args)
     except PipelineError as exc:
         # run_stage reads this line back: "error (transient):" marks a failure worth retrying.

@@ -19,14 +19,21 @@ TEST_AIRFLOW_PORT = int(os.environ.get("TEST_AIRFLOW_PORT", "28080"))
 
 @pytest.fixture(scope="session")
 def stack_env(tmp_path_factory):
-    """Environment for a private stack: real SeaweedFS S3 + MLflow server + Airflow SQLite DB."""
+    """Environment for a private stack: real SeaweedFS S3 + MLflow server + Airflow SQLite DB.
+
+    The stack's accounts (devstack/accounts.py) are generated here, before it starts; the tests run as the
+    service account `pipeline` (MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD) unless a test picks another."""
+    from devstack import accounts
+
     local = tmp_path_factory.mktemp("local")
+    accounts.ensure(local)
     env = {
         # Fresh random keys per test session: no credential literal in the repo.
         "AWS_ACCESS_KEY_ID": f"test-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{TEST_S3_PORT}",
         "S3_PORT": str(TEST_S3_PORT), "MLFLOW_PORT": str(TEST_MLFLOW_PORT), "AIRFLOW_PORT": str(TEST_AIRFLOW_PORT),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{TEST_MLFLOW_PORT}",
+        "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": accounts.password("pipeline", local),
         "PIPELINE_LOCAL": str(local), "PIPELINE_HOME": str(ROOT), "PIPELINE_WORKSPACE": str(local / "workspace"),
         "PIPELINE_DVC_REMOTE": "s3://dvc/test-cache",
         "AIRFLOW_HOME": str(local / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -98,7 +105,7 @@ def have_binary(name: str) -> bool:
 def airflow_api(stack, stack_env, tmp_path_factory):
     """A running Airflow (api-server, scheduler, dag-processor, triggerer) on the private stack, both DAGs
     unpaused; yields a REST client. Stopped afterwards."""
-    from devstack import services
+    from devstack import accounts, services
     from devstack.airflow_rest import AirflowAPI
 
     old = dict(os.environ)
@@ -106,7 +113,7 @@ def airflow_api(stack, stack_env, tmp_path_factory):
     os.environ.update(PIPELINE_PROFILE="test", PIPELINE_WORKSPACE=str(tmp_path_factory.mktemp("loop-ws")))
     try:
         services.start_airflow(stack)
-        api = AirflowAPI(f"http://127.0.0.1:{stack.airflow_port}", "admin", services.airflow_admin_password())
+        api = AirflowAPI(f"http://127.0.0.1:{stack.airflow_port}", "pipeline", accounts.password("pipeline"))
         for dag_id in ("defect_data_watch", "defect_training"):
             api.unpause(dag_id)
         yield api

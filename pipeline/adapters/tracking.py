@@ -1,7 +1,9 @@
 """Everything that talks to MLflow: runs, the bag pyfunc, the registry, aliases and tags.
 
 The tracking server comes from ``MLFLOW_TRACKING_URI`` (the Makefile points it at the embedded
-server on 127.0.0.1:5000). The training core never imports this module.
+server on 127.0.0.1:5000), the account from MLflow's own ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``
+or, when no password is set, from the local stack's accounts file (:func:`use_local_account`). The training core
+never imports this module.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline.adapters.credentials import account, refused, use_local_account
 from pipeline.core.errors import PipelineError
 from pipeline.core.names import encode_key
 
@@ -42,11 +45,16 @@ def connect(experiment: str) -> MlflowClient:
 
 def connect_registry() -> MlflowClient:
     """A client for the tracking server, checked once so an unreachable server gives one clear line."""
+    use_local_account()
     uri = mlflow.get_tracking_uri()
     client = MlflowClient()
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:
+        if refused(exc) == 401:
+            raise PipelineError(f"the MLflow server at {uri} refused account {account()} (HTTP 401): set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or run where "
+                                "PIPELINE_LOCAL holds the stack's accounts.json)") from None
         raise TrackingError(f"cannot reach the MLflow server at {uri} ({type(exc).__name__}); is it running? "
                             "`make services-up` starts the embedded one; MLFLOW_TRACKING_URI selects another") from None
     return client

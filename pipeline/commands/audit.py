@@ -86,7 +86,7 @@ def print_diff(name: str, a: str, b: str) -> int:
 
 
 def rollback(name: str, to: str, reason: str) -> dict[str, str]:
-    from pipeline.adapters import tracking
+    from pipeline.adapters import credentials, tracking
 
     client = tracking.connect_registry()
     target = _version(client, name, to)
@@ -95,11 +95,20 @@ def rollback(name: str, to: str, reason: str) -> dict[str, str]:
         raise PipelineError(f"version {to} is already the champion of {name!r}")
     who = os.environ.get("PIPELINE_USER") or getpass.getuser()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for key, value in {"rollback_by": who, "rollback_reason": reason, "rollback_at": stamp,
-                       "rollback_from": current.version if current else ""}.items():
-        client.set_model_version_tag(name, target.version, key, value)
-    if current is not None:
-        client.set_registered_model_alias(name, "previous_champion", current.version)
-    client.set_registered_model_alias(name, "champion", target.version)
+    tags = {"rollback_by": who, "rollback_account": credentials.account(), "rollback_reason": reason,
+            "rollback_at": stamp, "rollback_from": current.version if current else ""}
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, target.version, key, value)
+        if current is not None:
+            client.set_registered_model_alias(name, "previous_champion", current.version)
+        client.set_registered_model_alias(name, "champion", target.version)
+    except Exception as exc:
+        status = credentials.refused(exc)
+        if status is None:
+            raise
+        raise PipelineError(f"MLflow refused the rollback for account {credentials.account()} (HTTP {status}): "
+                            f"moving 'champion' of {name!r} needs the engineer or pipeline role; the champion "
+                            f"is still version {current.version if current else '(none)'}") from None
     return {"model_name": name, "champion": target.version, "previous_champion": current.version if current else "",
             "by": who, "reason": reason}

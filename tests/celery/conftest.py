@@ -47,11 +47,15 @@ def celery_stack(request, tmp_path_factory):
 
     t0 = time.monotonic()
     local = tmp_path_factory.mktemp("celery-local")
+    from devstack import accounts
+
+    accounts.ensure(local)  # the stack's accounts; the test process is the service account
     env = {
         "AWS_ACCESS_KEY_ID": f"celery-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORTS['s3']}",
         "S3_PORT": str(PORTS["s3"]), "MLFLOW_PORT": str(PORTS["mlflow"]), "AIRFLOW_PORT": str(PORTS["airflow"]),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{PORTS['mlflow']}",
+        "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": accounts.password("pipeline", local),
         "PIPELINE_LOCAL": str(local), "PIPELINE_HOME": str(ROOT), "PIPELINE_WORKSPACE": str(local / "workspace"),
         "PIPELINE_DVC_REMOTE": "s3://dvc/celery-test-cache",
         # Runs that no form starts use these; the test triggers with an explicit conf anyway.

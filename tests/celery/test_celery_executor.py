@@ -23,11 +23,11 @@ GPU_TASKS = ("backbone", "train")
 
 @pytest.fixture(scope="module")
 def api(celery_stack):
-    from devstack import services
+    from devstack import accounts
     from devstack.airflow_rest import AirflowAPI
 
-    client = AirflowAPI(f"http://{celery_stack.stack.host}:{celery_stack.stack.airflow_port}", "admin",
-                        services.airflow_admin_password())
+    client = AirflowAPI(f"http://{celery_stack.stack.host}:{celery_stack.stack.airflow_port}", "pipeline",
+                        accounts.password("pipeline"))
     _wait_for_dag(client, DAG, timeout=240)
     client.unpause(DAG)
     return client

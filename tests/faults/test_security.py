@@ -29,6 +29,8 @@ CREDENTIAL_PATTERNS = {
     "secret setting": re.compile(
         r"""(?im)^\s*(export\s+)?[A-Z_]*(SECRET|PASSWORD|PASSWD|TOKEN|API_KEY)[A-Z_]*\s*(\?=|:=|=|:)\s*"""
         r"""(?!\$)([A-Za-z0-9+/_\-.]{8,})\s*$"""),
+    # the stack's accounts file (devstack/accounts.py: {"pipeline": "<generated>", ...}) or Airflow's passwords file
+    "account password": re.compile(r'"(pipeline|engineer|auditor|admin)\w*"\s*:\s*"[A-Za-z0-9_\-]{12,}"'),
     "URL with a password": re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s/:@$]*:(?!\$\{)[^\s/@${]{3,}@"),
 }
 # Placeholders in docs and comments, psql variables (:'name'), and the `gitleaks:allow` convention.
@@ -63,6 +65,20 @@ def test_the_scanner_catches_what_it_must():
     assert not find_credentials('secret = os.environ["AWS_SECRET_ACCESS_KEY"]')
     assert not find_credentials('body = {"username": username, "password": password}')
     assert find_credentials("redis://:" + "Zq8xv2Lw" + "@127.0.0.1:6379/0")
+    assert find_credentials('{"pipeline": "' + "KPE1JIZ4Eg-rGIQx" + '", "engineer": "x"}')  # accounts.json
+    assert find_credentials('{"admin": "' + "abcdEFGH2345wxyz" + '"}')  # Airflow's generated passwords file
+    assert not find_credentials('{"pipeline": "pipeline", "engineer": "engineer"}')  # accounts-roles.json
+
+
+def test_the_generated_account_and_password_files_are_ignored_and_never_tracked():
+    """devstack writes accounts.json, accounts-roles.json and mlflow-auth.db under PIPELINE_LOCAL (.local);
+    compose's passwords come from .env. git must ignore them all, and none may be in the repository."""
+    names = ("accounts.json", "accounts-roles.json", "mlflow-auth.db", ".env",
+             "simple_auth_manager_passwords.json.generated")
+    assert not [fp for fp in _repo_files() if fp.name in names]
+    paths = [".env", *(f".local/{n}" for n in names[:3]), f".local/airflow/{names[-1]}"]
+    out = subprocess.run(["git", "-C", str(ROOT), "check-ignore", *paths], capture_output=True, text=True)
+    assert out.stdout.split() == paths
 
 
 def test_no_credential_literals_in_the_repository():

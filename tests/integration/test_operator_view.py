@@ -181,9 +181,9 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
 
     hold = os.environ.get("OPERATOR_VIEW_HOLD")  # a file path: keep the stack up for screenshots until it is deleted
     if hold:
-        from devstack import services
+        from devstack import accounts
 
-        Path(hold).write_text(json.dumps({"base": base, "password": services.airflow_admin_password(),
+        Path(hold).write_text(json.dumps({"base": base, "password": accounts.password("pipeline"),
                                           "runs": [good, bad], "mlflow": os.environ["MLFLOW_TRACKING_URI"]}))
         deadline = time.monotonic() + 900
         while Path(hold).exists() and time.monotonic() < deadline:

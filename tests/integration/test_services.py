@@ -110,7 +110,8 @@ def test_demo_data_is_idempotent_and_leaves_foreign_prefixes_alone(stack, s3):
     assert [o.key for o in storage.list_objects("s3://landing/mine/")] == ["mine/훼손/a.png"]
 
 
-def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(stack, stack_env, tmp_path):
+def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(stack, stack_env, tmp_path,
+                                                                                 monkeypatch):
     """PIPELINE_S3=external (AWS S3, MinIO, …): a second SeaweedFS plays the external server here."""
     import mlflow
 
@@ -130,6 +131,10 @@ def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"S3 external {external.s3_url}" in out.stdout
         assert not (tmp_path / "local" / "run" / "seaweedfs.pid").exists()
+        from devstack import accounts
+
+        # this second stack made its own accounts (PIPELINE_LOCAL): its service account, not the session's
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", accounts.password("pipeline", tmp_path / "local"))
         client = mlflow.MlflowClient(tracking_uri="http://127.0.0.1:29500")  # no global tracking URI change
         run = client.create_run("0")
         client.log_text(run.info.run_id, "hello", "note.txt")

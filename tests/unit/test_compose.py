@@ -210,7 +210,7 @@ def test_every_image_is_pinned_to_a_version_tag():
     built = {name: svc["image"] for name, svc in doc["services"].items() if "build" in svc}
     assert list(built.values()) == [PROJECT_IMAGE], "exactly one service builds the project image"
     project_image_users = {name for name, svc in doc["services"].items() if svc["image"] == PROJECT_IMAGE}
-    assert project_image_users == {"mlflow", *airflow_services(doc)}
+    assert project_image_users == {"mlflow", "accounts-init", *airflow_services(doc)}
 
 
 # (c) health checks ---------------------------------------------------------------------------------------------
@@ -390,3 +390,42 @@ def test_dockerfile_pins_its_base_installs_the_constraints_and_drops_root():
     assert all(pin.lower() in pins for pin in extra), extra
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".local", ".git", "data", "models", ".env"} <= ignored
+
+
+# (h) accounts and roles (devstack/accounts.py) ------------------------------------------------------------------
+
+def test_mlflow_runs_the_basic_auth_app_with_the_embedded_config():
+    from devstack import accounts
+
+    doc = load_compose()
+    env = environment(doc["services"]["mlflow"])
+    assert doc["services"]["mlflow"]["command"][1:4] == ["server", "--app-name", "basic-auth"]
+    config = env["MLFLOW_AUTH_CONFIG_PATH"]
+    assert config.startswith("/opt/pipeline/") and "COPY deploy/mlflow-auth.ini deploy/" in (
+        ROOT / "Dockerfile").read_text()
+    text = (ROOT / config.removeprefix("/opt/pipeline/")).read_text()
+    body = "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
+    database = re.search(r"^database_uri = (\S+)$", body, re.M).group(1)
+    assert body == accounts.mlflow_auth_ini(database)  # default READ, admin = the service account, no password
+    assert "password" not in body
+    auth_dir = str(Path(database.removeprefix("sqlite:///")).parent)
+    assert f"mlflow-auth:{auth_dir}" in doc["services"]["mlflow"]["volumes"]
+
+
+def test_accounts_are_the_embedded_stacks_with_passwords_from_env():
+    from devstack import accounts
+
+    doc = load_compose()
+    common = doc["x-airflow-common"]["environment"]
+    assert common["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == accounts.airflow_users(accounts.DEFAULT_ACCOUNTS)
+    assert common["MLFLOW_TRACKING_USERNAME"] == accounts.SERVICE_ACCOUNT  # the DAG tasks' account
+    init = environment(doc["services"]["accounts-init"])
+    assert set(init) == {"MLFLOW_TRACKING_URI", *(f"{n.upper()}_ACCOUNT_PASSWORD" for n in accounts.DEFAULT_ACCOUNTS)}
+    service_pw = init["PIPELINE_ACCOUNT_PASSWORD"]
+    assert common["MLFLOW_TRACKING_PASSWORD"] == service_pw
+    assert environment(doc["services"]["mlflow"])["MLFLOW_AUTH_ADMIN_PASSWORD"] == service_pw
+    assert doc["services"]["accounts-init"]["command"] == ["python", "-m", "devstack", "accounts-init"]
+    assert "airflow-home:/opt/airflow" in doc["services"]["accounts-init"]["volumes"]
+    for name in AIRFLOW_ROLE_OF_SERVICE:
+        depends = doc["services"][name]["depends_on"]
+        assert depends["accounts-init"] == {"condition": "service_completed_successfully"}, name
