@@ -32,8 +32,10 @@ def _keys(s3) -> dict[str, bytes]:
     return {o["Key"]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listing}
 
 
-def _logs(s3) -> list[str]:
-    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="relabel-log/").get("Contents", [])]
+def _logs(s3, known: list[str] = ()) -> list[str]:
+    """The move logs in the bucket, less ``known`` (the session's other tests relabel too: test_data_watch)."""
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="relabel-log/").get("Contents", [])
+            if o["Key"] not in known]
 
 
 def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(stack, stack_env, s3, tmp_path):
@@ -94,11 +96,11 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}창틀,문틀수정/102.png", Body=b"another photo already there")
     export_fp = tmp_path / "export.json"
     export_fp.write_text(json.dumps(export, ensure_ascii=False), encoding="utf-8")
-    before = _keys(s3)
+    before, logs_before = _keys(s3), _logs(s3)
 
     dry = run_cli(["pipeline", "relabel", "--from", str(export_fp)], stack_env)
     assert dry.returncode == 1, dry.stdout + dry.stderr[-2000:]
-    assert _keys(s3) == before and _logs(s3) == []  # a dry run moves and writes nothing
+    assert _keys(s3) == before and _logs(s3, logs_before) == []  # a dry run moves and writes nothing
     assert "MOVE      task 1" in dry.stdout and "KEEP      task 2" in dry.stdout
     dry_refused = {int(ln.split()[2].rstrip(":")): ln for ln in dry.stdout.splitlines() if ln.startswith("REFUSED")}
     assert sorted(dry_refused) == [3, 4, 5, 6, 7, 8], dry.stdout  # the dry run foresees every refusal
@@ -126,7 +128,7 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     assert {k: v for k, v in after.items() if k not in (target, new_photo)} == {
         k: v for k, v in before.items() if k not in gone_keys}  # nothing else moved
 
-    [log_key] = _logs(s3)
+    [log_key] = _logs(s3, logs_before)
     records = [json.loads(x) for x in s3.get_object(Bucket=BUCKET, Key=log_key)["Body"].read().decode().splitlines()]
     assert [(r["task"], r["action"]) for r in records] == [
         ("1", "moved"), ("2", "keep"), ("3", "refused"), ("4", "refused"), ("5", "refused"), ("6", "refused"),
