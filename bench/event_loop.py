@@ -32,8 +32,8 @@ def run() -> dict[str, str]:
     from devstack.demo_data import load_elpv_items
 
     root = Path(tempfile.mkdtemp(prefix="event-loop-"))
-    env = {"S3_PORT": "38333", "MLFLOW_PORT": "35000", "AIRFLOW_PORT": "38080",
-           "AWS_ENDPOINT_URL": "http://127.0.0.1:38333", "MLFLOW_TRACKING_URI": "http://127.0.0.1:35000",
+    env = {"S3_PORT": "16333", "MLFLOW_PORT": "15000", "AIRFLOW_PORT": "18080",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:16333", "MLFLOW_TRACKING_URI": "http://127.0.0.1:15000",
            "PIPELINE_LOCAL": str(root), "PIPELINE_WORKSPACE": str(root / "workspace"),
            "AIRFLOW_HOME": str(root / "airflow"), "PIPELINE_PROFILE": os.environ.get("BENCH_LOOP_PROFILE", "cpu-demo"),
            "PIPELINE_LANDING_URI": LANDING}

@@ -1,4 +1,4 @@
-"""Shared fixtures. Integration tests start their own real stack on other ports (S3 28333, MLflow 25000)
+"""Shared fixtures. Integration tests start their own real stack on other ports (S3 17333, MLflow 25000)
 under a temporary folder, so they never touch the demo's services or data, and stop it afterwards."""
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_S3_PORT = int(os.environ.get("TEST_S3_PORT", "28333"))
+# SeaweedFS also binds S3+1..+4 and their gRPC ports (+10000): every port stays below Linux's ephemeral range
+# (32768-60999), where an outgoing connection can hold a port, or a connect to an idle one can meet itself.
+TEST_S3_PORT = int(os.environ.get("TEST_S3_PORT", "17333"))
 TEST_MLFLOW_PORT = int(os.environ.get("TEST_MLFLOW_PORT", "25000"))
 TEST_AIRFLOW_PORT = int(os.environ.get("TEST_AIRFLOW_PORT", "28080"))
 
