@@ -29,13 +29,37 @@ LINKED = {"start_tracking": {"MLflow run"}, "finish_tracking": {"MLflow run"}, "
           "validate": {"Quarantine", "Data Docs"}, "backbone": {"MLflow member run"}, "train": {"MLflow member run"}}
 
 
-def _get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, str, str]:
-    """(status, final URL after redirects, body) of one request; HTTP errors are answers too."""
-    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"} if token else {})
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # a 3xx comes back as an HTTPError: _get decides where to go
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _auditor() -> tuple[str, str]:
+    """The stack's read-only account: MLflow's UI sits behind MLflow's own login (devstack/accounts.py)."""
+    from devstack import accounts
+
+    return "auditor", accounts.password("auditor")
+
+
+def _get(url: str, token: str | None = None, method: str = "GET", basic: tuple[str, str] | None = None
+         ) -> tuple[int, str, str]:
+    """(status, final URL after redirects, body) of one request; HTTP errors are answers too. A redirect (the
+    plugin's /member link into the MLflow UI) is followed as the auditor: the Airflow token means nothing there."""
+    import base64
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if basic:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
+    req = urllib.request.Request(url, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with _OPENER.open(req, timeout=60) as resp:
             return resp.status, resp.geturl(), resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
+        if exc.code in (301, 302, 303, 307, 308):
+            return _get(urljoin(url, exc.headers["Location"]), basic=_auditor())
         return exc.code, url, exc.read().decode("utf-8", "replace")
 
 
@@ -145,7 +169,8 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
                     if name == "Quarantine":
                         assert "broken.png" in body and "not a decodable image" in body and "곰팡이" in body
                 else:  # the MLflow UI: the page answers, and the object it names is this DAG run's
-                    assert _get(url)[0] == 200, url
+                    assert _get(url, basic=_auditor())[0] == 200, url  # the auditor follows every link
+                    assert _get(url)[0] == 401, url  # MLflow's UI is behind its own login
                     kind, target = _mlflow_target(url)
                     if kind == "version":
                         assert target.version == decisions[run_id]["model_version"], (url, decisions[run_id])
