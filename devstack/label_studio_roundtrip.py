@@ -1,6 +1,7 @@
 """The relabelling loop against the real Label Studio (from PyPI), start to end, on a private stack.
 
-    python -m devstack.label_studio_roundtrip [--ls-port 43100] [--s3-port 43333] [--mlflow-port 43000] [--keep]
+    python -m devstack.label_studio_roundtrip [--ls-port 14100] [--s3-port 14333] [--mlflow-port 14000] [--keep]
+                                              [--hold]
 
 Too heavy for ``make test`` (installing Label Studio took 61 s here, a round trip 53–89 s), so it is a script:
 
@@ -15,7 +16,9 @@ Too heavy for ``make test`` (installing Label Studio took 61 s here, a round tri
 6. ``python -m pipeline relabel --from <export>`` (dry run), then ``--apply``; check the object moved and the
    move is logged under ``relabel-log/``.
 
-Every server it started is stopped at the end (``--keep`` leaves the temporary folder for a look). Prints
+Every server it started is stopped at the end (``--keep`` leaves the temporary folder for a look; ``--hold``
+keeps the servers up after the annotation, for a look at Label Studio's labeling page in a browser, until the file
+it prints as ``HOLD=`` is deleted or 15 minutes pass; the file (mode 600) holds the generated login). Prints
 ``KEY=value`` lines; exit code 0 only when the whole round trip held.
 """
 from __future__ import annotations
@@ -59,8 +62,9 @@ def ensure_venv() -> Path:
 class LabelStudio:
     """The few REST calls of the round trip (legacy token auth: ``Authorization: Token <token>``)."""
 
-    def __init__(self, url: str, token: str):
+    def __init__(self, url: str, token: str, username: str = "", password: str = ""):
         self.url, self.token = url.rstrip("/"), token
+        self.username, self.password = username, password  # the generated admin login (``--hold`` only)
 
     def call(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -82,14 +86,14 @@ class LabelStudio:
 
 
 def start_label_studio(stack: services.Stack, exe: Path, port: int, data_dir: Path) -> LabelStudio:
-    token = secrets.token_hex(20)
-    env = {**os.environ, "LABEL_STUDIO_USERNAME": "relabel-admin@example.com",
-           "LABEL_STUDIO_PASSWORD": secrets.token_urlsafe(16), "LABEL_STUDIO_USER_TOKEN": token,
+    token, username, secret = secrets.token_hex(20), "relabel-admin@example.com", secrets.token_urlsafe(16)
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": username,
+           "LABEL_STUDIO_PASSWORD": secret, "LABEL_STUDIO_USER_TOKEN": token,
            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true", "PATH": f"{exe.parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = ["nice", "-n", "10", str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
            "--port", str(port), "--data-dir", str(data_dir), "--enable-legacy-api-token"]
-    ls = LabelStudio(f"http://127.0.0.1:{port}", token)
+    ls = LabelStudio(f"http://127.0.0.1:{port}", token, username, secret)
     _logger.info("starting Label Studio on %s (first start migrates its database)", ls.url)
     services._spawn(stack, "label-studio", cmd, env)
     services._wait(stack, "label-studio", ls.healthy, timeout=600)
@@ -110,7 +114,19 @@ def annotate_first_task(ls: LabelStudio, project: int) -> dict:
             "file": data["landing_key"].rsplit("/", 1)[1]}
 
 
-def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int) -> dict:
+def hold(work: Path, ls: LabelStudio, project: int, seconds: float = 900) -> None:
+    """Keep the servers up for a look in a browser until the printed file is deleted (or ``seconds`` pass)."""
+    fp = work / "hold.json"
+    fp.touch(mode=0o600)
+    fp.write_text(json.dumps({"url": ls.url, "project": project, "username": ls.username,
+                              "password": ls.password}))
+    print(f"HOLD={fp}  (labeling page: {ls.url}/projects/{project}/data; delete the file to go on)", flush=True)
+    deadline = time.monotonic() + seconds
+    while fp.exists() and time.monotonic() < deadline:
+        time.sleep(2)
+
+
+def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int, keep_up: bool = False) -> dict:
     exe = ensure_venv()
     stack = services.Stack(root=work / "local", s3_port=s3_port, mlflow_port=mlflow_port)
     stack.root.mkdir(parents=True, exist_ok=True)
@@ -137,6 +153,8 @@ def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int) -> dict:
             "label_config": review.with_name("review.label_config.xml").read_text(encoding="utf-8")})["id"]
         imported = ls.call("POST", f"/api/projects/{project}/import", tasks)
         picked = annotate_first_task(ls, project)
+        if keep_up:
+            hold(work, ls, project)
         export = ls.call("GET", f"/api/projects/{project}/export?exportType=JSON")
         export_fp = work / "label-studio-export.json"
         export_fp.write_text(json.dumps(export, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -176,15 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
     p = argparse.ArgumentParser(prog="python -m devstack.label_studio_roundtrip", description=__doc__.split("\n")[0])
-    p.add_argument("--ls-port", type=int, default=43100)
-    p.add_argument("--s3-port", type=int, default=43333, help="SeaweedFS base port (it also takes the next four)")
-    p.add_argument("--mlflow-port", type=int, default=43000)
+    # Below Linux's ephemeral range (32768-60999), SeaweedFS's gRPC ports (S3 + 10000) included: see tests/conftest.py
+    p.add_argument("--ls-port", type=int, default=14100)
+    p.add_argument("--s3-port", type=int, default=14333, help="SeaweedFS base port (it also takes the next four)")
+    p.add_argument("--mlflow-port", type=int, default=14000)
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, export, LS database)")
+    p.add_argument("--hold", action="store_true", help="after the annotation, keep the servers up for a browser "
+                                                         "until the printed HOLD file is deleted (15 min at most)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ls-roundtrip-"))
     started = time.monotonic()
     try:
-        result = roundtrip(work, args.ls_port, args.s3_port, args.mlflow_port)
+        result = roundtrip(work, args.ls_port, args.s3_port, args.mlflow_port, keep_up=args.hold)
     finally:
         if not args.keep:
             import shutil

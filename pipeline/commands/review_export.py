@@ -49,12 +49,15 @@ def config_path(export_fp: Path) -> Path:
 
 
 def labeling_config(classes: list[str]) -> str:
-    """Label Studio's labeling config: the photo, what the model thinks, one choice per class (any text)."""
+    """Label Studio's labeling config: what the model thinks, one choice per class (any text), then the photo.
+
+    The choices come first, in one wrapping row, and the photo is at most 600 px wide: Label Studio scales a photo
+    up to 750 px by default, which pushed the choices below the fold of a 1000 px window (seen in a browser)."""
     choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in classes)
-    return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
-            '  <Header value="given: $given_class | model suggests: $suggested_class"/>\n'
-            f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="false">\n'
-            f"{choices}\n  </Choices>\n</View>\n")
+    return ('<View>\n  <Header value="given: $given_class | model suggests: $suggested_class"/>\n'
+            f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="true">\n'
+            f"{choices}\n  </Choices>\n"
+            f'  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true" maxWidth="600px"/>\n</View>\n')
 
 
 def landing_index(objects, prefix: str) -> dict[str, object]:

@@ -22,6 +22,8 @@ def test_labeling_config_offers_exactly_the_classes_whatever_their_characters():
     assert choices.get("choice") == "single"
     assert [c.get("value") for c in choices.findall("Choice")] == CLASSES
     assert root.find("Image").get("value") == "$image"
+    # the choices above the photo: a photo scaled up to Label Studio's default 750 px pushed them below the fold
+    assert [child.tag for child in root] == ["Header", "Choices", "Image"]
 
 
 def test_suspects_are_the_flagged_rows_in_rank_order():
