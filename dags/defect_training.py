@@ -90,13 +90,14 @@ def label_exclusions(ws: str) -> str:
 
 
 @orc.linked_task("quarantine", "data_docs", pool=POOL, retries=0)
-def validate(ws: str) -> str:
+def validate(ws: str, parent_run: str) -> str:
     """No retries: a dataset that breaks a rule stays broken until someone fixes the data. The quarantine counts
-    go to an XCom either way, for the task's links and the "Defect models" page."""
+    go to an XCom either way, for the task's links and the "Defect models" page, and the quarantine list and Data
+    Docs into this DAG run's MLflow parent run (the workspace keeps only the newest run's)."""
     try:
         _stage(ws, "validate")
     finally:
-        orc.publish_validation(ws)
+        orc.publish_validation(ws, parent_run)
     return ws
 
 
@@ -198,9 +199,8 @@ def defect_training():
     ws0 = prepare()
     parent_run = start_tracking(ws0)
     ingested = ingest(ws0)
-    ws = split(validate(ingested))
+    ws = split(validate(ingested, parent_run))
     label_exclusions(ingested) >> ws
-    parent_run >> ws
     compared = backbone.partial(ws=ws).expand(name=backbone_names(ws))
     trained = train.partial(ws=ws).expand(member=bag_members(ws))
     decision = register(ws, evaluate(ws, trained, compared), parent_run, label_issues(ws, trained))

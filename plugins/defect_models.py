@@ -203,9 +203,14 @@ def overview() -> HTMLResponse:
     return _page("Defect models", body)
 
 
+def _sha256(fp: Path) -> str:
+    return hashlib.sha256(fp.read_bytes()).hexdigest()
+
+
 def _validation_file(dag_id: str, run_id: str, rel: str | None) -> Path:
-    """The quarantine list (``rel`` None) or a Data Docs file that this run's validate task wrote, only while the
-    workspace still holds the bytes its XCom describes (a later run overwrites them: 410, never another run's)."""
+    """The quarantine list (``rel`` None) or a Data Docs file that this run's validate task wrote: from the
+    workspace while it still holds the bytes the XCom describes, else from the copy in this DAG run's MLflow parent
+    run (``archived_in``); never another run's. 410 when neither has it (a run from before the copies)."""
     report = _xcom(dag_id, run_id, "validate", orc.VALIDATION_KEY)
     if not report:
         raise HTTPException(404, f"run {run_id} of {dag_id} has no validation report")
@@ -213,13 +218,40 @@ def _validation_file(dag_id: str, run_id: str, rel: str | None) -> Path:
     fp = Path(report["quarantine"]) if rel is None else (docs / rel).resolve()
     if rel is not None and docs not in fp.parents:
         raise HTTPException(404, "not a Data Docs file")
-    if not fp.is_file():
-        raise HTTPException(404, f"{fp.name} is not in the workspace any more")
     # The Data Docs are checked through their index page: GX rewrites the whole folder on every run.
     check, want = ((fp, report["quarantine_sha256"]) if rel is None
                    else (docs / "index.html", report["data_docs_sha256"]))
-    if hashlib.sha256(check.read_bytes()).hexdigest() != want:
-        raise HTTPException(410, "the workspace has moved on: a later run replaced this run's validation files")
+    if fp.is_file() and check.is_file() and _sha256(check) == want:
+        return fp
+    if report.get("archived_in"):
+        return _archived(report["archived_in"], fp.name if rel is None else f"data_docs/{rel}",
+                         want if rel is None else None)
+    if not fp.is_file():
+        raise HTTPException(404, f"{fp.name} is not in the workspace any more")
+    raise HTTPException(410, "the workspace has moved on: a later run replaced this run's validation files")
+
+
+def _archived(mlflow_run: str, rel: str, sha256: str | None) -> Path:
+    """``validation/<rel>`` of a parent run, fetched from MLflow once into a local cache (artifacts never change)."""
+    import os
+    import tempfile
+
+    from pipeline.adapters import tracking
+
+    cache = Path(tempfile.gettempdir()) / "defect-models-archive" / mlflow_run
+    fp = cache / tracking.VALIDATION_ARTIFACTS / rel
+    if not fp.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            try:
+                got = tracking.archived_validation_file(mlflow_run, rel, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - MLflow away or the copy missing: say which, never guess
+                raise HTTPException(502, f"this run's copy in MLflow run {mlflow_run} could not be read: {exc}"
+                                    ) from None
+            fp.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, fp)
+    if sha256 is not None and _sha256(fp) != sha256:
+        raise HTTPException(410, f"MLflow run {mlflow_run} holds another quarantine list than this run wrote")
     return fp
 
 

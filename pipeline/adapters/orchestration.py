@@ -308,14 +308,29 @@ def linked_task(*links: str, **task_kwargs):
     return task_decorator_factory(decorated_operator_class=_OPERATORS[links], **task_kwargs)
 
 
-def publish_validation(ws: str) -> None:
+def publish_validation(ws: str, parent_run: str | None = None) -> None:
     """XCom ``validation_report`` of the running task: counts by reason and the SHA-256 of the quarantine list
-    and of the Data Docs page, so the plugin shows this run's files or says the workspace has moved on."""
+    and of the Data Docs page, so the plugin shows this run's files from the workspace while it still holds them.
+    A copy goes into the MLflow parent run (``archived_in``), where the plugin finds them once a later run has
+    replaced the workspace's. A failed upload is logged and leaves ``archived_in`` empty: the validation result
+    stands either way (validate is not retried)."""
     from airflow.sdk import get_current_context
 
     summary = validation_summary(ws)
-    if summary is not None:
-        get_current_context()["ti"].xcom_push(key=VALIDATION_KEY, value=summary)
+    if summary is None:
+        return
+    summary["archived_in"] = ""
+    if parent_run:
+        from pathlib import Path
+
+        from pipeline.adapters import tracking
+
+        try:
+            tracking.archive_validation(parent_run, Path(summary["quarantine"]), Path(summary["data_docs"]))
+            summary["archived_in"] = parent_run
+        except Exception as exc:  # noqa: BLE001 - the copy is a convenience; the workspace still has the files
+            print(f"could not copy the quarantine list and Data Docs into MLflow run {parent_run}: {exc}")
+    get_current_context()["ti"].xcom_push(key=VALIDATION_KEY, value=summary)
 
 
 def validation_summary(ws: str) -> dict | None:

@@ -307,6 +307,29 @@ def log_files(client: MlflowClient, run_id: str, files: list[Path], artifact_pat
             client.log_artifact(run_id, str(fp), artifact_path)
 
 
+VALIDATION_ARTIFACTS = "validation"  # a DAG run's quarantine list and Data Docs, in its parent run
+
+
+def archive_validation(run_id: str, quarantine: Path, data_docs: Path) -> None:
+    """This DAG run's quarantine list and GX Data Docs into its parent run (``validation/``): the workspace holds
+    only the newest run's files, the run keeps its own for the operator's view (``plugins/defect_models.py``)."""
+    client = connect_registry()
+    client.log_artifact(run_id, str(quarantine), VALIDATION_ARTIFACTS)
+    if data_docs.is_dir():
+        client.log_artifacts(run_id, str(data_docs), f"{VALIDATION_ARTIFACTS}/data_docs")
+
+
+def archived_validation_file(run_id: str, rel: str, dst: Path) -> Path:
+    """``validation/<rel>`` of parent run ``run_id`` (see :func:`archive_validation`) into folder ``dst``."""
+    connect_registry()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{VALIDATION_ARTIFACTS}/{rel}",
+                                                        dst_path=str(dst)))
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id}: {VALIDATION_ARTIFACTS}/{rel}: {exc.message.splitlines()[0][:300]}"
+                            ) from None
+
+
 def load_pyfunc(uri: str):
     try:
         return mlflow.pyfunc.load_model(uri)

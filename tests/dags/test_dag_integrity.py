@@ -35,11 +35,12 @@ def test_every_dag_has_tags_docs_and_retries(dagbag):
 def test_training_dag_order_and_safety(dagbag):
     dag = dagbag.dags["defect_training"]
     for order in (["prepare", "ingest", "validate", "split", "train", "evaluate", "register", "push",
-                   "finish_tracking"], ["split", "backbone", "evaluate"], ["prepare", "start_tracking", "split"],
+                   "finish_tracking"], ["split", "backbone", "evaluate"], ["prepare", "start_tracking", "validate"],
                   ["train", "label_issues", "register"], ["ingest", "label_exclusions", "split"]):
         for up, down in zip(order, order[1:]):
             assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert "start_tracking" in dag.get_task("register").upstream_task_ids  # logs into the parent run
+    assert "start_tracking" in dag.get_task("validate").upstream_task_ids  # its files go into the parent run
     assert dag.default_args["on_failure_callback"].__name__ == "_mark_run_failed"
     assert dag.max_active_runs == 1
     assert dag.get_task("validate").retries == 0  # bad data stays bad: no retry

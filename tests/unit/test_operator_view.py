@@ -113,3 +113,61 @@ def test_watch_section_shows_when_the_data_watch_fired_and_the_fingerprint(plugi
     assert "2026-11-26 20:00:00+00:00" in html and "s3://landing/곰팡이/" in html and "abababababababab" in html
     assert "<td>25</td>" in html
     assert "has not fired yet" in plugin.watch_section([], {})
+
+
+def test_an_older_runs_validation_files_come_from_its_mlflow_copy_once_the_workspace_moved_on(plugin, tmp_path,
+                                                                                               monkeypatch):
+    import tempfile
+
+    from fastapi import HTTPException
+
+    from pipeline.adapters import orchestration as orc
+    from pipeline.adapters import tracking
+
+    (tmp_path / "ws").mkdir()
+    ws = _workspace(tmp_path / "ws")
+    report = orc.validation_summary(str(ws))
+    archive = {"quarantine.csv": (ws / "data" / "quarantine.csv").read_bytes(),
+               "data_docs/index.html": b"<html>docs</html>"}
+    fetched = []
+
+    def download(run_id, rel, dst):  # what archive_validation logged into the parent run
+        fetched.append((run_id, rel))
+        if run_id == "down":
+            raise tracking.TrackingError("cannot reach the MLflow server")
+        fp = dst / tracking.VALIDATION_ARTIFACTS / rel
+        fp.parent.mkdir(parents=True, exist_ok=True)
+        fp.write_bytes(archive[rel])
+        return fp
+
+    monkeypatch.setattr(tracking, "archived_validation_file", download)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    xcom = {}
+    monkeypatch.setattr(plugin, "_xcom", lambda dag_id, run_id, task_id, key: xcom.get(run_id))
+    xcom["old"] = {**report, "archived_in": "r-old"}
+    xcom["before-copies"] = {**report, "archived_in": ""}
+    xcom["down"] = {**report, "archived_in": "down"}
+
+    # the workspace still holds this run's files: served from there, MLflow not asked
+    assert plugin._validation_file("d", "old", None) == ws / "data" / "quarantine.csv" and not fetched
+    # a later run rewrote them
+    (ws / "data" / "quarantine.csv").write_text("source_key,path,class_name,reason\n", encoding="utf-8")
+    (ws / "reports" / "data_docs" / "index.html").write_text("<html>newer run</html>", encoding="utf-8")
+    for rel, want in ((None, archive["quarantine.csv"]), ("index.html", archive["data_docs/index.html"])):
+        got = plugin._validation_file("d", "old", rel)
+        assert got.read_bytes() == want and ws not in got.parents
+    assert fetched == [("r-old", "quarantine.csv"), ("r-old", "data_docs/index.html")]
+    plugin._validation_file("d", "old", None)
+    assert len(fetched) == 2  # cached: artifacts never change
+    with pytest.raises(HTTPException) as gone:  # a run from before the copies: the workspace alone, moved on
+        plugin._validation_file("d", "before-copies", None)
+    assert gone.value.status_code == 410
+    with pytest.raises(HTTPException) as away:  # MLflow unreachable is said as such, never "gone"
+        plugin._validation_file("d", "down", "index.html")
+    assert away.value.status_code == 502 and "cannot reach" in away.value.detail
+    archive["quarantine.csv"] = b"another list"  # a copy that is not the list this run wrote is never shown
+    xcom["other"] = {**report, "archived_in": "r-other"}
+    with pytest.raises(HTTPException) as other:
+        plugin._validation_file("d", "other", None)
+    assert other.value.status_code == 410
