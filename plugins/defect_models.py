@@ -107,8 +107,8 @@ def _e(value) -> str:
 def _page(title: str, body: str) -> HTMLResponse:
     style = ("body{font-family:'Noto Sans CJK KR','NanumGothic',system-ui,sans-serif;margin:1.5rem;color:#222}"
              "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
-             "text-align:left;vertical-align:top}th{background:#f3f3f3}.promoted{color:#176c2c}"
-             ".rejected{color:#a61b1b}code{font-size:90%}")
+             "text-align:left;vertical-align:top;word-break:keep-all}th{background:#f3f3f3}.promoted{color:#176c2c}"
+             ".rejected{color:#a61b1b}code{font-size:90%}.nw{white-space:nowrap}")
     return HTMLResponse(f"<!doctype html><html lang='ko'><head><meta charset='utf-8'><title>{_e(title)}</title>"
                         f"<style>{style}</style></head><body><h1>{_e(title)}</h1>{body}</body></html>")
 
@@ -132,7 +132,8 @@ def models_section(models: list[dict]) -> str:
             t = v["tags"]
             gate = t.get("gate", "unfinished")
             per_class = json.loads(t["per_class_f1"]) if t.get("per_class_f1") else {}
-            classes = ", ".join(f"{_e(k)} {float(f):.2f}" for k, f in per_class.items())
+            # One unbreakable "class F1" per entry, joined by " · ": a class name may hold a comma (창틀,문틀수정)
+            classes = " · ".join(f"<span class='nw'>{_e(k)} {float(f):.2f}</span>" for k, f in per_class.items())
             here = [a for a, ver in m["aliases"].items() if ver == v["version"]]
             rows.append(f"<tr><td><a href='{_e(v['url'])}' target='_blank'>v{_e(v['version'])}</a> "
                         f"{_e(' '.join(here))}</td><td class='{_e(gate)}'>{_e(gate)}</td>"

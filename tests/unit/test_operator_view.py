@@ -81,7 +81,8 @@ def test_page_renders_hangul_escapes_html_and_links_each_version_to_its_dag_run(
         {"version": "2", "url": "http://mlflow/#/models/m/versions/2", "run_id": "r2", "airflow_dag_id": "",
          "airflow_run_id": "", "tags": {"gate": "promoted", "weighted_f1": "0.900000"}}]}]
     html = plugin.models_section(models)
-    assert "곰팡이 0.50" in html and "창틀,문틀수정 0.25" in html
+    # each class with its F1 unbroken, joined so that the comma inside 창틀,문틀수정 separates nothing
+    assert "<span class='nw'>곰팡이 0.50</span> · <span class='nw'>창틀,문틀수정 0.25</span>" in html
     assert "m&lt;x&gt;" in html and "<x>" not in html
     assert "class='rejected'" in html and "class='promoted'" in html
     assert "/dags/defect_training/runs/manual__2026-11-26T20%3A00%3A00%2B00%3A00" in html
