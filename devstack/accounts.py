@@ -46,7 +46,8 @@ def roles_file(root: Path | None = None) -> Path:
     return (root or local_root()) / ROLES_FILE
 
 
-def _write_private(path: Path, data: dict) -> None:
+def write_private(path: Path, data: dict) -> None:
+    """``data`` as JSON, written atomically and readable by its owner only (mode 600, never briefly wider)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -92,8 +93,8 @@ def add(name: str, role: str, root: Path | None = None) -> str:
         raise ServiceError(f"account {name!r} already exists (role {rl.get(name, '?')})")
     pw[name] = secrets.token_urlsafe(18)
     rl[name] = role
-    _write_private(passwords_file(root), pw)
-    _write_private(roles_file(root), rl)
+    write_private(passwords_file(root), pw)
+    write_private(roles_file(root), rl)
     return pw[name]
 
 
@@ -199,7 +200,7 @@ def init_from_env(passwords_path: Path, mlflow_url: str) -> None:
         if not os.environ.get(var):
             raise ServiceError(f"{var} is not set (.env)")
         pw[name] = os.environ[var]
-    _write_private(passwords_path, pw)
+    write_private(passwords_path, pw)
     sync_mlflow(mlflow_url, pw=pw, rl=dict(DEFAULT_ACCOUNTS))
     print(f"accounts {', '.join(pw)} in {passwords_path} and in MLflow at {mlflow_url}")
 

@@ -117,9 +117,8 @@ def annotate_first_task(ls: LabelStudio, project: int) -> dict:
 def hold(work: Path, ls: LabelStudio, project: int, seconds: float = 900) -> None:
     """Keep the servers up for a look in a browser until the printed file is deleted (or ``seconds`` pass)."""
     fp = work / "hold.json"
-    fp.touch(mode=0o600)
-    fp.write_text(json.dumps({"url": ls.url, "project": project, "username": ls.username,
-                              "password": ls.password}))
+    accounts.write_private(fp, {"url": ls.url, "project": project, "username": ls.username,
+                                "password": ls.password})
     print(f"HOLD={fp}  (labeling page: {ls.url}/projects/{project}/data; delete the file to go on)", flush=True)
     deadline = time.monotonic() + seconds
     while fp.exists() and time.monotonic() < deadline:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import unicodedata
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import read_csv
+from pipeline.core.io import read_csv, write_text_atomic
 
 _logger = logging.getLogger(__name__)
 ISSUES_ARTIFACT = "reports/label_issues.csv"
@@ -120,13 +119,6 @@ def unsure_predictions(predictions_uri: str, below: float) -> list[tuple[dict, o
     return sorted(out, key=lambda item: float(item[0]["confidence"]))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def resolve_version(model: str, version: str | None, alias: str) -> object:
     from pipeline.adapters import tracking
 
@@ -175,8 +167,8 @@ def run_review_export(model: str, version: str | None, alias: str, top: int | No
             tasks.append(prediction_task(record, obj, bucket, prefix, url, model, str(mv.version)))
     if gone:
         _logger.warning("%d suspect(s) no longer under %s, left out: %s", len(gone), landing_uri, gone[:5])
-    write_atomic(out, json.dumps(tasks, ensure_ascii=False, indent=1) + "\n")
-    write_atomic(config_path(out), labeling_config(classes))
+    write_text_atomic(out, json.dumps(tasks, ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(config_path(out), labeling_config(classes))
     return {"tasks": len(tasks), "suspects": len(tasks) - len(unsure), "unsure_predictions": len(unsure),
             "gone": len(gone), "out": str(out), "label_config": str(config_path(out)),
             "model": model, "version": str(mv.version), "landing_uri": landing_uri, "classes": len(classes)}

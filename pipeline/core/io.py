@@ -39,9 +39,14 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, obj) -> None:
-    """Indented, ASCII-escaped JSON written atomically (safe for DVC metrics holding any class name)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """UTF-8 text written atomically (temp file + rename): a killed process never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=True) + "\n", encoding="ascii")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Indented, ASCII-escaped JSON written atomically (safe for DVC metrics holding any class name)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=True) + "\n")
