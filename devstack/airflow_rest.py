@@ -117,8 +117,7 @@ def watch_and_follow(api: AirflowAPI, landing_uri: str, settle_seconds: int = 5,
     if first is not None:
         started = time.monotonic()
         run = api.wait_run("defect_training", first["dag_run_id"], timeout)
-        out.update(training_run_id=first["dag_run_id"], training_state=run["state"],
-                   training_s=round(time.monotonic() - started, 1),
+        out.update(training_state=run["state"], training_s=round(time.monotonic() - started, 1),
                    training_run_type=run.get("run_type"),
                    decision=api.xcom("defect_training", first["dag_run_id"], "register")
                    if run["state"] == "success" else None)
