@@ -54,7 +54,8 @@ def classify_new(found: dict | None) -> dict:
         "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
         "settle_seconds": Param(30, type="integer", minimum=0, description="listings this far apart must agree"),
         "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),
-        "tta": Param(False, type="boolean", description="average over the flips each class allows"),
+        "tta": Param(True, type="boolean", description="average over the symmetries the model was trained with "
+                     "(model.tta; off: the plain photo only)"),
     },
 )
 def defect_batch_predict():

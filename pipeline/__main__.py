@@ -98,13 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"MLflow model URI or a local models/ folder (default {default_model})")
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix/ of images")
     p.add_argument("--out", type=Path, required=True, help="CSV: id,label,confidence,error,prob_<class>...")
-    p.add_argument("--tta", action="store_true", help="average over the flips each class allows")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the symmetries the model was trained with (default: as registered, model.tta)")
 
     p = sub.add_parser("submission", help="write the DACON submission.csv for a test folder")
     p.add_argument("--model", default=None, help=f"MLflow model URI (default {default_model})")
     p.add_argument("--dacon-dir", type=Path, required=True, help="holds test/, test.csv, sample_submission.csv")
     p.add_argument("--out", type=Path, default=Path("submission.csv"))
-    p.add_argument("--tta", action="store_true", help="average over the flips each class allows")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the symmetries the model was trained with (default: as registered, model.tta)")
 
     p = sub.add_parser("workspace", help="create/refresh the DVC workspace for a profile")
     p.add_argument("--profile", default="cpu-demo")
@@ -258,9 +260,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# glibc's malloc hands large activation buffers back to the kernel after each use and faults them in again: up to
+# half of a CPU training or inference step at 224 px (docs/BENCHMARKS.md, "Allocator"). These thresholds keep the
+# memory. glibc reads them only at process start, so `python -m pipeline` re-executes itself once with them set;
+# every stage (dvc repro, Airflow, Docker, torchrun) starts this way. A GLIBC_TUNABLES of your own is kept as is;
+# PIPELINE_MALLOC=default skips this.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+
+def reexec_with_tuned_malloc() -> None:
+    """Replace this process with itself under :data:`MALLOC_TUNABLES` (glibc only; no-op once set)."""
+    import platform
+
+    if ("GLIBC_TUNABLES" in os.environ or os.environ.get("PIPELINE_MALLOC", "tuned") != "tuned"
+            or platform.libc_ver()[0] != "glibc"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, "-m", "pipeline", *sys.argv[1:]], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).debug("malloc: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     for noisy in ("great_expectations", "botocore", "urllib3", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
@@ -276,4 +298,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_tuned_malloc()
     sys.exit(main())

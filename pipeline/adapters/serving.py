@@ -77,7 +77,8 @@ def read_temperature(calibration_fp: Path) -> float:
 class BagModel(mlflow.pyfunc.PythonModel):
     """Loads every ``member_*`` artifact folder and averages their probabilities.
 
-    A pyfunc has no params: the device comes from ``PIPELINE_DEVICE`` (auto | cpu | cuda; default auto, a GPU
+    Its one inference param, ``tta`` (default true), averages over the symmetries the members were trained with
+    (``model.tta``). The device comes from ``PIPELINE_DEVICE`` (auto | cpu | cuda; default auto, a GPU
     when torch sees one).
     """
 
@@ -91,4 +92,6 @@ class BagModel(mlflow.pyfunc.PythonModel):
             self.predictor.temperature = read_temperature(Path(context.artifacts[CALIBRATION_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # params {"tta": false}: the plain photo only (faster); default: as evaluate and the gate scored it
+        self.predictor.tta = bool((params or {}).get("tta", True))
         return predict_frame(self.predictor, model_input)

@@ -256,7 +256,7 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
         with tempfile.TemporaryDirectory() as code_root:
             info = mlflow.pyfunc.log_model(
                 name="bag", python_model=BagModel(), artifacts=artifacts,
-                code_paths=[str(model_code(Path(code_root)))], signature=infer_signature(input_example, output),
+                code_paths=[str(model_code(Path(code_root)))], signature=infer_signature(input_example, output, params={"tta": True}),
                 input_example=input_example, pip_requirements=_requirements())
         # The version is created with its candidate tag in one request: a retry after a crash finds it by that
         # tag and finishes it, instead of registering a second version of the same files.

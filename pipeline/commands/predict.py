@@ -6,9 +6,9 @@
 ``--model`` is any MLflow model URI of the bag pyfunc (``models:/name@alias``, ``models:/name/3``,
 ``runs:/...``) or a local folder holding ``member_*`` folders (a DVC workspace's ``models/``).
 Every input row gets a row out: a file that is not an image, is corrupt or too large gets an ``error``
-and an empty ``label``; the others are still predicted. ``--tta`` averages over the flips each class
-allows (the training flip policy stored with each member): class c's probability is averaged only
-over the views that are legal for c. Probabilities and confidence are calibrated with the temperature a
+and an empty ``label``; the others are still predicted. The bag averages over the symmetries every class was
+trained with (``model.tta``, recorded per member as ``tta_variants``), as evaluate and the gate scored it;
+``--no-tta`` turns that off. Probabilities and confidence are calibrated with the temperature a
 registered bag ships (``pipeline.core.calibration``), after any TTA; a local ``models/`` folder has none and
 gives the raw averages. Labels are the same either way.
 """
@@ -32,8 +32,6 @@ _logger = logging.getLogger(__name__)
 # Written next to the inputs by the batch DAG; never inputs themselves (and never part of the fingerprint).
 SIDECAR_SUFFIX = ".prediction.json"
 RESULTS_DIR = "_predictions/"
-_VIEWS = {"id": (False, False), "h": (True, False), "v": (False, True), "hv": (True, True)}
-_ALLOWED = {"both": ("id", "h", "v", "hv"), "h": ("id", "h"), "v": ("id", "v"), "none": ("id",)}
 
 
 @dataclass
@@ -69,42 +67,15 @@ def load_model(uri: str) -> LoadedModel:
     return LoadedModel(predictor, uri, name, version, run_id)
 
 
-def predict_images(predictor, images: list, tta: bool = False) -> np.ndarray:
-    """Probabilities (N × classes) for PIL images; with ``tta`` averaged over each class's legal flips."""
+def predict_images(predictor, images: list, tta: bool | None = None) -> np.ndarray:
+    """Probabilities (N × classes) for PIL images; ``tta`` None keeps the model's own test-time augmentation
+    (``model.tta``: the symmetries every class was trained with), False turns it off, True turns it on."""
     from pipeline.core.images import resize_uint8, to_rgb
 
+    if tta is not None:
+        predictor.tta = tta
     arrays = {s: np.stack([resize_uint8(to_rgb(im), s) for im in images]) for s in predictor.sizes()}
-    base = predictor.predict_proba_arrays(arrays)
-    if not tta:
-        return base
-    flips = _class_flips(predictor)
-    needed = {v for c in predictor.class_names for v in _ALLOWED[flips.get(c, "none")]} - {"id"}
-    if not needed:
-        return base
-    views = {"id": base}
-    for view in sorted(needed):
-        hflip, vflip = _VIEWS[view]
-        views[view] = predictor.predict_proba_arrays(
-            {s: a[:, ::-1 if vflip else 1, ::-1 if hflip else 1] for s, a in arrays.items()})
-    out = np.empty_like(base)
-    for c, name in enumerate(predictor.class_names):
-        allowed = _ALLOWED[flips.get(name, "none")]
-        out[:, c] = np.mean([views[v][:, c] for v in allowed], axis=0)
-    return out / out.sum(axis=1, keepdims=True)
-
-
-def _class_flips(predictor) -> dict[str, str]:
-    """The strictest policy any member was trained with, per class (a flip must be legal for every member)."""
-    order = {"none": 0, "h": 1, "v": 1, "both": 2}
-    out: dict[str, str] = {}
-    for m in predictor.members:
-        for c, policy in m.meta.get("flips", {c: "none" for c in predictor.class_names}).items():
-            prev = out.get(c, policy)
-            if prev != policy and order[prev] == order[policy]:  # h vs v: only the identity is legal for both
-                out[c] = "none"
-            else:
-                out[c] = min(prev, policy, key=order.get)
-    return out
+    return predictor.predict_proba_arrays(arrays)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -161,7 +132,7 @@ def input_items(source: str, s3_client=None) -> list[Item]:
 # --------------------------------------------------------------------------------------------- predict
 
 
-def predict_items(model: LoadedModel, items: list[Item], tta: bool = False, batch_size: int = 32) -> Iterator[dict]:
+def predict_items(model: LoadedModel, items: list[Item], tta: bool | None = None, batch_size: int = 32) -> Iterator[dict]:
     """One row per item, in order: id, label, confidence, error, prob_<class>...; bad rows never stop the batch."""
     from pipeline.core.images import decode_rgb
     from pipeline.adapters.storage import StorageError
@@ -204,7 +175,7 @@ def rows_to_csv_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def run_predict(model_uri: str, source: str, out: Path, tta: bool = False) -> dict:
+def run_predict(model_uri: str, source: str, out: Path, tta: bool | None = None) -> dict:
     model = load_model(model_uri)
     rows = list(predict_items(model, input_items(source), tta))
     write_csv(out, rows, list(rows[0]))
@@ -217,7 +188,7 @@ def run_predict(model_uri: str, source: str, out: Path, tta: bool = False) -> di
 # ------------------------------------------------------------------------------------------------ DACON
 
 
-def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool = False) -> dict:
+def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool | None = None) -> dict:
     """``submission.csv`` in ``test.csv`` order with exactly ``sample_submission.csv``'s ids and header."""
     from pipeline.core.io import read_csv
 
@@ -259,7 +230,7 @@ def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool = False
 
 
 def run_batch(incoming_uri: str, model_uri: str, s3_client=None, run_label: str = "manual",
-              tta: bool = False) -> dict:
+              tta: bool | None = None) -> dict:
     """Classify photos under ``incoming_uri`` that have no result yet; write results next to them.
 
     Each photo ``k`` gets ``k.prediction.json`` (label, confidence, probabilities, model name/version);

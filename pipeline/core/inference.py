@@ -24,9 +24,11 @@ from PIL import Image
 
 from pipeline.core import checkpoints
 from pipeline.core.calibration import temperature_scale
-from pipeline.core.data import normalize_batch
+from pipeline.core.data import apply_variant, normalize_batch
 from pipeline.core.devices import autocast
+from pipeline.core.features import FrozenSplit, prefix_key, split_frozen
 from pipeline.core.images import resize_uint8, to_rgb
+from pipeline.core.models import apply_freeze
 
 CPU = torch.device("cpu")
 
@@ -36,6 +38,8 @@ class Member:
     model: torch.nn.Module
     meta: dict
     device: torch.device = CPU
+    frozen: FrozenSplit | None = None  # the frozen layers (model.freeze all_but_last:N) and the trained tail
+    frozen_id: str = ""  # hash of the frozen layers' weights: members with the same id share their output
 
     @property
     def fast(self) -> bool:
@@ -67,7 +71,15 @@ def load_member(member_dir: Path, device: torch.device = CPU) -> Member:
     fp = member_dir / "model.pt"
     state = checkpoints.load(fp, "model weights", meta.get("model_sha256"))
     checkpoints.load_state_into(model, state, f"model weights {fp}")
-    return Member(model.eval(), meta).to(device)
+    member = Member(model.eval(), meta)
+    freeze = meta.get("freeze", "none")
+    if freeze.startswith("all_but_last:"):
+        apply_freeze(model, freeze)
+        member.frozen = split_frozen(model, freeze)
+        if member.frozen is not None:
+            member.frozen_id = prefix_key(member.frozen.prefix, meta["backbone"], meta["img_size"], meta["mean"],
+                                          meta["std"], [])
+    return member.to(device)
 
 
 class BagPredictor:
@@ -82,6 +94,7 @@ class BagPredictor:
         self.members = members
         self.class_names = list(names.pop())
         self.temperature = 1.0  # set from the registered model's calibration file; 1 = uncalibrated
+        self.tta = True  # average over each member's tta_variants (model.tta); False: the plain image only
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
         """``probs`` (raw bag probabilities) after the bag's temperature: same argmax, calibrated confidence."""
@@ -101,28 +114,72 @@ class BagPredictor:
     def device(self) -> torch.device:
         return self.members[0].device
 
-    @staticmethod
-    def member_probs(m: Member, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (float32, on the member's device) for a uint8 NHWC batch."""
-        x = batch.permute(0, 3, 1, 2).to(m.device, non_blocking=True)
-        x = normalize_batch(x, tuple(m.meta["mean"]), tuple(m.meta["std"]), channels_last=m.channels_last)
-        with autocast(m.device, m.amp):
-            logits = m.model(x)
-        return torch.softmax(logits.float(), dim=1)
+    def views(self, m: Member) -> list[int]:
+        """The symmetries member ``m`` averages over: its ``tta_variants`` (train stage), or none with TTA off."""
+        return list(m.meta.get("tta_variants", [0])) if self.tta else [0]
+
+    def member_probs(self, m: Member, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (float32, on the member's device) for a uint8 NHWC batch, averaged over views."""
+        x0 = batch.permute(0, 3, 1, 2).to(m.device, non_blocking=True)
+        total = None
+        for v in self.views(m):
+            x = normalize_batch(apply_variant(x0, v), tuple(m.meta["mean"]), tuple(m.meta["std"]),
+                                channels_last=m.channels_last)
+            with autocast(m.device, m.amp):
+                p = torch.softmax(m.model(x).float(), dim=1)
+            total = p if total is None else total + p
+        return total / len(self.views(m))
+
+    def _groups(self) -> list[list[int]]:
+        """Members that compute alike up to their tails (same frozen layers, size, views, device): one group."""
+        groups: dict[object, list[int]] = {}
+        for i, m in enumerate(self.members):
+            key = ((m.frozen_id, m.meta["img_size"], tuple(self.views(m)), str(m.device), m.channels_last, m.amp)
+                   if m.frozen_id else i)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _group_probs(self, group: list[Member], batch: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's probabilities for a uint8 NHWC batch; the frozen layers run once for the whole group."""
+        if len(group) == 1:
+            return [self.member_probs(group[0], batch)]
+        lead = group[0]
+        x0 = batch.permute(0, 3, 1, 2).to(lead.device, non_blocking=True)
+        totals: list = [None] * len(group)
+        for v in self.views(lead):
+            x = normalize_batch(apply_variant(x0, v), tuple(lead.meta["mean"]), tuple(lead.meta["std"]),
+                                channels_last=lead.channels_last)
+            with autocast(lead.device, lead.amp):
+                features = lead.frozen.prefix(x)
+                for k, m in enumerate(group):
+                    p = torch.softmax(m.frozen.tail(features).float(), dim=1)
+                    totals[k] = p if totals[k] is None else totals[k] + p
+        return [t / len(self.views(lead)) for t in totals]
 
     @torch.no_grad()
-    def predict_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64) -> np.ndarray:
-        """``images``: img_size -> N×H×W×3 uint8 (one array per input size the members need)."""
-        probs = None
-        for m in self.members:
-            arr = images[m.meta["img_size"]]
-            out = []
+    def member_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
+        """Each member's probabilities (N × classes) for ``images`` (img_size -> N×H×W×3 uint8).
+
+        Members whose frozen layers are the same weights (a bag fine-tuned from one pretrained backbone with
+        ``model.freeze: all_but_last:N``) run those layers once per batch and view and only their own tails.
+        """
+        out: list = [None] * len(self.members)
+        for group in self._groups():
+            members = [self.members[i] for i in group]
+            arr = images[members[0].meta["img_size"]]
+            parts: list[list[np.ndarray]] = [[] for _ in group]
             for i in range(0, len(arr), batch_size):
                 batch = torch.from_numpy(np.array(arr[i:i + batch_size]))
-                out.append(self.member_probs(m, batch).cpu().numpy())
-            p = np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
-            probs = p if probs is None else probs + p
-        return probs / len(self.members)
+                for k, p in enumerate(self._group_probs(members, batch)):
+                    parts[k].append(p.cpu().numpy())
+            for k, idx in enumerate(group):
+                out[idx] = (np.concatenate(parts[k]) if parts[k]
+                            else np.zeros((0, len(self.class_names)), dtype=np.float32))
+        return out
+
+    def predict_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64) -> np.ndarray:
+        """The bag's probabilities: the mean of :meth:`member_proba_arrays`."""
+        return np.mean(self.member_proba_arrays(images, batch_size), axis=0)
 
     def sizes(self) -> set[int]:
         return {m.meta["img_size"] for m in self.members}

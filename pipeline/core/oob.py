@@ -1,7 +1,8 @@
 """Out-of-sample probabilities from the bag: which member saw which train image, and who may score it.
 
-Each bag member trains on ``bootstrap_indices(train_labels, seed)`` (deterministic from the split and its seed),
-so a train image missing from a member's resample is *out of bag* for that member: its probabilities there are
+Each bag member trains on ``member_indices`` (deterministic from the split and its seed): with ``bag.folds`` all
+folds but its own, so every train image is out of sample for exactly one member; with ``bag.bootstrap`` a
+resample, and a train image missing from a member's resample is *out of bag* for that member: its probabilities there are
 out-of-sample, the input cleanlab needs. Val images are never trained on (they only pick the best epoch), so every
 member may score them. A train image in every member's resample has no out-of-sample probabilities in the bag; we
 leave it *unscored* and count it rather than fall back to in-sample probabilities, which a model that memorised the
@@ -14,23 +15,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.data import bootstrap_indices
+from pipeline.core.data import member_indices
 
 SOURCE_VAL = "val:all_members"  # never trained on: every member scores it
 SOURCE_UNSCORED = "unscored:in_every_member"  # no member left it out: no out-of-sample probabilities here
 
 
 def in_bag_matrix(train_labels: list[int], seeds: tuple[int, ...] | list[int], bootstrap: bool,
-                  groups: list[str] | None = None) -> np.ndarray:
+                  groups: list[str] | None = None, folds: bool = False) -> np.ndarray:
     """``[i, m]`` is True when member ``seeds[m]`` trained on train image ``i`` (or on a duplicate of it).
 
-    Mirrors the train stage: member ``seed`` trains on ``bootstrap_indices(train_labels, seed)``, or on every
-    image when ``bootstrap`` is off. ``groups`` (duplicate-group id per train image) spreads "seen" to the group.
+    Mirrors the train stage (``member_indices``): ``folds``, a bootstrap resample, or every image.
+    ``groups`` (duplicate-group id per train image) spreads "seen" to the group; folds never split a group.
     """
     n = len(train_labels)
+    ids = list(groups) if groups is not None else [str(i) for i in range(n)]
     seen = np.zeros((n, len(seeds)), dtype=bool)
     for m, seed in enumerate(seeds):
-        seen[bootstrap_indices(train_labels, seed) if bootstrap else slice(None), m] = True
+        seen[member_indices(train_labels, ids, seeds, seed, bootstrap, folds), m] = True
     if groups is not None:
         if len(groups) != n:
             raise ValueError(f"{len(groups)} duplicate-group ids for {n} train images")

@@ -83,9 +83,8 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     arrays, y_true = split_arrays(raw_dir, split, "test", sizes, cache_dir)
     if not y_true:
         raise ValueError(f"the test split in {split_fp} is empty; add data or lower split.min_class_for_split")
-    members = {}
-    for seed, member in zip(cfg.bag.seeds, bag.members):
-        members[f"member_{seed}"] = score(y_true, BagPredictor([member]).predict_proba_arrays(arrays).argmax(1))
+    member_probs = bag.member_proba_arrays(arrays)  # one pass: members share their frozen layers' output
+    members = {f"member_{seed}": score(y_true, p.argmax(1)) for seed, p in zip(cfg.bag.seeds, member_probs)}
     labels = list(range(len(bag.class_names)))
     backbones, backbone_reports = {}, {}
     for name, single in singles.items():
@@ -99,7 +98,7 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
                                   "train_seconds": single.members[0].meta["train_seconds"],
                                   "per_class_f1": {c: float(f[i]) for i, c in enumerate(bag.class_names)},
                                   "confusion": confusion_matrix(y_true, pred, labels=labels).tolist()}
-    probs = bag.predict_proba_arrays(arrays)
+    probs = np.mean(member_probs, axis=0)  # = bag.predict_proba_arrays(arrays)
     y_pred = probs.argmax(1)
     reports_dir.mkdir(parents=True, exist_ok=True)
     calibration = calibrate_bag(bag, raw_dir, split, probs, y_true, cache_dir, reports_dir)

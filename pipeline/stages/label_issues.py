@@ -62,7 +62,7 @@ def member_probabilities(dirs: list[Path], device, raw_dir: Path, paths: list[st
     """Each member's own probabilities on the given images (class names, one N×K array per member)."""
     bag = BagPredictor.from_dirs(dirs, device)
     arrays = {s: build_cache(raw_dir, paths, shas, s, cache_dir) for s in bag.sizes()}
-    return bag.class_names, [BagPredictor([m]).predict_proba_arrays(arrays) for m in bag.members]
+    return bag.class_names, bag.member_proba_arrays(arrays)
 
 
 def rank_rows(records: list[dict]) -> list[dict]:
@@ -105,7 +105,8 @@ def summarise(rows: list[dict], cfg: Config) -> dict:
                           "unscored": kinds.get("unscored", 0)},
             "flagged_per_class": dict(sorted(Counter(r["given_class"] for r in flagged).items())),
             "filter_by": cfg.label_issues.filter_by, "ranked_by": cfg.label_issues.ranked_by,
-            "members": [f"member_{s}" for s in cfg.bag.seeds], "bootstrap": cfg.bag.bootstrap}
+            "members": [f"member_{s}" for s in cfg.bag.seeds], "bootstrap": cfg.bag.bootstrap,
+            "folds": cfg.bag.folds}
 
 
 def draw_grid(rows: list[dict], raw_dir: Path, per_class: int, summary: dict, png_fp: Path) -> None:
@@ -133,7 +134,7 @@ def run_label_issues(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Pat
                                                     split.sha256["train"], cache_dir)
     if tuple(class_names) != split.class_names:
         raise ValueError(f"the bag was trained on other classes than {split_fp} holds; rerun the train stages")
-    seen = in_bag_matrix(split.labels["train"], cfg.bag.seeds, cfg.bag.bootstrap, groups)
+    seen = in_bag_matrix(split.labels["train"], cfg.bag.seeds, cfg.bag.bootstrap, groups, cfg.bag.folds)
     probs = [out_of_bag_probs(train_probs, seen)]
     sources = train_sources(seen, names)
     if split.labels["val"]:

@@ -41,7 +41,8 @@ _logger = logging.getLogger(__name__)
 COMPARISON_PNG = Path("gate/comparison.png")  # run artifact paths an auditor opens
 RELIABILITY_PNG = Path("calibration/reliability.png")
 PARITY_WARN = 1e-6  # |package wF1 - evaluate wF1| above this is logged: the two scoring paths disagree
-GATE_RULE = (f"promote when weighted F1 >= floor and, against a champion, P(ΔwF1 > min_delta) >= confidence "
+GATE_RULE = (f"promote when there are >= min_test_images test images, weighted F1 >= floor and, against a "
+             f"champion, P(ΔwF1 > min_delta) >= confidence "
              f"by a paired bootstrap over the test images ({RESAMPLES} resamples, seed {SEED})")
 
 
@@ -81,16 +82,20 @@ class GateDecision:
 
 
 def gate(truth: list[str], candidate: list[str], champion: list[str] | None, floor: float, min_delta: float,
-         confidence: float) -> GateDecision:
+         confidence: float, min_test_images: int = 1) -> GateDecision:
     """The promotion rule, as a pure function of the labels both pyfuncs gave for the same test images.
 
     Promote when the candidate's package labels every test image, its weighted F1 holds the floor and, if there
     is a champion, a paired bootstrap over the test images puts P(ΔwF1 > min_delta) at or above ``confidence``
     (ΔwF1 = candidate − champion). A tie, or a difference that a few images could make, is not an improvement.
     An empty label is an image the pyfunc could not read: validate decoded every test image, so that is a
-    broken package, never promoted (not even as a first champion over a floor of 0).
+    broken package, never promoted (not even as a first champion over a floor of 0). Fewer than
+    ``min_test_images`` test images promote nothing either: on a handful of images the interval means little.
     """
     f1, n = weighted_f1(truth, candidate), len(truth)
+    if n < min_test_images:
+        return GateDecision(False, f"{n} test images < registry.min_test_images {min_test_images}: too few to "
+                                   f"tell a better model from luck; the champion stays", f1, n)
     unread = sum(1 for label in candidate if label == "")
     if unread:
         return GateDecision(False, f"the registered package gave no label for {unread} of {n} test images", f1, n)
@@ -383,7 +388,7 @@ def _decide(cfg: Config, name: str, version: str, champion, frame: pd.DataFrame,
     predictions[f"candidate v{version}"] = candidate
     champion_labels = predictions[f"champion v{champion.version}"] if champion is not None else None
     decision = gate(truth, candidate, champion_labels, cfg.registry.f1_floor, cfg.registry.min_delta,
-                    cfg.registry.confidence)
+                    cfg.registry.confidence, cfg.registry.min_test_images)
     if abs(decision.candidate_f1 - evaluated_f1) > PARITY_WARN:
         # Same bag, same images: only a preprocessing difference between the package and evaluate gets here.
         _logger.warning("the registered package scores weighted F1 %.4f, evaluate %.4f: the two paths disagree",

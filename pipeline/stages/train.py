@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -27,13 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.core import checkpoints
 from pipeline.core.config import Config
-from pipeline.core.data import (CachedImageDataset, bootstrap_indices, build_cache, create_sampler, flips_per_label,
-                                load_split, train_loader)
+from pipeline.core.data import (VARIANTS, CachedImageDataset, build_cache, create_sampler, flips_per_label,
+                                load_split, member_indices, train_loader, tta_variants)
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import Dist, init_distributed, sync_batchnorm
 from pipeline.core.engine import (load_resume_checkpoint, none_if_nan, run_key, seed_all, train_one_epoch,
                                   validate)
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.features import FeatureDataset, build_features, prefix_key, split_frozen
 from pipeline.core.losses import FocalLoss
 from pipeline.core.models import create_model
 
@@ -103,10 +105,31 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
     val_imgs = build_cache(raw_dir, split.paths["val"], split.sha256["val"], size, cache_dir) if ddp.main else None
     if ddp.main:
         ddp.barrier()
-    n_train = len(split.labels["train"])
-    indices = bootstrap_indices(split.labels["train"], seed) if cfg.bag.bootstrap else list(range(n_train))
+    indices = member_indices(split.labels["train"], split.groups["train"], cfg.bag.seeds, seed, cfg.bag.bootstrap,
+                             cfg.bag.folds)
     flips = flips_per_label(split.class_names, cfg.train.flip_policy, cfg.train.flip_default)
-    dataset = CachedImageDataset(train_imgs, split.labels["train"], indices, flips, seed)
+    views = tta_variants(flips) if cfg.model.tta else [0]  # what validation, evaluate and serving average over
+    frozen = split_frozen(model, cfg.model.freeze) if cfg.train.cache_frozen else None
+    if frozen is not None:
+        # train the tail on the frozen layers' cached output (core/features.py); the model saved is still whole
+        drawn = sorted({v for f in flips for v in VARIANTS[f]} | set(views))
+        feat_dir = cache_dir.parent / "features" if cache_dir is not None else None
+        if not ddp.main:
+            ddp.barrier()
+        train_feats = build_features(frozen.prefix, train_imgs, split.sha256["train"], drawn,
+                                     prefix_key(frozen.prefix, cfg.model.backbone, size, mean, std, drawn),
+                                     feat_dir, mean, std, cfg.train.channels_last)
+        val_feats = build_features(frozen.prefix, val_imgs, split.sha256["val"], views,
+                                   prefix_key(frozen.prefix, cfg.model.backbone, size, mean, std, views),
+                                   feat_dir, mean, std, cfg.train.channels_last) if ddp.main else None
+        if ddp.main:
+            ddp.barrier()
+        dataset = FeatureDataset(train_feats, drawn, split.labels["train"], indices,
+                                 [VARIANTS[f] for f in flips], seed)
+        val_inputs, trained = (val_feats, views), frozen.tail
+    else:
+        dataset = CachedImageDataset(train_imgs, split.labels["train"], indices, flips, seed)
+        val_inputs, trained = (val_imgs, views), model
     criterion = FocalLoss(cfg.train.focal_gamma, cfg.train.label_smoothing)
     mixup = None
     if cfg.train.cutmix_prob > 0:
@@ -135,8 +158,8 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
     if ddp.broadcast(state["epoch"]) != state["epoch"]:
         raise PipelineError(f"rank {ddp.rank} read {ckpt_fp} as epoch {state['epoch']}, rank 0 as another epoch")
     # ``model`` stays the bare module: validation, state dicts and files never see the DDP wrapper.
-    net = model if ddp.world == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+    net = trained if ddp.world == 1 else DistributedDataParallel(
+        trained, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
 
     started = time.perf_counter()
     while state["epoch"] < cfg.train.epochs and state["bad_epochs"] < cfg.train.patience:
@@ -151,7 +174,8 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
         metrics = train_one_epoch(net, loader, criterion, optimizer, mixup, cfg, device, mean, std, frozen_bn,
                                   desc=f"{name} epoch {epoch + 1}/{cfg.train.epochs}")
         if ddp.main:
-            metrics.update(validate(model, val_imgs, split.labels["val"], cfg, device, mean, std))
+            metrics.update(validate(trained, val_inputs, split.labels["val"], cfg, device, mean, std,
+                                    cached=frozen is not None))
         metrics = ddp.broadcast(metrics)  # rank 0's: every rank takes the same early-stopping decisions
         metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
         scheduler.step()
@@ -179,7 +203,9 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
     model_sha256 = checkpoints.save(state["best_state"] or model.state_dict(), out_dir / "model.pt")
     meta = {"backbone": cfg.model.backbone, "img_size": size, "class_names": list(split.class_names),
             "mean": list(mean), "std": list(std), "weights_source": weights_source, "seed": seed,
-            "bootstrap": cfg.bag.bootstrap, "flips": dict(zip(split.class_names, flips)),
+            "bootstrap": cfg.bag.bootstrap, "folds": cfg.bag.folds, "train_images": len(indices),
+            "flips": dict(zip(split.class_names, flips)), "tta_variants": views,
+            "cache_frozen": frozen is not None, "malloc": os.environ.get("GLIBC_TUNABLES", ""),
             "freeze": cfg.model.freeze, "epochs": cfg.train.epochs, "best_epoch": state["best_epoch"],
             "best_val_weighted_f1": none_if_nan(state["history"][state["best_epoch"] - 1]["val_weighted_f1"]),
             "epochs_run": state["epoch"], "train_seconds": round(time.perf_counter() - started, 1),

@@ -48,11 +48,31 @@ def test_bad_backbone_entry_names_the_key():
     ("split", "test_fraction", 1.5, "split.test_fraction must be between 0 and 1"),
     ("train", "learning_rate", 0.1, "train.learning_rate is not a known key"),
     ("train", "flip_policy", {"a": "diagonal"}, "train.flip_policy.a must be one of"),
+    # DVC pastes seeds and backbone names into a shell command line: nothing but plain values gets through
+    ("bag", "seeds", ["0;touch PWNED;#"], "bag.seeds must be non-negative integers"),
+    ("bag", "seeds", [0, 0], "bag.seeds must not repeat"),
+    ("bag", "folds", True, "bag.folds and bag.bootstrap"),
+    ("registry", "min_test_images", 0, "registry.min_test_images must be >= 1"),
+    ("train", "cache_frozen", "yes", "train.cache_frozen must be true or false"),
+    ("model", "tta", "on", "model.tta must be true or false"),
 ])
 def test_bad_value_names_the_key(section, key, value, needle):
     raw = deep_merge(base(), {section: {key: value}})
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         config_from_dict(raw)
+
+
+def test_backbone_names_with_shell_syntax_are_refused():
+    with pytest.raises(ConfigError, match="is not a timm model name"):
+        config_from_dict({**base(), "backbones": {"x;touch PWNED2;#": {}}})
+
+
+def test_the_new_recipe_keys_are_read():
+    cfg = config_from_dict(deep_merge(base(), {"bag": {"folds": True, "bootstrap": False},
+                                               "train": {"flip_default": "d4", "cache_frozen": False},
+                                               "model": {"tta": False}, "registry": {"min_test_images": 7}}))
+    assert (cfg.bag.folds, cfg.train.flip_default, cfg.train.cache_frozen, cfg.model.tta,
+            cfg.registry.min_test_images) == (True, "d4", False, False, 7)
 
 
 def test_landing_uri_must_be_s3():

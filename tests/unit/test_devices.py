@@ -147,7 +147,7 @@ def test_bag_inference_runs_on_the_members_device():
     m = _member({"amp": "none", "channels_last": False}, META)
     assert next(m.model.parameters()).device == META
     batch = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)  # decoded images arrive on the CPU
-    probs = BagPredictor.member_probs(m, batch)
+    probs = BagPredictor([m]).member_probs(m, batch)
     assert probs.device == META and probs.shape == (2, 3) and probs.dtype == torch.float32
 
 

@@ -1,59 +1,80 @@
-"""Test-time augmentation follows each class's flip policy; conflicting member policies fall back to no flip."""
+"""Test-time augmentation: the symmetries every class was trained with (model.tta), in one place for every path."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+from pipeline.adapters.serving import BagModel, encode_image_file
+from pipeline.commands.predict import predict_images
+from pipeline.core.data import VARIANTS, apply_variant, tta_variants
 from pipeline.core.inference import BagPredictor, Member
-from pipeline.commands.predict import _class_flips, predict_images
 
 pytestmark = pytest.mark.unit
 CLASSES = ["a", "b", "c"]
 
 
-def _member(flips: dict, seed: int = 0) -> Member:
+def _member(views: list[int] | None, seed: int = 0) -> Member:
     import timm
 
     torch.manual_seed(seed)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES)).eval()
-    meta = {"img_size": 32, "class_names": CLASSES, "mean": [0.5] * 3, "std": [0.5] * 3, "flips": flips}
+    meta = {"img_size": 32, "class_names": CLASSES, "mean": [0.5] * 3, "std": [0.5] * 3}
+    if views is not None:
+        meta["tta_variants"] = views
     return Member(model, meta)
 
 
 def _images(n: int = 4) -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def test_tta_is_a_no_op_when_no_class_may_flip():
-    bag = BagPredictor([_member({c: "none" for c in CLASSES})])
+def test_tta_views_are_the_symmetries_every_class_allows():
+    assert tta_variants(["d4", "d4"]) == list(range(8))
+    assert tta_variants(["d4", "both"]) == [0, 1, 2, 3]
+    assert tta_variants(["both", "h", "v"]) == [0]  # DACON's policy: only the photo itself is legal for all
+    assert set(VARIANTS["both"]) <= set(VARIANTS["d4"])
+
+
+def test_the_eight_variants_are_the_eight_distinct_symmetries():
+    x = np.arange(9).reshape(3, 3, 1)
+    seen = {apply_variant(x, v, "hwc").tobytes() for v in range(8)}
+    assert len(seen) == 8
+    t = torch.from_numpy(x).permute(2, 0, 1)
+    for v in range(8):  # the tensor and the array paths agree
+        np.testing.assert_array_equal(apply_variant(t, v).permute(1, 2, 0).numpy(), apply_variant(x, v, "hwc"))
+
+
+def test_bag_averages_over_its_members_views_and_tta_off_gives_the_plain_image():
+    bag = BagPredictor([_member([0, 1, 4])])
+    ims = _images()
+    arr = np.stack([np.asarray(im) for im in ims])
+    plain = predict_images(bag, ims, tta=False)
+    views = [predict_images(bag, [Image.fromarray(np.ascontiguousarray(apply_variant(a, v, "hwc"))) for a in arr],
+                            tta=False) for v in (0, 1, 4)]
+    np.testing.assert_allclose(predict_images(bag, ims, tta=True), np.mean(views, axis=0), atol=1e-5)
+    assert not np.allclose(np.mean(views, axis=0), plain, atol=1e-4)  # the views changed something
+
+
+def test_a_member_without_recorded_views_predicts_the_plain_image():
+    bag = BagPredictor([_member(None)])
     ims = _images()
     np.testing.assert_allclose(predict_images(bag, ims, tta=True), predict_images(bag, ims, tta=False), atol=1e-6)
 
 
-def test_tta_averages_only_the_views_a_class_allows():
-    bag = BagPredictor([_member({"a": "both", "b": "h", "c": "none"})])
-    ims = _images()
-    base = predict_images(bag, ims)
-    flipped = {view: predict_images(bag, [_apply(im, view) for im in ims]) for view in ("h", "v", "hv")}
-    expect = np.stack([(base[:, 0] + flipped["h"][:, 0] + flipped["v"][:, 0] + flipped["hv"][:, 0]) / 4,
-                       (base[:, 1] + flipped["h"][:, 1]) / 2, base[:, 2]], axis=1)
-    expect /= expect.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(predict_images(bag, ims, tta=True), expect, atol=1e-5)
-    assert not np.allclose(expect, base, atol=1e-4)  # the flips changed something: the check is not vacuous
-
-
-def _apply(im: Image.Image, view: str) -> Image.Image:
-    if "h" in view:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if "v" in view:
-        im = im.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    return im
-
-
-def test_member_policies_combine_to_the_strictest():
-    bag = BagPredictor([_member({"a": "both", "b": "h", "c": "both"}, 0),
-                        _member({"a": "h", "b": "v", "c": "both"}, 1)])
-    assert _class_flips(bag) == {"a": "h", "b": "none", "c": "both"}
+def test_pyfunc_param_tta_switches_it(tmp_path):
+    model = BagModel()
+    model.predictor = BagPredictor([_member(list(range(8)))])
+    paths = []
+    for i, im in enumerate(_images()):
+        im.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    frame = pd.DataFrame({"image": [encode_image_file(p) for p in paths]})
+    on = model.predict(None, frame)["confidence"].to_numpy()
+    default = model.predict(None, frame, params=None)["confidence"].to_numpy()
+    off = model.predict(None, frame, params={"tta": False})["confidence"].to_numpy()
+    np.testing.assert_allclose(on, default)
+    assert not np.allclose(on, off, atol=1e-5)
