@@ -41,7 +41,7 @@ export PIPELINE_LANDING_URI ?= $(LANDING_URI)
 export PIPELINE_PROFILE     ?= $(PROFILE)
 
 .PHONY: help credentials venv services-up services-down ui demo demo-data profile test bench bench-serve bench-loop \
-	bench-label-noise label-studio-roundtrip gpu-check clean
+	bench-label-noise bench-quality label-studio-roundtrip gpu-check clean
 help:
 	@echo "make demo          fresh clone -> services -> ELPV data -> training DAG -> registered model"
 	@echo "make test          the full test suite (what CI runs)"
@@ -54,6 +54,7 @@ help:
 	@echo "make bench-loop    timed event loop under a running scheduler (private stack, ~15 min)"
 	@echo "make label-studio-roundtrip  review-export -> real Label Studio (own venv) -> relabel, private stack"
 	@echo "make bench-label-noise  seeded label noise on ELPV: finder precision/recall, F1 noisy/excluded/clean"
+	@echo "make bench-quality the recipe's ablation on ELPV against the old demo and a plain timm fine-tune (~1.5 h)"
 	@echo "make gpu-check     GPU smoke run + train-step benchmark of the full recipe (tiny on a CPU; GPU_CHECK_OUT=dir)"
 
 $(LOCAL_CREDENTIALS):
@@ -120,6 +121,10 @@ label-studio-roundtrip: venv
 
 bench-label-noise: venv
 	nice -n 5 $(PY) -m bench label-noise
+
+# Rows run one after another, each in its own process; results.json under .local/bench/quality keeps finished rows.
+bench-quality: venv
+	$(PY) -m bench.quality
 
 # A bare GPU box has python3 with torch + timm and no venv (nor pip access): use .venv when there is one, never
 # build it, and read no S3 credentials. bench/gpu_check.py imports nothing of MLflow, Airflow, DVC or boto3.

@@ -44,8 +44,9 @@ def build_config(epochs: int, img_size: int, seeds: list[int], threads: int):
     from pipeline.adapters.profiles import merged_params
     from pipeline.core.config import config_from_dict
 
-    overrides = {"bag": {"seeds": seeds, "bootstrap": True}, "train": {"epochs": epochs, "num_threads": threads},
-                 "model": {"img_size": img_size}, "data": {"landing_uri": "s3://bench/elpv/"}}
+    overrides = {"bag": {"seeds": seeds, "bootstrap": False, "folds": True},
+                 "train": {"num_threads": threads, **({"epochs": epochs} if epochs else {})},
+                 "model": {"img_size": img_size} if img_size else {}, "data": {"landing_uri": "s3://bench/elpv/"}}
     params = merged_params(ROOT, "cpu-demo", overrides)
     params["backbones"] = {}  # the bag only: evaluate scores no single backbones here
     return config_from_dict(params), params
@@ -137,10 +138,10 @@ def run() -> dict[str, str]:
 def measure(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.label_noise", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--limit-per-class", type=int, default=150,
+    ap.add_argument("--limit-per-class", type=int, default=0,
                     help="first N ELPV images per class (0 = all 2,624; 150 = 973)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=0, help="0 = the cpu-demo profile's")
+    ap.add_argument("--img-size", type=int, default=0, help="0 = the cpu-demo profile's")
     ap.add_argument("--seeds", default="0,1,2", help="bag member seeds")
     ap.add_argument("--noise", type=float, default=0.10, help="share of train labels flipped")
     ap.add_argument("--noise-seed", type=int, default=0)
@@ -188,7 +189,7 @@ def measure(argv: list[str] | None = None) -> dict:
     results: dict = {"recipe": {"profile": "cpu-demo", "backbone": cfg.model.backbone, "weights": cfg.model.weights,
                                 "freeze": cfg.model.freeze, "img_size": cfg.model.img_size,
                                 "epochs": cfg.train.epochs, "bag_seeds": list(cfg.bag.seeds),
-                                "bootstrap": cfg.bag.bootstrap, "images": n, "noise": args.noise,
+                                "bootstrap": cfg.bag.bootstrap, "folds": cfg.bag.folds, "images": n, "noise": args.noise,
                                 "noise_seed": args.noise_seed, "filter_by": cfg.label_issues.filter_by},
                      "command": "python -m bench.label_noise " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores"}

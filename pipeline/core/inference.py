@@ -157,16 +157,33 @@ class BagPredictor:
         return [t / len(self.views(lead)) for t in totals]
 
     @torch.no_grad()
-    def member_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
+    def member_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64,
+                            shas: list[str] | None = None, feature_dir: Path | None = None) -> list[np.ndarray]:
         """Each member's probabilities (N × classes) for ``images`` (img_size -> N×H×W×3 uint8).
 
         Members whose frozen layers are the same weights (a bag fine-tuned from one pretrained backbone with
         ``model.freeze: all_but_last:N``) run those layers once per batch and view and only their own tails.
+        With the images' ``shas`` and the train stage's ``feature_dir``, those layers' output comes from the
+        frozen-layer cache where training left it (float16 maps: probabilities within ~1e-3 of the direct path,
+        so only stages that need no bit-parity with serving pass them, e.g. label_issues).
         """
         out: list = [None] * len(self.members)
         for group in self._groups():
             members = [self.members[i] for i in group]
             arr = images[members[0].meta["img_size"]]
+            lead = members[0]
+            if lead.frozen is not None and shas is not None and feature_dir is not None:
+                from pipeline.core.features import build_features, tail_probs
+
+                meta, views = lead.meta, self.views(lead)
+                key = prefix_key(lead.frozen.prefix, meta["backbone"], meta["img_size"], meta["mean"], meta["std"],
+                                 views)
+                feats = build_features(lead.frozen.prefix, arr, shas, views, key, feature_dir, tuple(meta["mean"]),
+                                       tuple(meta["std"]), lead.channels_last)
+                for idx, m in zip(group, members):
+                    out[idx] = tail_probs(m.frozen.tail, feats, views, list(range(len(views))), m.device,
+                                          m.channels_last).astype(np.float32)
+                continue
             parts: list[list[np.ndarray]] = [[] for _ in group]
             for i in range(0, len(arr), batch_size):
                 batch = torch.from_numpy(np.array(arr[i:i + batch_size]))

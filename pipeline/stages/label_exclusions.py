@@ -28,7 +28,10 @@ FIELDS = ["path", "sha256", "given_class", "suggested_class", "label_quality", "
 
 def exclusion_rows(issues: list[dict[str, str]], split_rows: list[dict[str, str]], source_version: str,
                    source_run: str) -> list[dict[str, str]]:
-    """The flagged rows of a ``label_issues.csv`` with each image's sha256 from the split file it was scored on.
+    """The flagged *train* rows of a ``label_issues.csv`` with each image's sha256 from the split it was scored on.
+
+    Flagged val images stay: val picks the best epoch and fits the temperature, and a yardstick that drops
+    whatever disagrees with the model would flatter it.
 
     A flagged path missing from ``split_rows`` gets an empty sha256, which ``split`` never matches (fails open
     towards training on the image, never towards dropping an image we cannot identify).
@@ -36,7 +39,7 @@ def exclusion_rows(issues: list[dict[str, str]], split_rows: list[dict[str, str]
     sha = {r["path"]: r.get("sha256", "") for r in split_rows}
     out = []
     for r in issues:
-        if str(r.get("issue", "")).strip().lower() != "true":
+        if str(r.get("issue", "")).strip().lower() != "true" or r.get("split", "train") != "train":
             continue
         out.append({"path": r["path"], "sha256": sha.get(r["path"], ""), "given_class": r["given_class"],
                     "suggested_class": r["suggested_class"], "label_quality": r["label_quality"],

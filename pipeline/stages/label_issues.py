@@ -62,7 +62,8 @@ def member_probabilities(dirs: list[Path], device, raw_dir: Path, paths: list[st
     """Each member's own probabilities on the given images (class names, one N×K array per member)."""
     bag = BagPredictor.from_dirs(dirs, device)
     arrays = {s: build_cache(raw_dir, paths, shas, s, cache_dir) for s in bag.sizes()}
-    return bag.class_names, bag.member_proba_arrays(arrays)
+    feature_dir = cache_dir.parent / "features" if cache_dir is not None else None  # the train stage's cache
+    return bag.class_names, bag.member_proba_arrays(arrays, shas=shas, feature_dir=feature_dir)
 
 
 def rank_rows(records: list[dict]) -> list[dict]:

@@ -294,9 +294,21 @@ def model_card(cfg: Config, version: str, metrics: dict, per_class: list[dict], 
              f"- epochs {cfg.train.epochs}, batch {cfg.train.batch_size}, lr {cfg.train.lr}, focal gamma "
              f"{cfg.train.focal_gamma}, label smoothing {cfg.train.label_smoothing}, CutMix p "
              f"{cfg.train.cutmix_prob}, sampler power {cfg.train.sampler_power}",
+             f"- members' data: {_member_data(cfg)}; symmetries in training `{cfg.train.flip_default}` "
+             f"(per-class policy where set); frozen layers "
+             f"{'computed once and cached' if any(m.get('cache_frozen') for m in members) else 'run every epoch'}",
+             f"- prediction averages over {len(members[0].get('tta_variants') or [0])} view(s) per member "
+             f"(model.tta {str(cfg.model.tta).lower()}; the pyfunc's param `tta` turns it off)",
              f"- trained on {members[0]['device']} ({platform.machine()}, {platform.node()}), "
              f"{sum(m['train_seconds'] for m in members):.0f} s in all; profile `{cfg.profile}`"]
     return "\n".join(lines) + "\n"
+
+
+def _member_data(cfg: Config) -> str:
+    k = len(cfg.bag.seeds)
+    if cfg.bag.folds and k > 1:
+        return f"{k} folds, member k leaves out fold k (bag.folds)"
+    return "a stratified bootstrap resample each (bag.bootstrap)" if cfg.bag.bootstrap else "all train images"
 
 
 def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,

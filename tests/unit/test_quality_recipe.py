@@ -152,6 +152,15 @@ def test_train_stage_with_cached_frozen_layers_matches_its_record(tmp_path):
     assert len(list((tmp_path / "cache" / "features").glob("*/*.npy"))) > 0
     bag = BagPredictor.from_dirs([tmp_path / "m1"])
     assert bag.views(bag.members[0]) == list(range(8))
+    # label_issues reads the training's frozen-layer cache: nothing recomputed, the direct path's probabilities
+    from pipeline.core.data import build_cache
+
+    imgs = {32: build_cache(tmp_path / "raw", split.paths["train"], split.sha256["train"], 32, None)}
+    files = sorted((tmp_path / "cache" / "features").glob("*/*.npy"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    cached = bag.member_proba_arrays(imgs, shas=split.sha256["train"], feature_dir=tmp_path / "cache" / "features")
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache" / "features").glob("*/*.npy"))] == stamps
+    np.testing.assert_allclose(cached[0], bag.member_proba_arrays(imgs)[0], atol=2e-2)
     assert json.loads((tmp_path / "m1" / "meta.json").read_text())["folds"] is True
     off = config_from_dict(yaml.safe_load(yaml.safe_dump({**params, "train": {**params["train"],
                                                                               "cache_frozen": False}})))
