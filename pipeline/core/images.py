@@ -14,6 +14,22 @@ from PIL import Image, ImageFile
 
 # Truncated files must fail loudly, never decode to a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The only decoders PIL may try (validate.allowed_formats is checked against these too). Without a list, PIL tries
+# every plugin it has: an EPS file named .png would reach Ghostscript where it is installed.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "GIF")
+
+
+def _reason(exc: Exception) -> str:
+    """A decode error's reason without the file's name: names come from uploaders and end up on pages."""
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return f"not an image in an accepted format ({', '.join(IMAGE_FORMATS)})"
+    text = str(exc)
+    for quote in ("'", '"'):  # PIL quotes the path it was given in some messages
+        start = text.find(quote + "/")
+        if start >= 0:
+            end = text.find(quote, start + 1)
+            text = text[:start] + "<file>" + text[end + 1:] if end > start else text[:start] + "<file>"
+    return f"{type(exc).__name__}: {text}"
 
 
 @dataclass(frozen=True)
@@ -25,12 +41,16 @@ class ImageInfo:
 
 
 def read_header(data: bytes | str) -> ImageInfo:
-    """Read size, mode and format without decoding pixels (raises on non-images)."""
+    """Read size, mode and format without decoding pixels (raises ValueError, without the file's name, on
+    anything that is not an image in :data:`IMAGE_FORMATS`)."""
     src = io.BytesIO(data) if isinstance(data, bytes) else data
     with warnings.catch_warnings():  # a huge header is judged by validation's pixel limit, not by a warning
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(src) as im:
-            return ImageInfo(im.width, im.height, im.mode, im.format or "")
+        try:
+            with Image.open(src, formats=IMAGE_FORMATS) as im:
+                return ImageInfo(im.width, im.height, im.mode, im.format or "")
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            raise ValueError(_reason(exc)) from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -56,7 +76,7 @@ def decode_rgb(data: bytes | str, max_pixels: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             if max_pixels is not None:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(src) as im:
+            with Image.open(src, formats=IMAGE_FORMATS) as im:
                 if max_pixels is not None and im.width * im.height > max_pixels:
                     raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
                                      f"{im.width * im.height} pixels > {max_pixels}")
@@ -67,7 +87,7 @@ def decode_rgb(data: bytes | str, max_pixels: int | None = None) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ValueError(f"decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise ValueError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"cannot decode image: {_reason(exc)}") from None
 
 
 def check_decode(path: str, max_pixels: int) -> str:
@@ -79,7 +99,7 @@ def check_decode(path: str, max_pixels: int) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit decides
-            with Image.open(path) as im:
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
                 if im.width * im.height > max_pixels:
                     raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
                                      f"{im.width * im.height} pixels > {max_pixels}")
@@ -89,7 +109,7 @@ def check_decode(path: str, max_pixels: int) -> str:
     except ValueError:
         raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise ValueError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"cannot decode image: {_reason(exc)}") from None
 
 
 def dhash(im: Image.Image, size: int = 8) -> str:

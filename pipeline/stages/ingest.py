@@ -62,7 +62,7 @@ def _describe(path: Path, rel: str, class_name: str, obj: storage.ObjectInfo) ->
         info = read_header(str(path))
         row.update(width=str(info.width), height=str(info.height), mode=info.mode, format=info.format)
     except Exception as exc:  # not an image at all: validation quarantines it with this reason
-        row["header_error"] = f"{type(exc).__name__}: {exc}"
+        row["header_error"] = str(exc)  # read_header's reason never names the file
     return row
 
 
