@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler, get_worker_info
 
 from pipeline.core.images import decode_rgb, resize_uint8
-from pipeline.core.io import read_csv
+from pipeline.core.io import read_csv, save_npy_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -71,11 +70,7 @@ def build_cache(raw_dir: Path, paths: list[str], shas: list[str], size: int, cac
     for i, rel in enumerate(paths):
         out[i] = resize_uint8(decode_rgb(str(raw_dir / rel)), size)
     if cache_fp is not None:
-        cache_fp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_fp.with_name(f".{cache_fp.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, out)
-        os.replace(tmp, cache_fp)
+        save_npy_atomic(cache_fp, out)
     return out
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.core.data import apply_variant, normalize_batch
+from pipeline.core.io import save_npy_atomic
 
 _logger = logging.getLogger(__name__)
 STORE_DTYPE = np.float16
@@ -117,13 +117,8 @@ def build_features(prefix: nn.Module, images: np.ndarray, shas: list[str], varia
     todo = [i for i, sha in enumerate(shas) if folder is None or not (folder / f"{sha}.npy").exists()]
     fresh = _compute(prefix, images[todo], variants, mean, std, channels_last, batch_size) if todo else None
     if folder is not None and fresh is not None:
-        folder.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(todo):
-            fp = folder / f"{shas[i]}.npy"
-            tmp = fp.with_name(f".{fp.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, fresh[j])
-            os.replace(tmp, fp)
+            save_npy_atomic(folder / f"{shas[i]}.npy", fresh[j])
     _logger.info("frozen layers: %d of %d images computed (x%d symmetries), %d from the cache %s", len(todo),
                  len(shas), len(variants), len(shas) - len(todo), folder or "(none)")
     if fresh is not None and len(todo) == len(shas):

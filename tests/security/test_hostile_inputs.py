@@ -70,3 +70,23 @@ def test_an_eps_file_named_png_never_reaches_ghostscript(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         decode_rgb(EPS)  # serving's path: bytes from a request
     assert calls == []
+
+
+def test_atomic_writers_fsync_before_the_rename(tmp_path, monkeypatch):
+    """finding 14: without fsync a power cut after the rename can leave a zero-length file over a good one."""
+    import os
+
+    import numpy as np
+
+    from pipeline.core import io as pio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    for write in (lambda: pio.write_text_atomic(tmp_path / "a.json", "{}"),
+                  lambda: pio.write_csv(tmp_path / "a.csv", [{"x": 1}], ["x"]),
+                  lambda: pio.save_npy_atomic(tmp_path / "a.npy", np.zeros(3))):
+        events.clear()
+        write()
+        assert events == ["fsync", "replace", "fsync"]  # the file's data, the rename, the folder entry
