@@ -3,6 +3,7 @@
     python -m bench            # or: make bench (data + train)
     python -m bench serve      # or: make bench-serve (needs the stack and a champion: `make demo` first)
     python -m bench event-loop # or: make bench-loop (private stack + scheduler; new data → training, timed)
+    python -m bench cpu        # malloc thresholds and the frozen-layer cache, side by side (bench/cpu_speed.py)
     python -m bench label-noise  # or: make bench-label-noise (seeded label noise on ELPV, ~30-60 min on 2 cores)
 
 Prints ``KEY=value`` lines and rewrites the generated block of docs/BENCHMARKS.md.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench import data_pipeline, event_loop, label_noise, serving, train_step
+from bench import cpu_speed, data_pipeline, event_loop, label_noise, serving, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +38,8 @@ def main() -> int:
         results.update(serving.run())
     if "event-loop" in which:
         results.update(event_loop.run())
+    if "cpu" in which:
+        results.update(cpu_speed.run())
     if "label-noise" in which:
         results.update(label_noise.run())
     for k, v in results.items():

@@ -103,13 +103,17 @@ def _pid_alive(pidfile: Path) -> int | None:
         return None
 
 
+# The services' files (S3 volumes, mlflow.db, airflow.db, logs) are the owner's alone, like .local itself.
+SERVICE_UMASK = 0o077
+
+
 def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str]) -> None:
     stack.logfile(name).parent.mkdir(parents=True, exist_ok=True)
     stack.pidfile(name).parent.mkdir(parents=True, exist_ok=True)
     log = open(stack.logfile(name), "ab")
     # A new session, so the service outlives `make` and `down` can stop its whole process group.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True, cwd=stack.root)
+                            env=env, start_new_session=True, cwd=stack.root, umask=SERVICE_UMASK)
     stack.pidfile(name).write_text(str(proc.pid))
     log.close()
 
@@ -275,7 +279,7 @@ def migrate_airflow() -> None:
         return
     _logger.info("migrating the Airflow database in %s", home)
     for cmd in (["db", "migrate"], ["pools", "set", "dvc_workspace", "1", "one dvc repro per DVC workspace"]):
-        out = subprocess.run([_bin("airflow"), *cmd], capture_output=True, text=True)
+        out = subprocess.run([_bin("airflow"), *cmd], capture_output=True, text=True, umask=SERVICE_UMASK)
         if out.returncode != 0:
             raise ServiceError(f"`airflow {' '.join(cmd)}` failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     _sqlite_wal()
@@ -379,6 +383,8 @@ def stop(stack: Stack, name: str) -> bool:
 
 def up(stack: Stack, airflow: bool = True) -> dict[str, str]:
     """Start S3 and MLflow (and migrate Airflow's DB); returns the accounts created now ({} when they existed)."""
+    stack.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(stack.root, 0o700)  # images, models, registry rows and passwords: not for other local users
     created = accounts.ensure(stack.root)
     if external_s3():
         check_external_s3()

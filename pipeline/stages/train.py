@@ -204,6 +204,10 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
     meta = {"backbone": cfg.model.backbone, "img_size": size, "class_names": list(split.class_names),
             "mean": list(mean), "std": list(std), "weights_source": weights_source, "seed": seed,
             "bootstrap": cfg.bag.bootstrap, "folds": cfg.bag.folds, "train_images": len(indices),
+            # with bag.folds: the fold of len(bag.seeds) this member left out (data.fold_of_groups deals them
+            # from split.csv alone, so a reproduce of this version deals the same folds)
+            "held_out_fold": (list(cfg.bag.seeds).index(seed) if cfg.bag.folds and len(cfg.bag.seeds) > 1
+                              and seed in cfg.bag.seeds else None),
             "flips": dict(zip(split.class_names, flips)), "tta_variants": views,
             "cache_frozen": frozen is not None, "malloc": os.environ.get("GLIBC_TUNABLES", ""),
             "freeze": cfg.model.freeze, "epochs": cfg.train.epochs, "best_epoch": state["best_epoch"],

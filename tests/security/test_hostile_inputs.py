@@ -90,3 +90,15 @@ def test_atomic_writers_fsync_before_the_rename(tmp_path, monkeypatch):
         events.clear()
         write()
         assert events == ["fsync", "replace", "fsync"]  # the file's data, the rename, the folder entry
+
+
+def test_the_local_stack_is_the_owners_alone(stack):
+    """finding 7: .local was 0755 and the S3 volumes, mlflow.db and airflow.db 0644: any local user read them."""
+    import stat
+
+    assert stat.S_IMODE(stack.root.stat().st_mode) == 0o700
+    files = [p for p in (stack.root / "s3").rglob("*") if p.is_file()]
+    files += [p for p in (stack.root / "mlflow.db", Path(stack.root / "airflow" / "airflow.db")) if p.exists()]
+    assert files, "the stack wrote no files to check"
+    loose = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not loose, loose
