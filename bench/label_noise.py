@@ -1,6 +1,6 @@
 """Seeded label noise on ELPV: does ``data.exclude_label_issues`` win back what the noise costs?
 
-    python -m bench.label_noise                 # or: make bench-label-noise (~30 min on 2 cores)
+    python -m bench.label_noise                 # or: make bench-label-noise (~15 min on 2 cores)
     python -m bench.label_noise --limit-per-class 20 --epochs 1    # a smoke run in a few minutes
 
 ELPV (PyPI ``elpv-dataset``, 8 classes) goes through the real stages on a local workspace (no servers):
@@ -138,7 +138,7 @@ def run() -> dict[str, str]:
 def measure(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.label_noise", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--limit-per-class", type=int, default=0,
+    ap.add_argument("--limit-per-class", type=int, default=150,
                     help="first N ELPV images per class (0 = all 2,624; 150 = 973)")
     ap.add_argument("--epochs", type=int, default=0, help="0 = the cpu-demo profile's")
     ap.add_argument("--img-size", type=int, default=0, help="0 = the cpu-demo profile's")

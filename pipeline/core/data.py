@@ -190,6 +190,9 @@ def member_indices(labels: list[int], groups: list[str], seeds: tuple[int, ...] 
     so every train image is out of sample for exactly one member. One seed: nothing to hold out, all images.
     """
     if folds and len(seeds) > 1:
+        if seed not in seeds:
+            raise ValueError(f"member {seed} is not one of bag.seeds {list(seeds)}: with bag.folds its fold is its "
+                             "position in that list")
         held_out = list(seeds).index(seed)
         return [i for i, f in enumerate(fold_of_groups(labels, groups, len(seeds))) if f != held_out]
     if bootstrap:
