@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler, get_worker_info
 
+from pipeline.core.errors import ConfigError
 from pipeline.core.images import decode_rgb, resize_uint8
 from pipeline.core.io import read_csv, save_npy_atomic
 
@@ -191,7 +192,7 @@ def member_indices(labels: list[int], groups: list[str], seeds: tuple[int, ...] 
     """
     if folds and len(seeds) > 1:
         if seed not in seeds:
-            raise ValueError(f"member {seed} is not one of bag.seeds {list(seeds)}: with bag.folds its fold is its "
+            raise ConfigError(f"member {seed} is not one of bag.seeds {list(seeds)}: with bag.folds its fold is its "
                              "position in that list")
         held_out = list(seeds).index(seed)
         return [i for i, f in enumerate(fold_of_groups(labels, groups, len(seeds))) if f != held_out]
