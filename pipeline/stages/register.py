@@ -137,7 +137,8 @@ def test_frame(split_fp: Path, raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 def score_version(name: str, version: str, frame: pd.DataFrame, device_choice: str = "auto") -> list[str]:
     """Labels of registered version ``version`` on ``frame``: its own pyfunc, loaded from the registry.
 
-    Candidate and champion go through this one function (same decode, resize, no TTA), so a difference in
+    Candidate and champion go through this one function (same decode and resize; each with its own TTA views, as
+    it serves), so a difference in
     preprocessing between two code paths cannot bias the gate, and a package that does not load or predict
     is caught before it can be promoted. Both run on ``train.device`` (``device_choice``), where evaluate
     scored: on a GPU as they trained (bf16), on a CPU fp32.
@@ -183,7 +184,7 @@ def gate_card(decision: GateDecision, champion_version: str | None, confidence: 
     """The model card's gate section: what was compared, how, and the numbers."""
     lines = ["## Gate: candidate against champion", "",
              f"Both scored by their registered pyfuncs on the same {decision.n_test} test images "
-             "(same decode, resize, no TTA). Rule: " + GATE_RULE + ".", "",
+             "(same decode and resize; each with its registered TTA views). Rule: " + GATE_RULE + ".", "",
              "| | value |", "|---|---|",
              f"| candidate weighted F1 (its pyfunc) | {decision.candidate_f1:.4f} |"]
     s = decision.stats
