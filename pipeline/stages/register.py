@@ -138,9 +138,8 @@ def score_version(name: str, version: str, frame: pd.DataFrame, device_choice: s
     """Labels of registered version ``version`` on ``frame``: its own pyfunc, loaded from the registry.
 
     Candidate and champion go through this one function (same decode and resize; each with its own TTA views, as
-    it serves), so a difference in
-    preprocessing between two code paths cannot bias the gate, and a package that does not load or predict
-    is caught before it can be promoted. Both run on ``train.device`` (``device_choice``), where evaluate
+    it serves), so a difference in preprocessing between two code paths cannot bias the gate, and a package that
+    does not load or predict is caught before it can be promoted. Both run on ``train.device`` (``device_choice``), where evaluate
     scored: on a GPU as they trained (bf16), on a CPU fp32.
     """
     device = resolve_device(device_choice, "train.device")
