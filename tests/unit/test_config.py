@@ -23,12 +23,14 @@ def test_committed_params_and_profiles_are_valid(tmp_path):
         assert config_from_dict(merged_params(ROOT, profile, {})).profile == profile
     # A profile's backbones replace the GPU list; a --set override merges into it.
     demo = config_from_dict(merged_params(ROOT, "cpu-demo", {}))
-    assert list(demo.backbones) == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-    one = demo.for_backbone("efficientnet_lite1")
-    assert (one.model.backbone, one.model.weights, one.train.epochs, one.bag.seeds, one.bag.bootstrap) == (
-        "efficientnet_lite1", "pypi", 2, (0,), False)
-    over = config_from_dict(merged_params(ROOT, "cpu-demo", parse_set(["backbones.efficientnet_lite0.epochs=1"])))
-    assert len(over.backbones) == 3 and over.backbones["efficientnet_lite0"].epochs == 1
+    assert list(demo.backbones) == ["efficientnet_lite0"]
+    assert (demo.bag.folds, demo.bag.bootstrap, demo.train.flip_default, demo.model.tta, demo.train.cache_frozen,
+            demo.registry.min_test_images) == (True, False, "d4", True, True, 100)
+    one = demo.for_backbone("efficientnet_lite0")
+    assert (one.model.backbone, one.model.weights, one.train.epochs, one.bag.seeds, one.bag.bootstrap,
+            one.bag.folds) == ("efficientnet_lite0", "pypi", 4, (0,), False, False)
+    over = config_from_dict(merged_params(ROOT, "cpu-demo", parse_set(["backbones.efficientnet_lite1.epochs=1"])))
+    assert len(over.backbones) == 2 and over.backbones["efficientnet_lite1"].epochs == 1
 
 
 def test_bad_backbone_entry_names_the_key():
