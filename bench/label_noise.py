@@ -213,6 +213,24 @@ def measure(argv: list[str] | None = None) -> dict:
     _say(f"label_issues: {finder['flagged']} flagged, precision {finder['precision']:.3f}, "
          f"recall {finder['recall']:.3f} ({finder['true_positives']} of {len(flips)} flips)", t0)
 
+    # Other cleanlab rules on the same out-of-sample probabilities (no retraining): how precision trades for recall.
+    import dataclasses
+
+    rules = {}
+    for rule in ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"):
+        rcfg = dataclasses.replace(cfg, label_issues=dataclasses.replace(cfg.label_issues, filter_by=rule))
+        rdir = runs["a_noisy"] / "rules" / rule
+        run_label_issues(rcfg, runs["a_noisy"] / "split.csv", raw, runs["a_noisy"] / "models",
+                         rdir / "label_issues.csv", rdir / "label_issues.json", rdir / "label_issues.png", cache)
+        rflagged = {r["path"] for r in read_csv(rdir / "label_issues.csv") if r["issue"] == "True"}
+        rhit = rflagged & set(flips)
+        rules[rule] = {"flagged": len(rflagged), "true_positives": len(rhit),
+                       "precision": len(rhit) / len(rflagged) if rflagged else 0.0,
+                       "recall": len(rhit) / len(flips) if flips else 0.0}
+        _say(f"rule {rule}: {len(rflagged)} flagged, precision {rules[rule]['precision']:.3f}, "
+             f"recall {rules[rule]['recall']:.3f}", t0)
+    results["rules"] = rules
+
     excl = exclusion_rows(issues, noisy_split, "bench-a", "bench-a")
     write_csv(data / "label_exclusions.csv", excl, EXCLUSION_FIELDS)
     split_b = run_split(cfg, data / "validated_noisy.csv", runs["b_noisy_minus_flagged"] / "split.csv",
