@@ -174,3 +174,23 @@ def test_registered_model_name_has_one_source(monkeypatch):
         text = fp.read_text(encoding="utf-8")
         # config.py's default is held equal to params.yaml above; audit.py's is a docstring example.
         assert "-defect-classifier" not in text or fp.name in ("config.py", "audit.py"), fp
+
+
+def test_every_param_a_stage_lists_is_in_the_recipe():
+    """DVC fails a stage whose listed param is missing from params.yaml ("Parameters 'bag.folds' are missing")."""
+    recipe = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    missing = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        for key in body.get("params", []):
+            key = key if isinstance(key, str) else next(iter(key))
+            if "${" in key:
+                key = key.split(".${")[0]  # backbones.${key}: the mapping itself must be there
+            node = recipe
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(f"{name}: {key}")
+                    break
+                node = node[part]
+    assert not missing, missing
