@@ -50,7 +50,9 @@ def classify_new(found: dict | None) -> dict:
     params={
         "incoming_uri": Param("s3://landing/incoming/", type="string", pattern=r"^s3://[^/]+/.*",
                               description="photos to classify (any depth under this prefix)"),
-        "model_uri": Param(orc.default_model_uri(), type="string", description="MLflow model URI of the bag"),
+        "model_uri": Param(orc.default_model_uri(), type="string", pattern=r"^(models|runs):/[^\s]+$",
+                           description="MLflow model URI of the bag (models:/… or runs:/…; loaded from its "
+                           "weights, never unpickled)"),
         "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
         "settle_seconds": Param(30, type="integer", minimum=0, description="listings this far apart must agree"),
         "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),

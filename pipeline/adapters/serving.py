@@ -9,6 +9,9 @@ other rows are still predicted. Works with ``mlflow models serve -m models:/<nam
 as the model artifact ``calibration`` (``calibration.json``), rescales the averaged probabilities. The label is
 the argmax of the raw probabilities, so calibration never changes it. A model registered before calibration
 existed has no such artifact and serves its raw confidence.
+
+The pipeline itself never unpickles a logged model (its ``python_model.pkl`` could be anyone's code):
+:func:`load_bag_files` rebuilds the bag from the files alone, as :meth:`BagModel.load_context` does.
 """
 from __future__ import annotations
 
@@ -64,6 +67,39 @@ def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"label": labels, "confidence": conf, "error": errors})
 
 
+def bag_from_artifacts(artifacts: dict[str, Path], device=None):
+    """The bag from the pyfunc's artifact folders: every ``member_*`` (meta.json, weights checked against their
+    SHA-256 and read ``weights_only``) and the optional calibration file."""
+    from pipeline.core.inference import CPU, BagPredictor
+
+    dirs = [artifacts[k] for k in sorted(artifacts) if k.startswith("member_")]
+    if not dirs:
+        raise ValueError("the model holds no member_* artifact: not a bag from this pipeline")
+    predictor = BagPredictor.from_dirs(dirs, device or CPU)
+    if CALIBRATION_ARTIFACT in artifacts:
+        predictor.temperature = read_temperature(artifacts[CALIBRATION_ARTIFACT])
+    return predictor
+
+
+def load_bag_files(model_dir: Path, device=None):
+    """The bag in a downloaded pyfunc folder, from its files alone: the artifact map in ``MLmodel`` (YAML), then
+    :func:`bag_from_artifacts`. ``python_model.pkl`` and the shipped code are never loaded, so a crafted pickle
+    logged by anyone with write access to an experiment runs nothing here."""
+    import yaml
+
+    root = model_dir.resolve()
+    try:
+        spec = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8")) or {}
+        entries = spec["flavors"]["python_function"].get("artifacts") or {}
+        artifacts = {str(k): (root / str(v["path"])).resolve() for k, v in entries.items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a pyfunc model folder ({type(exc).__name__}: {exc})") from None
+    outside = sorted(k for k, p in artifacts.items() if not p.is_relative_to(root))
+    if outside:
+        raise ValueError(f"artifact paths leave the model folder: {outside}")
+    return bag_from_artifacts(artifacts, device)
+
+
 def read_temperature(calibration_fp: Path) -> float:
     """The temperature in ``calibration.json``; 1 (no change) when it is missing or not a positive number."""
     t = json.loads(calibration_fp.read_text(encoding="utf-8")).get("temperature", 1.0)
@@ -84,12 +120,8 @@ class BagModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from pipeline.core.devices import env_device
-        from pipeline.core.inference import BagPredictor
 
-        dirs = [Path(context.artifacts[k]) for k in sorted(context.artifacts) if k.startswith("member_")]
-        self.predictor = BagPredictor.from_dirs(dirs, env_device())
-        if CALIBRATION_ARTIFACT in context.artifacts:
-            self.predictor.temperature = read_temperature(Path(context.artifacts[CALIBRATION_ARTIFACT]))
+        self.predictor = bag_from_artifacts({k: Path(v) for k, v in context.artifacts.items()}, env_device())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # params {"tta": false}: the plain photo only (faster); default: as evaluate and the gate scored it

@@ -330,11 +330,26 @@ def archived_validation_file(run_id: str, rel: str, dst: Path) -> Path:
                             ) from None
 
 
-def load_pyfunc(uri: str):
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except MlflowException as exc:
-        raise TrackingError(f"cannot load model {uri}: {exc.message.splitlines()[0]}") from None
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def load_bag(uri: str, device=None):
+    """The bag behind an MLflow model URI (``models:/…`` or ``runs:/…``), rebuilt from its files without
+    unpickling anything (:func:`pipeline.adapters.serving.load_bag_files`). Files are downloaded to a temporary
+    folder and gone when this returns; the weights stay in memory."""
+    from pipeline.adapters.serving import load_bag_files
+
+    if not uri.startswith(MODEL_URI_SCHEMES):
+        raise PipelineError(f"model URI {uri!r}: only models:/name@alias, models:/name/N or runs:/<run>/<path>")
+    with tempfile.TemporaryDirectory(prefix="bag-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except MlflowException as exc:
+            raise TrackingError(f"cannot download model {uri}: {exc.message.splitlines()[0]}") from None
+        try:
+            return load_bag_files(Path(local), device)
+        except ValueError as exc:
+            raise PipelineError(f"{uri} is not a bag model from this pipeline: {exc}") from None
 
 
 def resolve_model_uri(uri: str) -> tuple[str, str, str]:

@@ -3,8 +3,9 @@
     python -m pipeline predict --model models:/<name>@champion --input DIR_OR_S3_PREFIX --out predictions.csv
     python -m pipeline submission --model models:/<name>@champion --dacon-dir DIR --out submission.csv
 
-``--model`` is any MLflow model URI of the bag pyfunc (``models:/name@alias``, ``models:/name/3``,
-``runs:/...``) or a local folder holding ``member_*`` folders (a DVC workspace's ``models/``).
+``--model`` is an MLflow model URI of the bag pyfunc (``models:/name@alias``, ``models:/name/3``,
+``runs:/...``) or a local folder holding ``member_*`` folders (a DVC workspace's ``models/``). The bag is rebuilt
+from its weights and meta files; the pyfunc's pickle is never loaded (``tracking.load_bag``).
 Every input row gets a row out: a file that is not an image, is corrupt or too large gets an ``error``
 and an empty ``label``; the others are still predicted. The bag averages over the symmetries every class was
 trained with (``model.tta``, recorded per member as ``tta_variants``), as evaluate and the gate scored it;
@@ -60,11 +61,8 @@ def load_model(uri: str) -> LoadedModel:
     name, version, run_id = tracking.resolve_model_uri(uri)
     # Pin the resolved version, so an alias moving while we load cannot mix two versions.
     pinned = f"models:/{name}/{version}" if name and version else uri
-    pyfunc = tracking.load_pyfunc(pinned)
-    predictor = getattr(pyfunc.unwrap_python_model(), "predictor", None)
-    if predictor is None:
-        raise PipelineError(f"{uri} is not a bag model from this pipeline (no predictor inside the pyfunc)")
-    return LoadedModel(predictor, uri, name, version, run_id)
+    # From its files, never unpickled: the URI may come from a trigger's conf.
+    return LoadedModel(tracking.load_bag(pinned, env_device()), uri, name, version, run_id)
 
 
 def predict_images(predictor, images: list, tta: bool | None = None) -> np.ndarray:

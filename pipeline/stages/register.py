@@ -135,19 +135,19 @@ def test_frame(split_fp: Path, raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def score_version(name: str, version: str, frame: pd.DataFrame, device_choice: str = "auto") -> list[str]:
-    """Labels of registered version ``version`` on ``frame``: its own pyfunc, loaded from the registry.
+    """Labels of registered version ``version`` on ``frame``: its own files, loaded from the registry.
 
-    Candidate and champion go through this one function (same decode and resize; each with its own TTA views, as
-    it serves), so a difference in preprocessing between two code paths cannot bias the gate, and a package that
-    does not load or predict is caught before it can be promoted. Both run on ``train.device`` (``device_choice``), where evaluate
-    scored: on a GPU as they trained (bf16), on a CPU fp32.
+    Candidate and champion go through this one function (same decode and resize as the pyfunc's ``predict``;
+    each with its own TTA views, as it serves), so a difference in preprocessing between two code paths cannot
+    bias the gate, and a package whose members do not load or predict is caught before it can be promoted. The
+    bag is rebuilt from its weights and meta files (``tracking.load_bag``), never unpickled: the champion alias
+    is movable by engineers, and this stage runs as the service account. Both run on ``train.device``
+    (``device_choice``), where evaluate scored: on a GPU as they trained (bf16), on a CPU fp32.
     """
-    device = resolve_device(device_choice, "train.device")
-    pyfunc = tracking.load_pyfunc(f"models:/{name}/{version}")
-    predictor = getattr(pyfunc.unwrap_python_model(), "predictor", None)
-    if hasattr(predictor, "to"):  # a version registered before devices existed loads on the CPU and stays there
-        predictor.to(device)
-    return [str(x) for x in pyfunc.predict(frame)["label"].tolist()]
+    from pipeline.adapters.serving import predict_frame
+
+    predictor = tracking.load_bag(f"models:/{name}/{version}", resolve_device(device_choice, "train.device"))
+    return [str(x) for x in predict_frame(predictor, frame)["label"].tolist()]
 
 
 def draw_comparison(truth: list[str], predictions: dict[str, list[str]], decision: GateDecision,

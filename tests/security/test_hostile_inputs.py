@@ -102,3 +102,67 @@ def test_the_local_stack_is_the_owners_alone(stack):
     assert files, "the stack wrote no files to check"
     loose = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not loose, loose
+
+
+class _Planted:
+    """Unpickling this touches ``marker``: what a crafted ``python_model.pkl`` could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, monkeypatch):
+    """Finding 3: an engineer logs a pyfunc whose pickle runs code, registers it and moves ``champion`` (or passes
+    its URI to the batch DAG). Batch prediction and the gate load the bag from its files: the pickle never runs."""
+    import json
+
+    import mlflow
+    import numpy as np
+    import timm
+    import torch
+    from mlflow.pyfunc import PythonModel
+
+    from pipeline.commands.predict import load_model
+    from pipeline.core import checkpoints
+    from pipeline.stages.register import score_version
+    from pipeline.adapters.serving import encode_image_file
+
+    marker = tmp_path / "PWNED"
+
+    class Hostile(PythonModel):
+        def __reduce__(self):
+            return _Planted(marker).__reduce__()
+
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    torch.manual_seed(0)
+    member = tmp_path / "member_0"
+    sha = checkpoints.save(timm.create_model("test_efficientnet", num_classes=2).state_dict(), member / "model.pt")
+    (member / "meta.json").write_text(json.dumps({"backbone": "test_efficientnet", "img_size": 32,
+                                                  "class_names": ["a", "b"], "mean": [0.5] * 3, "std": [0.5] * 3,
+                                                  "model_sha256": sha}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PIPELINE_LOCAL", str(tmp_path / "no-stack"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="bag", python_model=Hostile(), artifacts={"member_0": str(member)},
+                                       pip_requirements=["torch"])
+    version = mlflow.register_model(info.model_uri, "victim").version
+    mlflow.MlflowClient().set_registered_model_alias("victim", "champion", version)
+    marker.unlink(missing_ok=True)  # logging may have loaded it (on the attacker's side)
+
+    loaded = load_model("models:/victim@champion")
+    Image.new("RGB", (40, 40), (9, 99, 200)).save(tmp_path / "x.png")
+    import pandas as pd
+    labels = score_version("victim", version, pd.DataFrame({"image": [encode_image_file(tmp_path / "x.png")]}),
+                           "cpu")
+    probs = loaded.predictor.predict_proba([Image.open(tmp_path / "x.png").convert("RGB")])
+    assert not marker.exists(), "loading the registered model ran its pickle"
+    assert loaded.version == str(version) and labels[0] in ("a", "b") and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    with pytest.raises(Exception):  # the same package through MLflow's own loader does run it: the test can fail
+        mlflow.pyfunc.load_model(f"models:/victim/{version}")
+    assert marker.exists()
