@@ -157,8 +157,9 @@ def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int, keep_up:
         export = ls.call("GET", f"/api/projects/{project}/export?exportType=JSON")
         export_fp = work / "label-studio-export.json"
         export_fp.write_text(json.dumps(export, ensure_ascii=False, indent=1), encoding="utf-8")
-        dry = _cli(["relabel", "--from", str(export_fp)], check=False)
-        applied = _cli(["relabel", "--from", str(export_fp), "--apply"], check=False)
+        relabel = ["relabel", "--from", str(export_fp), "--landing-uri", f"s3://{BUCKET}/{PREFIX}"]
+        dry = _cli(relabel, check=False)
+        applied = _cli([*relabel, "--apply"], check=False)
         target = fx.landing_key(PREFIX, f"{picked['chosen']}/{picked['file']}")  # the folder's own spelling
         logs = [o.key for o in storage.list_objects(f"s3://{BUCKET}/relabel-log/")]
         log_lines = [json.loads(x) for k in logs for x in storage.get_bytes(f"s3://{BUCKET}/{k}")

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relabel", help="apply a Label Studio export to the landing bucket (dry run by default)")
     p.add_argument("--from", dest="export", type=Path, required=True, help="Label Studio JSON export")
     p.add_argument("--apply", action="store_true", help="move the objects (default: print the plan only)")
+    p.add_argument("--landing-uri", default="", metavar="S3_URI",
+                   help="the landing prefix rows must name (default: data.landing_uri of ./params.yaml)")
 
     p = sub.add_parser("summary", help="print the last run's outcome and machine-readable lines")
     p.add_argument("--dir", type=Path, default=None)
@@ -248,9 +250,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(run_review_export(args.model, args.version, args.alias, args.top, args.out,
                                            args.url_expiry, args.predictions, args.below), ensure_ascii=False))
     elif cmd == "relabel":
-        from pipeline.commands.relabel import run_relabel
+        from pipeline.commands.relabel import landing_uri_of, run_relabel
 
-        code, summary = run_relabel(args.export, args.apply)
+        code, summary = run_relabel(args.export, args.apply, args.landing_uri or landing_uri_of(Path("params.yaml")))
         print(json.dumps(summary, ensure_ascii=False))
         return code
     elif cmd == "summary":

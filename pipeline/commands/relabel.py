@@ -3,6 +3,10 @@
     python -m pipeline relabel --from label-studio-export.json            # dry run: print the plan
     python -m pipeline relabel --from label-studio-export.json --apply    # move, and log every move
 
+The landing URI is ``--landing-uri`` (default: ``data.landing_uri`` of ./params.yaml), never the export's: a row
+naming another bucket or prefix is refused, so an edited export cannot move objects anywhere else (the DVC
+remote's bucket, say).
+
 The export is Label Studio's JSON export (a list of tasks, each with its ``annotations``). For each task whose
 chosen class (the ``label`` choices of its non-cancelled annotations) differs from the class folder of its landing
 key, the photo is copied to ``<prefix>/<chosen class>/<file>`` and the old key deleted, so the data watch sees
@@ -10,12 +14,15 @@ the change and the pipeline retrains. The class folder keeps the spelling it has
 ingest never sees two folders for one class.
 
 A task of ``review-export --predictions`` (``source: prediction``) names an unlabelled photo outside the prefix
-(``incoming/``): it moves into the chosen class folder, and its ``.prediction.json`` sidecar is deleted.
+(``incoming/``): it moves into the chosen class folder, and its ``.prediction.json`` sidecar is deleted. Such a
+key must hold a photo the batch DAG classified (its sidecar exists), so no other object can be taken.
 
 A row is refused, with its reason, and nothing of it moves, when: the task is not from ``review-export`` (no
 landing key), its annotations disagree, the chosen class is not a class folder under the landing prefix, the
 key is missing, the object changed since the export (ETag), the target key exists holding other bytes, or
-another row already claims the key or the target. The other rows still apply; the exit code is 1 when any row
+another row already claims the key or the target. Where ETags cannot tell (a multipart upload's ETag is not its
+content's MD5, and a copy may get another), both objects are read and their bytes compared: a photo is deleted only
+after a byte-identical copy exists. The other rows still apply; the exit code is 1 when any row
 was refused (also in a dry run, so an export can be checked first).
 
 With ``--apply`` every reviewed row (moved, kept, refused) is written as one JSON line to
@@ -33,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.commands.predict import is_output_key
 from pipeline.commands.review_export import FROM_NAME
 from pipeline.core.errors import PipelineError, StorageError
 
@@ -123,6 +131,19 @@ def parse_task(task, position: int) -> Row:
     return row
 
 
+def landing_uri_of(params_fp: Path) -> str:
+    """``data.landing_uri`` of a params file (relabel's default landing URI)."""
+    import yaml
+
+    try:
+        uri = ((yaml.safe_load(params_fp.read_text(encoding="utf-8")) or {}).get("data") or {}).get("landing_uri")
+    except (OSError, yaml.YAMLError, AttributeError):
+        uri = None
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise PipelineError(f"no data.landing_uri in {params_fp}: pass --landing-uri s3://bucket/prefix/")
+    return uri
+
+
 def load_export(fp: Path) -> list:
     try:
         tasks = json.loads(fp.read_text(encoding="utf-8"))
@@ -147,10 +168,16 @@ def class_folders(bucket: str, prefix: str) -> dict[str, str]:
     return folders
 
 
-def _is_copy_of(copy, original) -> bool:
-    """``copy`` holds ``original``'s bytes as far as S3 tells: equal ETags; for a multipart original (whose ETag a
-    server-side copy need not keep) equal sizes."""
-    return copy.etag == original.etag or ("-" in original.etag and copy.size == original.size)
+def _is_copy_of(bucket: str, copy, original) -> bool:
+    """``copy`` holds ``original``'s bytes: equal single-part ETags (the content's MD5) say so; otherwise (a
+    multipart ETag, or a copy whose ETag differs) the bytes are read and compared. Sizes alone never count."""
+    if copy.etag == original.etag and "-" not in original.etag:
+        return True
+    if copy.size != original.size:
+        return False
+    from pipeline.adapters import storage
+
+    return storage.get_bytes(f"s3://{bucket}/{copy.key}") == storage.get_bytes(f"s3://{bucket}/{original.key}")
 
 
 def check(row: Row, folders: dict[str, str], claimed: set[str]) -> Row:
@@ -159,6 +186,11 @@ def check(row: Row, folders: dict[str, str], claimed: set[str]) -> Row:
 
     if row.chosen not in folders:
         return _refuse(row, f"unknown class {row.chosen!r}: no such class folder under the landing prefix")
+    if row.source == "prediction":
+        from pipeline.commands.predict import SIDECAR_SUFFIX
+
+        if storage.head(row.bucket, f"{row.key}{SIDECAR_SUFFIX}") is None:
+            return _refuse(row, "not a photo the batch DAG classified (no prediction sidecar next to it)")
     row.target = f"{row.prefix}{folders[row.chosen]}/{row.key.rsplit('/', 1)[-1]}"
     if row.target in claimed:
         return _refuse(row, f"another row of this export already moves a photo to {row.target}")
@@ -167,7 +199,7 @@ def check(row: Row, folders: dict[str, str], claimed: set[str]) -> Row:
         if source is None and target.etag == row.etag:
             row.action = "done"  # moved by an earlier run of this export
             return row
-        if source is None or source.etag != row.etag or not _is_copy_of(target, source):
+        if source is None or source.etag != row.etag or not _is_copy_of(row.bucket, target, source):
             return _refuse(row, f"target key exists: {row.target}")
         row.size = source.size
         row.action = "resumed"  # an earlier run copied it and stopped before the delete
@@ -191,7 +223,7 @@ def apply_move(row: Row) -> Row:
             if "PreconditionFailed" in str(exc) or "412" in str(exc):
                 return _refuse(row, "key changed since export (while moving)")
             raise
-        if not _is_copy_of(copied, storage.ObjectInfo(row.key, row.etag, row.size)):
+        if not _is_copy_of(row.bucket, copied, storage.ObjectInfo(row.key, row.etag, row.size)):
             storage.delete(row.bucket, row.target)
             return _refuse(row, f"the copy at {row.target} does not match the source (ETag {copied.etag}); "
                                 "undone")
@@ -239,21 +271,29 @@ def plan_line(row: Row) -> str:
     return f"REFUSED   task {row.task}: {row.key or '-'}: {row.reason}"
 
 
-def run_relabel(export_fp: Path, apply: bool, out=print) -> tuple[int, dict]:
-    """Check every row, apply the valid moves when ``apply``; returns (exit code, summary)."""
+def run_relabel(export_fp: Path, apply: bool, landing_uri: str, out=print) -> tuple[int, dict]:
+    """Check every row against ``landing_uri``, apply the valid moves when ``apply``; returns (exit code,
+    summary)."""
+    from pipeline.adapters.storage import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(landing_uri)
+    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
     rows = [parse_task(t, i) for i, t in enumerate(load_export(export_fp), 1)]
-    bucket = next((r.bucket for r in rows if r.action != "refused"), "")
     seen: set[str] = set()
     for row in rows:
         if row.action == "refused":
             continue
         if row.bucket != bucket:
-            _refuse(row, f"landing bucket {row.bucket!r} differs from the export's first one ({bucket!r})")
+            _refuse(row, f"landing bucket {row.bucket!r} is not the landing URI's ({bucket!r})")
+        elif row.prefix != prefix:
+            _refuse(row, f"landing prefix {row.prefix!r} is not the landing URI's ({prefix!r})")
+        elif row.source and (row.key.startswith(LOG_PREFIX) or is_output_key(row.key)):
+            _refuse(row, "a prediction row may not name the relabel log or the batch results")
         elif row.key in seen:
             _refuse(row, "the export holds this landing key twice")
         seen.add(row.key)
     folders = {p: class_folders(bucket, p) for p in {r.prefix for r in rows if r.action == "move"}}
-    log = MoveLog(export_fp, bucket) if apply and bucket else None
+    log = MoveLog(export_fp, bucket) if apply else None
     claimed: set[str] = set()
     for row in rows:
         if row.action == "move":

@@ -81,7 +81,8 @@ def test_new_data_fires_once_same_data_never_growing_upload_waits_relabel_fires(
                "annotations": [{"result": [{"from_name": "label", "to_name": "image", "type": "choices",
                                             "value": {"choices": ["mold"]}}]}]}]
     (tmp_path / "export.json").write_text(json.dumps(export))
-    out = run_cli(["pipeline", "relabel", "--from", str(tmp_path / "export.json"), "--apply"], stack_env)
+    out = run_cli(["pipeline", "relabel", "--from", str(tmp_path / "export.json"), "--apply", "--landing-uri",
+                   "s3://landing/watch/"], stack_env)
     assert out.returncode == 0 and "MOVED" in out.stdout, out.stdout + out.stderr[-2000:]
     _watch(stack_env)
     events = _asset_events(stack_env)

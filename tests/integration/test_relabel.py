@@ -92,28 +92,50 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     half["data"].update(landing_key=f"{PREFIX}오염/half.png", etag=_etag(s3, f"{PREFIX}오염/half.png"))
     export.append(_annotate(half, 9, "곰팡이"))
     export.append(_annotate(unsure[0], 10, "창틀,문틀수정"))  # an unlabelled photo joins the training data
+    # finding 4 of issue 32: a multipart source (its ETag is no MD5) and, at the target, another photo of the same
+    # size; a size check took this for an earlier run's copy and deleted the source
+    multi_key, multi_body = f"{PREFIX}오염/multi.png", fx.png(9, 1)
+    upload = s3.create_multipart_upload(Bucket=BUCKET, Key=multi_key)["UploadId"]
+    part = s3.upload_part(Bucket=BUCKET, Key=multi_key, UploadId=upload, PartNumber=1, Body=multi_body)["ETag"]
+    s3.complete_multipart_upload(Bucket=BUCKET, Key=multi_key, UploadId=upload,
+                                 MultipartUpload={"Parts": [{"ETag": part, "PartNumber": 1}]})
+    assert "-" in _etag(s3, multi_key)
+    s3.put_object(Bucket=BUCKET, Key=fx.landing_key(PREFIX, "곰팡이/multi.png"),
+                  Body=multi_body[:-1] + bytes([multi_body[-1] ^ 1]))
+    multi = json.loads(json.dumps(stain))
+    multi["data"].update(landing_key=multi_key, etag=_etag(s3, multi_key))
+    export.append(_annotate(multi, 11, "곰팡이"))
+    # finding 5: an edited export names the DVC remote's bucket, or a key the batch DAG never classified
+    elsewhere = json.loads(json.dumps(stain))
+    elsewhere["data"]["landing_bucket"] = "dvc"
+    unclassified = json.loads(json.dumps(unsure[0]))
+    unclassified["data"].update(landing_key=f"{INCOMING}p3.png", etag=_etag(s3, f"{INCOMING}p3.png"))
+    export += [_annotate(elsewhere, 12, "곰팡이"), _annotate(unclassified, 13, "곰팡이")]
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}오염/late.png", Body=b"replaced after the export")
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}창틀,문틀수정/102.png", Body=b"another photo already there")
     export_fp = tmp_path / "export.json"
     export_fp.write_text(json.dumps(export, ensure_ascii=False), encoding="utf-8")
     before, logs_before = _keys(s3), _logs(s3)
 
-    dry = run_cli(["pipeline", "relabel", "--from", str(export_fp)], stack_env)
+    relabel = ["pipeline", "relabel", "--from", str(export_fp), "--landing-uri", f"s3://{BUCKET}/{PREFIX}"]
+    dry = run_cli(relabel, stack_env)
     assert dry.returncode == 1, dry.stdout + dry.stderr[-2000:]
     assert _keys(s3) == before and _logs(s3, logs_before) == []  # a dry run moves and writes nothing
     assert "MOVE      task 1" in dry.stdout and "KEEP      task 2" in dry.stdout
     dry_refused = {int(ln.split()[2].rstrip(":")): ln for ln in dry.stdout.splitlines() if ln.startswith("REFUSED")}
-    assert sorted(dry_refused) == [3, 4, 5, 6, 7, 8], dry.stdout  # the dry run foresees every refusal
+    assert sorted(dry_refused) == [3, 4, 5, 6, 7, 8, 11, 12, 13], dry.stdout  # the dry run foresees every refusal
     assert "key changed since export (ETag" in dry_refused[7]  # found by the check, before any copy is tried
 
-    applied = run_cli(["pipeline", "relabel", "--from", str(export_fp), "--apply"], stack_env)
+    applied = run_cli([*relabel, "--apply"], stack_env)
     assert applied.returncode == 1, applied.stdout + applied.stderr[-2000:]
     lines = applied.stdout.splitlines()
     reasons = {int(ln.split()[2].rstrip(":")): ln for ln in lines if ln.startswith("REFUSED")}
-    assert sorted(reasons) == [3, 4, 5, 6, 7, 8], applied.stdout
+    assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 11, 12, 13], applied.stdout
     assert "unknown class '없는클래스'" in reasons[3] and "annotations disagree" in reasons[4]
     assert "not from review-export" in reasons[5] and "missing key" in reasons[6]
     assert "key changed since export" in reasons[7] and "target key exists" in reasons[8]
+    assert "target key exists" in reasons[11] and "not the landing URI's ('landing')" in reasons[12]
+    assert "not a photo the batch DAG classified" in reasons[13]
 
     after = _keys(s3)
     target = f"{PREFIX}{unicodedata.normalize('NFD', '곰팡이')}/101.png"
@@ -132,12 +154,13 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     records = [json.loads(x) for x in s3.get_object(Bucket=BUCKET, Key=log_key)["Body"].read().decode().splitlines()]
     assert [(r["task"], r["action"]) for r in records] == [
         ("1", "moved"), ("2", "keep"), ("3", "refused"), ("4", "refused"), ("5", "refused"), ("6", "refused"),
-        ("7", "refused"), ("8", "refused"), ("9", "resumed"), ("10", "moved")]
+        ("7", "refused"), ("8", "refused"), ("9", "resumed"), ("10", "moved"), ("11", "refused"), ("12", "refused"),
+        ("13", "refused")]
     assert records[0]["key"] == stain["data"]["landing_key"] and records[0]["target"] == target
     assert records[0]["model_version"] == version and all(r["reason"] for r in records[2:8])
     assert records[0]["size"] == len(before[stain["data"]["landing_key"]])
 
-    again = run_cli(["pipeline", "relabel", "--from", str(export_fp), "--apply"], stack_env)
+    again = run_cli([*relabel, "--apply"], stack_env)
     assert "DONE      task 1" in again.stdout and _keys(s3) == after  # the same export again: nothing moves twice
 
 

@@ -93,9 +93,24 @@ def test_rows_of_one_export_that_claim_the_same_key_are_refused_and_the_exit_cod
     export.write_text(json.dumps([_task(choices=(("오염",),)), _task(choices=(("오염",),)),
                                   _task(key=f"{PREFIX}오염/2.png", choices=(("오염",),), landing_bucket="other")]))
     lines = []
-    code, summary = relabel.run_relabel(export, apply=False, out=lines.append)
+    code, summary = relabel.run_relabel(export, apply=False, landing_uri=f"s3://landing/{PREFIX}", out=lines.append)
     assert code == 1 and summary["keep"] == 1 and summary["refused"] == 2, summary
-    assert "holds this landing key twice" in lines[1] and "differs from the export's first one" in lines[2]
+    assert "holds this landing key twice" in lines[1] and "is not the landing URI's ('landing')" in lines[2]
+
+
+def test_rows_are_pinned_to_the_landing_uri_not_to_the_export(tmp_path):
+    """An edited export cannot point relabel at another bucket or prefix (issue 32, finding 5)."""
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([_task(choices=(("오염",),))]))
+    lines = []
+    code, _ = relabel.run_relabel(export, apply=False, landing_uri="s3://landing/other/", out=lines.append)
+    assert code == 1 and "landing prefix" in lines[0] and "is not the landing URI's ('other/')" in lines[0]
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  landing_uri: s3://landing/elpv/\n")
+    assert relabel.landing_uri_of(params) == "s3://landing/elpv/"
+    params.write_text("data: {}\n")
+    with pytest.raises(PipelineError, match="--landing-uri"):
+        relabel.landing_uri_of(params)
 
 
 def test_an_export_that_is_not_a_task_list_is_an_error(tmp_path):
@@ -108,12 +123,11 @@ def test_an_export_that_is_not_a_task_list_is_an_error(tmp_path):
         relabel.load_export(fp)
 
 
-def test_a_copy_matches_its_original_by_etag_or_for_multipart_originals_by_size():
-    single, multi = ObjectInfo("a", "abc", 5), ObjectInfo("a", "abc-2", 5)
-    assert relabel._is_copy_of(ObjectInfo("b", "abc", 5), single)
-    assert not relabel._is_copy_of(ObjectInfo("b", "abd", 5), single)  # same size, other bytes
-    assert relabel._is_copy_of(ObjectInfo("b", "fff", 5), multi)  # a server-side copy may re-compute the ETag
-    assert not relabel._is_copy_of(ObjectInfo("b", "fff", 6), multi)
+def test_a_copy_matches_by_single_part_etag_and_never_by_size_alone():
+    single = ObjectInfo("a", "abc", 5)
+    assert relabel._is_copy_of("b", ObjectInfo("b", "abc", 5), single)  # an MD5 ETag: no need to read
+    assert not relabel._is_copy_of("b", ObjectInfo("b", "fff", 6), ObjectInfo("a", "abc-2", 5))  # sizes differ
+    # same size, multipart or differing ETags: the bytes decide (tests/integration/test_relabel.py, rows 9 and 11)
 
 
 def test_an_unsure_prediction_becomes_an_unlabelled_task_and_a_move_into_the_landing_prefix():
