@@ -37,6 +37,18 @@ TRAINING_DAG = "defect_training"
 MAX_VERSIONS = 10  # per model on the page
 RECENT_RUNS = 5  # training runs with their quarantine counts
 CAN_READ_RUNS = [Depends(requires_access_dag("GET", DagAccessEntity.RUN))]
+# Served files are the pipeline's records of uploaded data (Data Docs print what validate found). From Airflow's
+# origin they run sandboxed: scripts (GX's tables and charts) run in an opaque origin that cannot read Airflow's
+# cookies or storage, call out (connect-src), submit forms or navigate the operator's tab.
+FILE_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-scripts allow-popups; default-src 'none'; "
+                               "script-src 'unsafe-inline' https://cdn.jsdelivr.net https://code.jquery.com "
+                               "https://cdnjs.cloudflare.com https://stackpath.bootstrapcdn.com https://unpkg.com; "
+                               "style-src 'unsafe-inline' https:; font-src https:; img-src data: https:; "
+                               "connect-src 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 app = FastAPI(title="Defect models", dependencies=CAN_READ_RUNS)
 
@@ -232,14 +244,32 @@ def _validation_file(dag_id: str, run_id: str, rel: str | None) -> Path:
     raise HTTPException(410, "the workspace has moved on: a later run replaced this run's validation files")
 
 
+def archive_cache() -> Path:
+    """The api-server's own cache folder (0700, this user's; a folder someone else made is refused): copies fetched
+    from MLflow are served from here, so nobody else may plant or change them."""
+    import os
+    import stat
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"defect-models-archive-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    st = root.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise HTTPException(500, f"{root} is not a private folder of this user: refusing to serve from it")
+    return root
+
+
 def _archived(mlflow_run: str, rel: str, sha256: str | None) -> Path:
     """``validation/<rel>`` of a parent run, fetched from MLflow once into a local cache (artifacts never change)."""
     import os
+    import re
     import tempfile
 
     from pipeline.adapters import tracking
 
-    cache = Path(tempfile.gettempdir()) / "defect-models-archive" / mlflow_run
+    if not re.fullmatch(r"[0-9a-f]{32}", mlflow_run):
+        raise HTTPException(404, "not an MLflow run id")
+    cache = archive_cache() / mlflow_run
     fp = cache / tracking.VALIDATION_ARTIFACTS / rel
     if not fp.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -276,7 +306,7 @@ def validation(dag_id: str, run_id: str) -> HTMLResponse:
 
 @app.get("/validation/{dag_id}/{run_id}/data_docs/{rel:path}")
 def data_docs(dag_id: str, run_id: str, rel: str) -> FileResponse:
-    return FileResponse(_validation_file(dag_id, run_id, rel))
+    return FileResponse(_validation_file(dag_id, run_id, rel), headers=FILE_HEADERS)
 
 
 @app.get("/member/{dag_id}/{run_id}")

@@ -166,3 +166,51 @@ def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, monkeypatch
     with pytest.raises(Exception):  # the same package through MLflow's own loader does run it: the test can fail
         mlflow.pyfunc.load_model(f"models:/victim/{version}")
     assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    import importlib.util
+    import os
+
+    os.environ.setdefault("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow")))
+    spec = importlib.util.spec_from_file_location("defect_models_hostile", ROOT / "plugins" / "defect_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_docs_run_sandboxed_off_airflows_origin(plugin, tmp_path, monkeypatch):
+    """Finding 2: Data Docs (which print what validate found in uploads) were served from Airflow's origin with
+    their scripts: a script there acts with the operator's Airflow session. Now an opaque-origin sandbox."""
+    from fastapi.testclient import TestClient
+
+    page = tmp_path / "index.html"
+    page.write_text("<html><script>fetch('/api/v2/variables')</script></html>")
+    monkeypatch.setattr(plugin, "_validation_file", lambda dag_id, run_id, rel: page)
+    for dep in plugin.app.router.dependencies:  # Airflow's login is tested against a real api-server elsewhere
+        monkeypatch.setitem(plugin.app.dependency_overrides, dep.dependency, lambda: None)
+    resp = TestClient(plugin.app).get("/validation/defect_training/r1/data_docs/index.html")
+    assert resp.status_code == 200 and "<script>" in resp.text
+    csp = [d.strip() for d in resp.headers.get("content-security-policy", "").split(";")]
+    assert csp[0].startswith("sandbox") and "allow-same-origin" not in csp[0], csp
+    assert "connect-src 'none'" in csp and "form-action 'none'" in csp
+    assert resp.headers.get("x-content-type-options") == "nosniff"
+
+
+def test_the_archive_cache_is_private_and_refuses_a_planted_folder(plugin, tmp_path, monkeypatch):
+    """Finding 13: the copies fetched from MLflow were cached in a predictable world-writable /tmp path."""
+    import os
+    import stat
+    import tempfile
+
+    from fastapi import HTTPException
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root = plugin.archive_cache()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700 and root.stat().st_uid == os.getuid()
+    root.chmod(0o777)  # as if another user had made it first
+    with pytest.raises(HTTPException):
+        plugin.archive_cache()
+    with pytest.raises(HTTPException):
+        plugin._archived("../../etc", "quarantine.csv", None)
