@@ -63,7 +63,7 @@ def connect_registry() -> MlflowClient:
 def version_by_candidate(client: MlflowClient, name: str, candidate_id: str):
     """The registered version built from exactly these model files, if any (makes register idempotent)."""
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        versions = client.search_model_versions(f"name = {_literal(name)}")
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
@@ -419,7 +419,7 @@ def versions_tagged(name: str, key: str, value: str) -> list:
     """Versions of ``name`` whose tag ``key`` equals ``value``, newest first (none when the model is unknown)."""
     client = connect_registry()
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        versions = client.search_model_versions(f"name = {_literal(name)}")
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return []
@@ -462,7 +462,7 @@ def run_ui_url(run_id: str) -> str:
 def runs_of_dag_run(dag_id: str, run_id: str) -> list:
     """MLflow parent runs that ``start_tracking`` opened for one Airflow DAG run (tags, newest first)."""
     client = connect_registry()
-    filt = f"tags.airflow_dag_id = '{_quoted(dag_id)}' and tags.airflow_run_id = '{_quoted(run_id)}'"
+    filt = f"tags.airflow_dag_id = {_literal(dag_id)} and tags.airflow_run_id = {_literal(run_id)}"
     return client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string=filt,
                               order_by=["attributes.start_time DESC"], max_results=5)
 
@@ -471,8 +471,8 @@ def nested_run(parent_run_id: str, role: str, run_name: str):
     """The nested run ``run_name`` with tag ``role`` under ``parent_run_id``, or None (not logged yet)."""
     client = connect_registry()
     parent = client.get_run(parent_run_id)
-    filt = (f"tags.mlflow.parentRunId = '{_quoted(parent_run_id)}' and tags.role = '{_quoted(role)}' "
-            f"and attributes.run_name = '{_quoted(run_name)}'")
+    filt = (f"tags.mlflow.parentRunId = {_literal(parent_run_id)} and tags.role = {_literal(role)} "
+            f"and attributes.run_name = {_literal(run_name)}")
     found = client.search_runs([parent.info.experiment_id], filter_string=filt, max_results=1)
     return found[0] if found else None
 
@@ -482,7 +482,7 @@ def registered_models_overview(max_versions: int) -> list[dict]:
     client = connect_registry()
     out = []
     for model in client.search_registered_models(order_by=["name ASC"]):
-        versions = sorted(client.search_model_versions(f"name = '{_quoted(model.name)}'"),
+        versions = sorted(client.search_model_versions(f"name = {_literal(model.name)}"),
                           key=lambda v: -int(v.version))[:max_versions]
         rows = []
         for v in versions:
@@ -499,9 +499,15 @@ def registered_models_overview(max_versions: int) -> list[dict]:
     return out
 
 
-def _quoted(value: str) -> str:
-    """A value inside single quotes of an MLflow search filter."""
-    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+def _literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter, quotes included. MLflow's parser has no escapes
+    (a backslash stays in the value): a value with ``'`` goes in double quotes; one with both kinds is refused."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise PipelineError(f"{value!r} holds both quote characters: an MLflow search cannot name it")
 
 
 def run_params(run_id: str) -> dict[str, str]:

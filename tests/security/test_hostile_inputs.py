@@ -214,3 +214,30 @@ def test_the_archive_cache_is_private_and_refuses_a_planted_folder(plugin, tmp_p
         plugin.archive_cache()
     with pytest.raises(HTTPException):
         plugin._archived("../../etc", "quarantine.csv", None)
+
+
+def test_registry_searches_match_names_with_quotes_and_backslashes_exactly(tmp_path, monkeypatch):
+    """Finding 12: filters were pasted unquoted (a ``'`` broke or widened the search) or escaped with a backslash
+    MLflow keeps (such values never matched). A run id or model name now matches itself and nothing else."""
+    import mlflow
+
+    from pipeline.adapters import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PIPELINE_LOCAL", str(tmp_path / "no-stack"))
+    mlflow.set_tracking_uri(uri)
+    odd = "manual__it's \\ 'x' or '1'='1"
+    for run_id in (odd, "manual__plain"):
+        with mlflow.start_run(tags={"airflow_dag_id": "defect_training", "airflow_run_id": run_id}):
+            pass
+    found = tracking.runs_of_dag_run("defect_training", odd)
+    assert [r.data.tags["airflow_run_id"] for r in found] == [odd]
+    client = mlflow.MlflowClient()
+    for name in ("it's", "plain"):
+        client.create_registered_model(name)
+        client.create_model_version(name, "file:///nowhere", tags={"candidate_id": name})
+    assert [v.name for v in tracking.versions_tagged("it's", "candidate_id", "it's")] == ["it's"]
+    assert tracking.version_by_candidate(client, "it's", "it's").name == "it's"
+    with pytest.raises(Exception, match="both quote characters"):
+        tracking.runs_of_dag_run("defect_training", "a'b\"c")
