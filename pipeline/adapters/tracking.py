@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,36 @@ class TrackingError(PipelineError):
     """The MLflow server is unreachable or refused a request."""
 
     transient = True
+
+
+class NotInRegistry(PipelineError):
+    """The registry itself answered that the model, version, alias or run does not exist (final, not retried)."""
+
+
+def is_missing(exc: MlflowException) -> bool:
+    """The registry's own "no such thing": a missing resource, or an alias it reports as not found."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in exc.message)
+
+
+@contextmanager
+def registry_errors(what: str):
+    """One mapping of MLflow failures for every registry read: the registry's "no such thing" →
+    :class:`NotInRegistry`; a refused account → :class:`PipelineError` naming it; anything else (a 5xx, a
+    connection that fails after the probe) → :class:`TrackingError`, transient. An outage never reads as "not found".
+    """
+    try:
+        yield
+    except MlflowException as exc:
+        first = exc.message.splitlines()[0][:300] if exc.message else type(exc).__name__
+        if is_missing(exc):
+            raise NotInRegistry(f"{what} not found in the registry at {mlflow.get_tracking_uri()} ({first})") from None
+        if refused(exc) in (401, 403):
+            raise PipelineError(f"{what}: the MLflow server refused account {account()} ({first})") from None
+        raise TrackingError(f"{what}: the MLflow server at {mlflow.get_tracking_uri()} failed ({first})") from None
+    except (OSError, ConnectionError) as exc:
+        raise TrackingError(f"{what}: cannot reach the MLflow server at {mlflow.get_tracking_uri()} "
+                            f"({type(exc).__name__})") from None
 
 
 def connect(experiment: str) -> MlflowClient:
@@ -62,15 +93,11 @@ def connect_registry() -> MlflowClient:
 
 def version_by_candidate(client: MlflowClient, name: str, candidate_id: str):
     """The registered version built from exactly these model files, if any (makes register idempotent)."""
-    try:
-        versions = client.search_model_versions(f"name = {_literal(name)}")
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise TrackingError(f"cannot list versions of {name}: {exc.message.splitlines()[0]}") from None
-    except Exception as exc:  # server unreachable: never guess "not registered" (that would register twice)
-        raise TrackingError(f"cannot list versions of {name} at {mlflow.get_tracking_uri()} "
-                            f"({type(exc).__name__})") from None
+    try:  # an unreachable server raises: never guess "not registered" (that would register twice)
+        with registry_errors(f"versions of {name}"):
+            versions = client.search_model_versions(f"name = {_literal(name)}")
+    except NotInRegistry:
+        return None
     for v in versions:
         if v.tags.get("candidate_id") == candidate_id:
             return v
@@ -85,31 +112,11 @@ def version_by_alias(client: MlflowClient, name: str, alias: str):
     found"). Anything else, an unreachable server included, is a :class:`TrackingError` (transient): the
     stage fails and is retried, and no alias moves.
     """
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-                exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message):
-            return None
-        raise TrackingError(f"cannot read alias {alias} of {name} at {mlflow.get_tracking_uri()}: "
-                            f"{exc.message.splitlines()[0][:300]}") from None
-    except Exception as exc:  # never guess "no champion" (that would promote any candidate)
-        raise TrackingError(f"cannot read alias {alias} of {name} at {mlflow.get_tracking_uri()} "
-                            f"({type(exc).__name__})") from None
-
-
-@dataclass(frozen=True)
-class ChampionReport:
-    """The champion's label-issue report and the split it was scored on (stage ``label_exclusions``)."""
-
-    version: str
-    run_id: str
-    issues: list[dict[str, str]]  # rows of its run artifact reports/label_issues.csv
-    split_rows: list[dict[str, str]]  # rows of its run artifact split.csv (path -> sha256)
-
-
-LABEL_ISSUES_ARTIFACT = "reports/label_issues.csv"  # register logs reports/ (and data/split.csv at the root)
-SPLIT_ARTIFACT = "split.csv"
+    try:  # anything but the registry's own answer raises: never guess "no champion" (that would promote any candidate)
+        with registry_errors(f"alias {alias} of {name}"):
+            return client.get_model_version_by_alias(name, alias)
+    except NotInRegistry:
+        return None
 
 
 def champion_label_issues(name: str) -> ChampionReport | None:
@@ -358,16 +365,13 @@ def resolve_model_uri(uri: str) -> tuple[str, str, str]:
         return "", "", ""
     ref = uri[len("models:/"):].strip("/")
     client = connect_registry()
-    try:
+    with registry_errors(f"model {uri}"):
         if "@" in ref:
             name, alias = ref.split("@", 1)
             v = client.get_model_version_by_alias(name, alias)
         else:
             name, _, number = ref.rpartition("/")
             v = client.get_model_version(name, number)
-    except MlflowException as exc:
-        raise PipelineError(f"model {uri} not found in the registry at {mlflow.get_tracking_uri()}: "
-                            f"{exc.message.splitlines()[0]}") from None
     return v.name, str(v.version), v.run_id or ""
 
 
@@ -408,22 +412,18 @@ def git_commit(home: str | None) -> str:
 def get_version(name: str, version: str):
     """One registered version (tags, run id), or a :class:`PipelineError` naming what is missing."""
     client = connect_registry()
-    try:
+    with registry_errors(f"model {name!r} version {version}"):
         return client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise PipelineError(f"model {name!r} has no version {version} in the registry at "
-                            f"{mlflow.get_tracking_uri()}: {exc.message.splitlines()[0]}") from None
 
 
 def versions_tagged(name: str, key: str, value: str) -> list:
     """Versions of ``name`` whose tag ``key`` equals ``value``, newest first (none when the model is unknown)."""
     client = connect_registry()
     try:
-        versions = client.search_model_versions(f"name = {_literal(name)}")
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return []
-        raise TrackingError(f"cannot list versions of {name}: {exc.message.splitlines()[0]}") from None
+        with registry_errors(f"versions of {name}"):
+            versions = client.search_model_versions(f"name = {_literal(name)}")
+    except NotInRegistry:
+        return []
     return sorted((v for v in versions if v.tags.get(key) == value), key=lambda v: -int(v.version))
 
 
@@ -512,7 +512,6 @@ def _literal(value: str) -> str:
 
 def run_params(run_id: str) -> dict[str, str]:
     """The params a run logged (e.g. ``data.landing_uri`` of the pipeline run behind a version)."""
-    try:
-        return dict(connect_registry().get_run(run_id).data.params)
-    except MlflowException as exc:
-        raise TrackingError(f"run {run_id}: {exc.message.splitlines()[0]}") from None
+    client = connect_registry()
+    with registry_errors(f"run {run_id}"):
+        return dict(client.get_run(run_id).data.params)

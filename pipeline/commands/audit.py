@@ -18,17 +18,23 @@ from pipeline.core.errors import PipelineError
 
 
 def _version(client, name: str, version: str):
-    try:
+    from pipeline.adapters.tracking import registry_errors
+
+    with registry_errors(f"model {name!r} version {version}"):  # missing → final; an outage → transient
         return client.get_model_version(name, str(version))
-    except Exception:
-        raise PipelineError(f"model {name!r} has no version {version}") from None
 
 
-def _run_params(client, run_id: str) -> dict[str, str]:
+def _run_params(client, run_id: str) -> dict[str, str] | None:
+    """The run's params; None when the registry says the run is gone (an outage raises, never reads as {})."""
+    from pipeline.adapters.tracking import NotInRegistry, registry_errors
+
+    if not run_id:
+        return None
     try:
-        return dict(client.get_run(run_id).data.params)
-    except Exception:
-        return {}
+        with registry_errors(f"run {run_id}"):
+            return dict(client.get_run(run_id).data.params)
+    except NotInRegistry:
+        return None
 
 
 def _class_counts(description: str) -> str:
@@ -60,6 +66,9 @@ def diff_versions(client, name: str, a: str, b: str) -> list[tuple[str, str, str
         if fa.get(cls) != fb.get(cls):
             rows.append((f"F1 {cls}", str(fa.get(cls, "")), str(fb.get(cls, ""))))
     pa, pb = _run_params(client, va.run_id), _run_params(client, vb.run_id)
+    if pa is None or pb is None:  # nothing to compare: say so instead of listing every param as changed
+        rows.append(("params", "(run gone)" if pa is None else "(kept)", "(run gone)" if pb is None else "(kept)"))
+        pa = pb = {}
     for key in sorted(set(pa) | set(pb)):
         if pa.get(key) != pb.get(key):
             rows.append((f"param {key}", pa.get(key, ""), pb.get(key, "")))
