@@ -130,33 +130,56 @@ def input_items(source: str, s3_client=None) -> list[Item]:
 # --------------------------------------------------------------------------------------------- predict
 
 
-def predict_items(model: LoadedModel, items: list[Item], tta: bool | None = None, batch_size: int = 32) -> Iterator[dict]:
-    """One row per item, in order: id, label, confidence, error, prob_<class>...; bad rows never stop the batch."""
+# Decoded pixels held at once: a batch closes early rather than exceed it (32 photos of 40 MP each would be ~3.8 GB
+# of RGB). One photo alone may still reach MAX_PIXELS.
+BATCH_PIXELS = 2 * MAX_PIXELS
+
+
+def _decoded(items: list[Item]) -> Iterator[tuple[Item, object, str]]:
+    """(item, RGB image or None, error) per item, in order; a store outage stops the run (transient)."""
     from pipeline.core.images import decode_rgb
     from pipeline.adapters.storage import StorageError
 
+    for item in items:
+        try:
+            data = item.read()
+            if len(data) > MAX_BYTES:
+                raise ValueError(f"file is {len(data)} bytes, over the {MAX_BYTES}-byte limit")
+            yield item, decode_rgb(data, max_pixels=MAX_PIXELS), ""
+        except StorageError:
+            raise  # the store went away: a transient failure of the whole run, not of this photo
+        except (ValueError, OSError) as exc:
+            yield item, None, str(exc) or type(exc).__name__
+
+
+def batches(items: list[Item], batch_size: int = 32, max_pixels: int = BATCH_PIXELS
+            ) -> Iterator[list[tuple[Item, object, str]]]:
+    """Decoded items in batches of at most ``batch_size`` photos and ``max_pixels`` decoded pixels (a batch holds
+    at least one photo)."""
+    batch, pixels = [], 0
+    for entry in _decoded(items):
+        size = entry[1].width * entry[1].height if entry[1] is not None else 0
+        if batch and (len(batch) == batch_size or pixels + size > max_pixels):
+            yield batch
+            batch, pixels = [], 0
+        batch.append(entry)
+        pixels += size
+    if batch:
+        yield batch
+
+
+def predict_items(model: LoadedModel, items: list[Item], tta: bool | None = None, batch_size: int = 32,
+                  max_pixels: int = BATCH_PIXELS) -> Iterator[dict]:
+    """One row per item, in order: id, label, confidence, error, prob_<class>...; bad rows never stop the batch."""
     names = model.predictor.class_names
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        images, errors = [], []
-        for item in chunk:
-            try:
-                data = item.read()
-                if len(data) > MAX_BYTES:
-                    raise ValueError(f"file is {len(data)} bytes, over the {MAX_BYTES}-byte limit")
-                images.append(decode_rgb(data, max_pixels=MAX_PIXELS))
-                errors.append("")
-            except StorageError:
-                raise  # the store went away: a transient failure of the whole run, not of this photo
-            except (ValueError, OSError) as exc:
-                images.append(None)
-                errors.append(str(exc) or type(exc).__name__)
-        ok = [i for i, im in enumerate(images) if im is not None]
-        probs = predict_images(model.predictor, [images[i] for i in ok], tta) if ok else np.zeros((0, len(names)))
+    for chunk in batches(items, batch_size, max_pixels):
+        ok = [i for i, (_, im, _) in enumerate(chunk) if im is not None]
+        probs = (predict_images(model.predictor, [chunk[i][1] for i in ok], tta) if ok
+                 else np.zeros((0, len(names))))
         # Probabilities and confidence are calibrated (the bag's temperature); the label is the raw argmax.
         by_row = dict(zip(ok, zip(probs, model.predictor.calibrated(probs))))
-        for i, item in enumerate(chunk):
-            row = {"id": item.id, "label": "", "confidence": 0.0, "error": errors[i]}
+        for i, (item, _, error) in enumerate(chunk):
+            row = {"id": item.id, "label": "", "confidence": 0.0, "error": error}
             raw, shown = by_row.get(i, (None, None))
             row.update({f"prob_{c}": (float(shown[k]) if shown is not None else "") for k, c in enumerate(names)})
             if raw is not None:

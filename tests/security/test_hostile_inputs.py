@@ -241,3 +241,26 @@ def test_registry_searches_match_names_with_quotes_and_backslashes_exactly(tmp_p
     assert tracking.version_by_candidate(client, "it's", "it's").name == "it's"
     with pytest.raises(Exception, match="both quote characters"):
         tracking.runs_of_dag_run("defect_training", "a'b\"c")
+
+
+def test_prediction_batches_hold_a_bounded_number_of_decoded_pixels():
+    """Finding 10: 32 single-colour PNGs of 40 MP each pass every per-file limit (a few hundred KB each) and one
+    batch held them all decoded (~3.8 GB): the batch worker was OOM-killed, retried, killed again."""
+    from pipeline.commands.predict import BATCH_PIXELS, Item, batches
+    from pipeline.core.config import MAX_PIXELS
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5000, 5000), (200, 10, 10)).save(buf, "PNG")  # 25 MP, 70 KB
+    huge = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "PNG")
+    small = buf.getvalue()
+    items = [Item(f"{i}.png", (lambda b=b: b)) for i, b in enumerate([huge] * 6 + [small] * 40 + [b"junk"])]
+    seen = []
+    for batch in batches(items, batch_size=32):
+        pixels = sum(im.width * im.height for _, im, _ in batch if im is not None)
+        assert len(batch) <= 32 and (pixels <= BATCH_PIXELS or len(batch) == 1), (len(batch), pixels)
+        seen += [(item.id, err) for item, _, err in batch]
+    assert [i for i, _ in seen] == [item.id for item in items]  # every photo once, in order
+    assert seen[-1][1] and not any(err for _, err in seen[:-1])  # the junk file is an error row, not a stop
+    assert BATCH_PIXELS < 32 * MAX_PIXELS
