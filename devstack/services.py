@@ -204,11 +204,13 @@ def start_s3(stack: Stack) -> None:
     _wait(stack, "seaweedfs", lambda: s3_healthy(stack), timeout=90)
 
 
-def mlflow_server_args(backend_store_uri: str, host: str, port: int, artifacts: str = "s3://mlflow/") -> list[str]:
+def mlflow_server_args(backend_store_uri: str | None, host: str, port: int, artifacts: str = "s3://mlflow/"
+                       ) -> list[str]:
     """`mlflow server` arguments: MLflow's basic-auth app (devstack/accounts.py), one worker, artifacts proxied to
-    an S3 prefix (compose runs the same)."""
-    return ["server", "--app-name", "basic-auth", "--backend-store-uri", backend_store_uri,
-            "--artifacts-destination", artifacts,
+    an S3 prefix (compose runs the same). ``backend_store_uri`` None: MLflow reads ``MLFLOW_BACKEND_STORE_URI``
+    (compose: a URL with a password never goes on a command line)."""
+    backend = ["--backend-store-uri", backend_store_uri] if backend_store_uri else []
+    return ["server", "--app-name", "basic-auth", *backend, "--artifacts-destination", artifacts,
             "--host", host, "--port", str(port), "--workers", "1"]
 
 

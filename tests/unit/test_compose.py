@@ -138,11 +138,15 @@ def credential_problems(doc: dict) -> list[str]:
         for key, value in environment(svc).items():
             if any(word in key.upper() for word in CREDENTIAL_WORDS) and not REQUIRED_VAR.fullmatch(str(value)):
                 problems.append(f"{name}: environment {key} is not a ${{VAR:?message}} interpolation")
-        command = svc.get("command") or []
-        for flag, value in zip(command, command[1:]) if isinstance(command, list) else ():
-            if re.search(r"pass|secret|token|key", flag, re.I) and flag.startswith("-"):
-                if not REQUIRED_VAR.fullmatch(value):
-                    problems.append(f"{name}: the value of {flag} is not a ${{VAR:?message}} interpolation")
+        # A process's arguments are public (ps, /proc/*/cmdline, docker inspect): no secret in a command line, not
+        # even as an interpolation; it travels in the environment and the program (or its entrypoint) reads it.
+        for field in ("command", "entrypoint"):
+            for text in strings(svc.get(field) or []):
+                for m in INTERPOLATION.finditer(text):
+                    if not m["escaped"] and any(w in (m["name"] or m["bare"] or "").upper() for w in CREDENTIAL_WORDS):
+                        problems.append(f"{name}: {field} puts {m[0]} on the command line")
+                if URL_PASSWORD.search(text) or re.search(r"(^|\s)--?\w*(pass|secret|token)\w*", text, re.I):
+                    problems.append(f"{name}: {field} passes a password flag or URL: {text[:60]}")
     for s in strings(doc):
         for m in URL_PASSWORD.finditer(s):
             if not REQUIRED_VAR.fullmatch(m["password"]):
@@ -234,9 +238,11 @@ def test_credentials_are_required_variables_never_literals_or_defaults():
 @pytest.mark.parametrize("mutate", [
     lambda doc: doc["services"]["postgres"]["environment"].update(POSTGRES_PASSWORD="airflow"),
     lambda doc: doc["services"]["postgres"]["environment"].update(POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-pw}"),
-    lambda doc: doc["services"]["mlflow"]["command"].__setitem__(3, "postgresql://mlflow:" + "mlflow@postgres/mlflow"),
-    lambda doc: doc["services"]["redis"]["command"].__setitem__(2, "hunter2"),
-], ids=["literal", "default", "url", "flag"])
+    lambda doc: doc["services"]["mlflow"]["command"].extend(["--backend-store-uri",
+                                                             "postgresql://mlflow:${MLFLOW_DB_PASSWORD:?x}@postgres/m"]),
+    lambda doc: doc["services"]["redis"].__setitem__("command", ["redis-server", "--requirepass",
+                                                                 "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}"]),
+], ids=["literal", "default", "url-in-command", "flag"])
 def test_credential_check_catches_a_leak(mutate):
     doc = copy.deepcopy(load_compose())
     mutate(doc)
@@ -311,8 +317,8 @@ def test_celery_worker_commands_match_the_embedded_worker_but_split_its_queues()
 def test_mlflow_command_matches_the_embedded_server_on_postgres():
     doc = load_compose()
     command = doc["services"]["mlflow"]["command"]
-    backend = command[command.index("--backend-store-uri") + 1]
-    assert command == ["mlflow", *services.mlflow_server_args(backend, "0.0.0.0", 5000)]
+    backend = doc["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]  # not an argument: see (d)
+    assert command == ["mlflow", *services.mlflow_server_args(None, "0.0.0.0", 5000)]
     url = urlsplit(interpolate(backend, dummy_env(doc)))
     assert (url.scheme, url.username, url.hostname, url.path) == ("postgresql", "mlflow", "postgres", "/mlflow")
     assert doc["services"]["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
