@@ -178,6 +178,31 @@ def _s3_env() -> dict[str, str]:
     return env
 
 
+SEAWEEDFS_SECURITY = "security.toml"  # read by weed from its working directory (stack.root)
+
+
+def write_seaweedfs_security(stack: Stack) -> Path:
+    """SeaweedFS's ``security.toml`` (mode 600, keys generated once): JWT signing for the volume server's and the
+    filer's HTTP reads and writes, so no local process or web page reads or writes objects around the S3 keys.
+    The S3 gateway in the same ``weed mini`` signs its own requests. (The master's admin endpoints stay open to
+    local callers: SeaweedFS guards them only by IP, and every caller here is 127.0.0.1; docs/SECURITY.md.)"""
+    import secrets
+
+    fp = stack.root / SEAWEEDFS_SECURITY
+    if fp.exists():
+        return fp
+    sections = ["jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"]
+    text = "".join(f'[{name}]\nkey = "{secrets.token_hex(32)}"\nexpires_after_seconds = 60\n\n' for name in sections)
+    text += "[access]\nui = false\n"
+    tmp = fp.with_name(fp.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, fp)
+    return fp
+
+
 def start_s3(stack: Stack) -> None:
     if _pid_alive(stack.pidfile("seaweedfs")) and s3_healthy(stack):
         _logger.info("SeaweedFS S3 already healthy on %s", stack.s3_url)
@@ -192,6 +217,7 @@ def start_s3(stack: Stack) -> None:
                                f"{base + 1}-{base + 4} (+10000 for gRPC): stop what holds it or set S3_PORT")
     data_dir = stack.root / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
+    write_seaweedfs_security(stack)
     cmd = [_bin("weed"), "mini", f"-dir={data_dir}", f"-ip={stack.host}", f"-ip.bind={stack.host}",
            f"-bucket={','.join(BUCKETS)}", f"-s3.port={base}", f"-s3.port.grpc={base + 10000}",
            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master'] + 10000}",

@@ -264,3 +264,26 @@ def test_prediction_batches_hold_a_bounded_number_of_decoded_pixels():
     assert [i for i, _ in seen] == [item.id for item in items]  # every photo once, in order
     assert seen[-1][1] and not any(err for _, err in seen[:-1])  # the junk file is an error row, not a stop
     assert BATCH_PIXELS < 32 * MAX_PIXELS
+
+
+def test_seaweedfs_filer_and_volume_ports_refuse_requests_without_the_s3_keys(stack, s3):
+    """Finding 6: the filer's HTTP port served and took every object around the S3 keys (any local process, or a
+    web page's cross-origin request). With the stack's security.toml (JWT signing) it refuses them; S3 still works."""
+    import urllib.error
+    import urllib.request
+
+    s3.put_object(Bucket="landing", Key="hostile/secret.png", Body=b"a labelled photo")
+    filer = f"http://127.0.0.1:{stack.s3_port + 3}"
+
+    def status(url: str, method: str = "GET", data: bytes | None = None) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status(f"{filer}/buckets/landing/hostile/secret.png") == 401
+    assert status(f"{filer}/buckets/landing/hostile/planted.png", "PUT", b"x") == 401
+    assert status(f"{filer}/buckets/mlflow/?pretty=y") == 401
+    assert s3.get_object(Bucket="landing", Key="hostile/secret.png")["Body"].read() == b"a labelled photo"
+    assert oct((stack.root / "security.toml").stat().st_mode & 0o777) == "0o600"
