@@ -94,6 +94,20 @@ def trained(stack, stack_env):
     return Path(stack_env["PIPELINE_WORKSPACE"])
 
 
+@pytest.fixture()
+def local_registry(tmp_path, monkeypatch):
+    """A throwaway MLflow registry (SQLite) for one test, in this process only. ``mlflow.set_tracking_uri`` is
+    process-wide: it is unset again afterwards, or every later test in the session (the stack's) would talk to it."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PIPELINE_LOCAL", str(tmp_path / "no-stack"))
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)  # back to the environment (monkeypatch restores its old value next)
+
+
 def run_cli(args: list[str], env: dict, cwd: Path | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], env={**os.environ, **env}, cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout)

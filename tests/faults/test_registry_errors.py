@@ -6,7 +6,6 @@ import http.server
 import socket
 import threading
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -54,10 +53,7 @@ def _no_retries(monkeypatch, tmp_path):
     monkeypatch.setenv("PIPELINE_LOCAL", str(tmp_path / "no-stack"))
 
 
-def test_the_registrys_not_found_is_final(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+def test_the_registrys_not_found_is_final(local_registry):
     MlflowClient().create_registered_model("m")
     for call in (lambda: tracking.get_version("m", "7"), lambda: tracking.resolve_model_uri("models:/m@champion"),
                  lambda: tracking.resolve_model_uri("models:/nope/1")):

@@ -114,7 +114,7 @@ class _Planted:
         return Path.touch, (self.marker,)
 
 
-def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, monkeypatch):
+def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, local_registry):
     """Finding 3: an engineer logs a pyfunc whose pickle runs code, registers it and moves ``champion`` (or passes
     its URI to the batch DAG). Batch prediction and the gate load the bag from its files: the pickle never runs."""
     import json
@@ -145,9 +145,6 @@ def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, monkeypatch
     (member / "meta.json").write_text(json.dumps({"backbone": "test_efficientnet", "img_size": 32,
                                                   "class_names": ["a", "b"], "mean": [0.5] * 3, "std": [0.5] * 3,
                                                   "model_sha256": sha}))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("PIPELINE_LOCAL", str(tmp_path / "no-stack"))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="bag", python_model=Hostile(), artifacts={"member_0": str(member)},
                                        pip_requirements=["torch"])
@@ -216,17 +213,13 @@ def test_the_archive_cache_is_private_and_refuses_a_planted_folder(plugin, tmp_p
         plugin._archived("../../etc", "quarantine.csv", None)
 
 
-def test_registry_searches_match_names_with_quotes_and_backslashes_exactly(tmp_path, monkeypatch):
+def test_registry_searches_match_names_with_quotes_and_backslashes_exactly(local_registry):
     """Finding 12: filters were pasted unquoted (a ``'`` broke or widened the search) or escaped with a backslash
     MLflow keeps (such values never matched). A run id or model name now matches itself and nothing else."""
     import mlflow
 
     from pipeline.adapters import tracking
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("PIPELINE_LOCAL", str(tmp_path / "no-stack"))
-    mlflow.set_tracking_uri(uri)
     odd = "manual__it's \\ 'x' or '1'='1"
     for run_id in (odd, "manual__plain"):
         with mlflow.start_run(tags={"airflow_dag_id": "defect_training", "airflow_run_id": run_id}):
