@@ -17,6 +17,7 @@ import os
 import sys
 
 from pipeline.core.errors import PipelineError
+from pipeline.core import settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=settings.log_level(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core import settings
 
 _SHOW = ("[DAG TEST] starting", "pipeline.", "error", "ERROR", "DagRun Finished", "Exception:", "]   - ")
 
@@ -39,7 +40,7 @@ def run_dag(dag_id: str, conf: str) -> int:
         json.loads(conf)
     except json.JSONDecodeError as exc:
         raise PipelineError(f"--conf is not valid JSON: {exc}") from None
-    log_dir = Path(os.environ.get("PIPELINE_LOCAL", ".local")) / "logs"
+    log_dir = settings.local_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_fp = log_dir / f"{dag_id}-{time.strftime('%Y%m%dT%H%M%S')}.log"
     airflow = str(Path(sys.executable).parent / "airflow")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from devstack import accounts
 from pipeline.core.errors import PipelineError, ServiceError
+from pipeline.core import settings
 
 _logger = logging.getLogger(__name__)
 BUCKETS = ("landing", "mlflow", "dvc")
@@ -44,7 +45,7 @@ class Stack:
 
     @classmethod
     def from_env(cls) -> "Stack":
-        return cls(root=Path(os.environ.get("PIPELINE_LOCAL", ".local")).resolve(),
+        return cls(root=settings.local_root(),
                    s3_port=_env_port("S3_PORT", 8333), mlflow_port=_env_port("MLFLOW_PORT", 5000),
                    airflow_port=_env_port("AIRFLOW_PORT", 8080))
 
@@ -242,14 +243,14 @@ def mlflow_server_args(backend_store_uri: str | None, host: str, port: int, arti
 
 def external_s3() -> bool:
     """``PIPELINE_S3=external``: use the S3 at ``AWS_ENDPOINT_URL`` (AWS, MinIO, …) and start no SeaweedFS."""
-    mode = os.environ.get("PIPELINE_S3", "embedded")
+    mode = settings.s3_mode()
     if mode not in ("embedded", "external"):
         raise ServiceError(f"PIPELINE_S3={mode!r}: use `embedded` (start SeaweedFS) or `external`")
     return mode == "external"
 
 
 def mlflow_artifacts_uri() -> str:
-    uri = os.environ.get("PIPELINE_MLFLOW_ARTIFACTS", "s3://mlflow/")
+    uri = settings.mlflow_artifacts()
     if not uri.startswith("s3://") or len(uri) <= len("s3://"):
         raise ServiceError(f"PIPELINE_MLFLOW_ARTIFACTS={uri!r} is not an s3://bucket/prefix/ URI")
     return uri

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.core.errors import PipelineError
 from pipeline.stages import paths
+from pipeline.core import settings
 
 
 def _params(p: argparse.ArgumentParser) -> None:
@@ -274,7 +275,7 @@ def reexec_with_tuned_malloc() -> None:
     """Replace this process with itself under :data:`MALLOC_TUNABLES` (glibc only; no-op once set)."""
     import platform
 
-    if ("GLIBC_TUNABLES" in os.environ or os.environ.get("PIPELINE_MALLOC", "tuned") != "tuned"
+    if ("GLIBC_TUNABLES" in os.environ or settings.malloc() != "tuned"
             or platform.libc_ver()[0] != "glibc"):
         return
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
@@ -282,7 +283,7 @@ def reexec_with_tuned_malloc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=settings.log_level(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).debug("malloc: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     for noisy in ("great_expectations", "botocore", "urllib3", "alembic", "matplotlib"):

@@ -267,7 +267,7 @@ def _archived(mlflow_run: str, rel: str, sha256: str | None) -> Path:
 
     from pipeline.adapters import tracking
 
-    if not re.fullmatch(r"[0-9a-f]{32}", mlflow_run):
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mlflow_run):  # a folder name below the cache, never a path
         raise HTTPException(404, "not an MLflow run id")
     cache = archive_cache() / mlflow_run
     fp = cache / tracking.VALIDATION_ARTIFACTS / rel

@@ -9,12 +9,13 @@ import os
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core import settings
 
 ACCOUNTS_FILE = "accounts.json"  # under PIPELINE_LOCAL: {account: password}, mode 600 (devstack/accounts.py)
 
 
 def local_root() -> Path:
-    return Path(os.environ.get("PIPELINE_LOCAL", ".local")).resolve()
+    return settings.local_root()
 
 
 def use_local_account() -> str | None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from airflow.sdk import Asset, Variable
+from pipeline.core import settings
 
 LANDING_DATA = Asset(name="landing_data", uri="s3://landing/")
 
@@ -151,17 +152,17 @@ def close_tracking_run(run_id: str, status: str, tags: dict[str, str]) -> None:
 
 def retry_delay_seconds() -> float:
     """First retry delay of transient faults (``PIPELINE_RETRY_DELAY_S``, default 20; the fault tests shorten it)."""
-    return float(os.environ.get("PIPELINE_RETRY_DELAY_S", "20"))
+    return settings.retry_delay_s()
 
 
 def default_landing_uri() -> str:
     """The prefix the scheduled DAGs watch and train on when no form sets one (``PIPELINE_LANDING_URI``)."""
-    return os.environ.get("PIPELINE_LANDING_URI", "s3://landing/elpv/")
+    return settings.landing_uri()
 
 
 def default_profile() -> str:
     """The profile of runs started by new data (``PIPELINE_PROFILE``; the Makefile sets ``cpu-demo``)."""
-    return os.environ.get("PIPELINE_PROFILE", "cpu-demo")
+    return settings.profile()
 
 
 def profile_names() -> list[str]:
@@ -173,7 +174,7 @@ def profile_names() -> list[str]:
 
 def gpu_queue() -> str:
     """The Celery queue of the training tasks (``PIPELINE_GPU_QUEUE``, default ``gpu``)."""
-    return os.environ.get("PIPELINE_GPU_QUEUE", "gpu")
+    return settings.gpu_queue()
 
 
 # --- extra links: what a task instance produced, one click away in the run's grid ------------------------------

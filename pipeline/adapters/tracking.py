@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.adapters.credentials import account, refused, use_local_account
 from pipeline.core.errors import PipelineError
 from pipeline.core.names import encode_key
+from pipeline.core import settings
 
 _logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the `pipeline` package
@@ -397,7 +398,7 @@ def git_commit(home: str | None) -> str:
     (a profile or ``dvc exp run -S`` edits those two, and the version stores both itself)."""
     import subprocess
 
-    home = home or os.environ.get("PIPELINE_HOME", ".")
+    home = home or str(settings.home())
     try:
         sha = subprocess.run(["git", "-C", home, "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -441,7 +442,7 @@ def download_artifact(run_id: str, path: str, dst: Path) -> Path:
 
 def ui_base() -> str:
     """The MLflow UI as a browser reaches it: ``PIPELINE_MLFLOW_UI_URL``, else the tracking server itself."""
-    return (os.environ.get("PIPELINE_MLFLOW_UI_URL") or mlflow.get_tracking_uri()).rstrip("/")
+    return (settings.mlflow_ui_url() or mlflow.get_tracking_uri()).rstrip("/")
 
 
 def version_ui_url(name: str, version: str) -> str:

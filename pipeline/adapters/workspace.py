@@ -24,18 +24,18 @@ import yaml
 from pipeline.adapters.profiles import merged_params
 from pipeline.core.config import config_from_dict
 from pipeline.core.errors import PipelineError, StageFailed
+from pipeline.core import settings
 
 _logger = logging.getLogger(__name__)
 DEFAULT_REMOTE = "s3://dvc/cache"  # the DVC remote `store` of the clone (.dvc/config) and of every workspace
 
 
 def project_home() -> Path:
-    return Path(os.environ.get("PIPELINE_HOME", Path(__file__).resolve().parents[2]))
+    return settings.home()
 
 
 def default_workspace() -> Path:
-    local = Path(os.environ.get("PIPELINE_LOCAL", project_home() / ".local"))
-    return Path(os.environ.get("PIPELINE_WORKSPACE", local / "workspace"))
+    return settings.workspace()
 
 
 def _sync_tree(src: Path, dst: Path) -> None:
@@ -74,7 +74,7 @@ def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 def remote_url() -> str:
     """The DVC remote's URL: ``PIPELINE_DVC_REMOTE``, else :data:`DEFAULT_REMOTE`."""
-    return os.environ.get("PIPELINE_DVC_REMOTE") or DEFAULT_REMOTE
+    return settings.dvc_remote(DEFAULT_REMOTE)
 
 
 def init_dvc(ws: Path) -> None:
@@ -224,8 +224,8 @@ def export_code(home: Path, commit: str, ws: Path) -> str:
 def default_model_uri() -> str:
     """``models:/<name>@champion``: ``PIPELINE_MODEL_NAME``, else ``registry.model_name`` of the profile in
     ``PIPELINE_PROFILE`` (the committed params.yaml when unset): the one source of the registered model's name."""
-    name = os.environ.get("PIPELINE_MODEL_NAME")
+    name = settings.model_name()
     if not name:
-        params = merged_params(project_home(), os.environ.get("PIPELINE_PROFILE", "full"), {})
+        params = merged_params(project_home(), settings.profile(), {})
         name = config_from_dict(params).registry.model_name
     return f"models:/{name}@champion"

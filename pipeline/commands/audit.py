@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import time
 
 from pipeline.core.errors import PipelineError
+from pipeline.core import settings
 
 
 def _version(client, name: str, version: str):
@@ -102,7 +102,7 @@ def rollback(name: str, to: str, reason: str) -> dict[str, str]:
     current = tracking.version_by_alias(client, name, "champion")
     if current is not None and current.version == target.version:
         raise PipelineError(f"version {to} is already the champion of {name!r}")
-    who = os.environ.get("PIPELINE_USER") or getpass.getuser()
+    who = settings.user() or getpass.getuser()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tags = {"rollback_by": who, "rollback_account": credentials.account(), "rollback_reason": reason,
             "rollback_at": stamp, "rollback_from": current.version if current else ""}

@@ -7,13 +7,13 @@ a run meant for a GPU that quietly trains on a CPU would take days.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
 
 from pipeline.core.config import DEVICE_CHOICES
 from pipeline.core.errors import ConfigError
+from pipeline.core import settings
 
 DEVICE_ENV = "PIPELINE_DEVICE"
 
@@ -36,7 +36,7 @@ def resolve_device(choice: str = "auto", key: str = "train.device") -> torch.dev
 
 def env_device() -> torch.device:
     """The device from ``PIPELINE_DEVICE`` (default ``auto``), for code that reads no params (serving, predict)."""
-    return resolve_device(os.environ.get(DEVICE_ENV, "auto").strip() or "auto", DEVICE_ENV)
+    return resolve_device(settings.device(), DEVICE_ENV)
 
 
 def autocast(device: torch.device, amp: str):

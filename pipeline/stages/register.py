@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.core import checkpoints
 from pipeline.adapters import tracking
+from pipeline.core import settings
 from pipeline.core.config import Config
 from pipeline.core.devices import resolve_device
 from pipeline.core.figures import plot_gate_comparison
@@ -340,7 +340,7 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
             dataset_frame=split_df, dataset_source=cfg.data.landing_uri, lineage=lineage,
             input_example=frame.head(2), model_name=name, backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
             # Set by the Airflow DAG (one parent run per DAG run); a workstation `dvc repro` opens its own.
-            parent_run_id=os.environ.get("PIPELINE_PARENT_RUN_ID") or None, calibration_fp=calibration_fp)
+            parent_run_id=settings.parent_run_id() or None, calibration_fp=calibration_fp)
     else:  # registered by an earlier attempt that died before the gate: finish it
         run_id, version = existing.run_id, existing.version
     champion = _champion_to_beat(client, name, version)

@@ -194,3 +194,24 @@ def test_every_param_a_stage_lists_is_in_the_recipe():
                     break
                 node = node[part]
     assert not missing, missing
+
+
+def test_only_settings_reads_pipeline_variables(monkeypatch):
+    """Every PIPELINE_* variable has one reader and one default (pipeline/core/settings.py); with PIPELINE_PROFILE
+    unset, training (orchestration) and batch prediction (workspace) agree on the profile and so on the model."""
+    import re
+
+    from pipeline.adapters import orchestration, workspace
+    from pipeline.core import settings
+
+    read = re.compile(r"""(environ\.get|getenv)\(\s*["']PIPELINE_|environ\[\s*["']PIPELINE_\w+["']\s*\](?!\s*=[^=])""")
+    offenders = [f"{fp.relative_to(ROOT)}:{n}" for fp in [*py_files(PKG), *py_files(ROOT / "dags"),
+                                                          *py_files(ROOT / "plugins"), *py_files(ROOT / "devstack")]
+                 if fp.name != "settings.py"
+                 for n, line in enumerate(fp.read_text(encoding="utf-8").splitlines(), 1) if read.search(line)]
+    assert offenders == []
+    monkeypatch.delenv("PIPELINE_PROFILE", raising=False)
+    monkeypatch.delenv("PIPELINE_MODEL_NAME", raising=False)
+    assert orchestration.default_profile() == settings.DEFAULT_PROFILE
+    cpu_demo = yaml.safe_load((ROOT / "profiles" / f"{settings.DEFAULT_PROFILE}.yaml").read_text())["registry"]
+    assert workspace.default_model_uri() == f"models:/{cpu_demo['model_name']}@champion"
