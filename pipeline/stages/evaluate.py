@@ -15,6 +15,7 @@ F1 here, do not depend on it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -28,7 +29,7 @@ from pipeline.core.data import SplitData, build_cache, load_split
 from pipeline.core.devices import resolve_device
 from pipeline.core.figures import plot_confusion, plot_reliability
 from pipeline.core.inference import BagPredictor
-from pipeline.core.io import write_json
+from pipeline.core.io import write_json, write_text_atomic
 from pipeline.stages.paths import backbone_dirs, member_dirs
 
 _logger = logging.getLogger(__name__)
@@ -109,17 +110,16 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
                   "support": int(n[i])} for i, c in enumerate(bag.class_names)]
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     write_json(metrics_fp, metrics)  # a DVC metrics file: escaped JSON, whatever names it holds
-    (reports_dir / "per_class.json").write_text(json.dumps(per_class, indent=2, ensure_ascii=False) + "\n",
-                                                encoding="utf-8")
-    with open(reports_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["actual", "predicted"])  # dvc plots confusion-matrix input
-        writer.writerows((bag.class_names[t], bag.class_names[q]) for t, q in zip(y_true, y_pred))
-    (reports_dir / "confusion.json").write_text(json.dumps({"labels": bag.class_names, "matrix": cm.tolist()},
-                                                           ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(reports_dir / "per_class.json", json.dumps(per_class, indent=2, ensure_ascii=False) + "\n")
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["actual", "predicted"])  # dvc plots confusion-matrix input
+    writer.writerows((bag.class_names[t], bag.class_names[q]) for t, q in zip(y_true, y_pred))
+    write_text_atomic(reports_dir / "predictions.csv", buf.getvalue())
+    write_text_atomic(reports_dir / "confusion.json",
+                      json.dumps({"labels": bag.class_names, "matrix": cm.tolist()}, ensure_ascii=False) + "\n")
     plot_confusion(cm, bag.class_names, reports_dir / "confusion.png")
-    (reports_dir / "backbones.json").write_text(json.dumps(backbone_reports, indent=2, ensure_ascii=False) + "\n",
-                                                encoding="utf-8")
+    write_text_atomic(reports_dir / "backbones.json", json.dumps(backbone_reports, indent=2, ensure_ascii=False) + "\n")
     for name, b in backbones.items():
         _logger.info("evaluate: backbone %s weighted F1 %.4f, macro F1 %.4f", name, b["weighted_f1"], b["macro_f1"])
     _logger.info("evaluate: bag weighted F1 %.4f, macro F1 %.4f on %d test images", metrics["weighted_f1"],

@@ -35,7 +35,7 @@ from pipeline.core.figures import plot_gate_comparison
 from pipeline.core.gate_stats import CI_LEVEL, RESAMPLES, SEED, PairedBootstrap, paired_bootstrap, weighted_f1
 from pipeline.stages import paths
 from pipeline.stages.paths import backbone_dirs, member_dirs
-from pipeline.core.io import read_csv
+from pipeline.core.io import read_csv, write_text_atomic
 
 _logger = logging.getLogger(__name__)
 COMPARISON_PNG = Path("gate/comparison.png")  # run artifact paths an auditor opens
@@ -427,5 +427,5 @@ def _write_decision(fp: Path, name: str, version: str, run_id: str, f1: float, d
            **{k: (float(tags[k]) if k != "gate_n_test" else int(tags[k])) if tags.get(k) else None
               for k in DECISION_TAGS}}
     fp.parent.mkdir(parents=True, exist_ok=True)
-    fp.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(fp, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return out

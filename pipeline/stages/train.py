@@ -38,6 +38,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.features import FeatureDataset, build_features, prefix_key, split_frozen
 from pipeline.core.losses import FocalLoss
 from pipeline.core.models import create_model
+from pipeline.core.io import write_text_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -217,8 +218,8 @@ def _run_train(ddp: Dist, cfg: Config, split_fp: Path, raw_dir: Path, member: in
             # how the member computed in training; inference on a GPU computes the same way (core.inference)
             "amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
     meta["world_size"] = ddp.world
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "history.json").write_text(json.dumps(state["history"], indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2) + "\n")
     ckpt_fp.unlink(missing_ok=True)
     ddp.barrier()
     return meta

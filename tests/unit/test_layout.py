@@ -215,3 +215,14 @@ def test_only_settings_reads_pipeline_variables(monkeypatch):
     assert orchestration.default_profile() == settings.DEFAULT_PROFILE
     cpu_demo = yaml.safe_load((ROOT / "profiles" / f"{settings.DEFAULT_PROFILE}.yaml").read_text())["registry"]
     assert workspace.default_model_uri() == f"models:/{cpu_demo['model_name']}@champion"
+
+
+def test_stages_write_their_outputs_atomically():
+    """A stage killed mid-write must not leave half a DVC output: stages write through pipeline.core.io (temp file,
+    fsync, rename), never with write_text / write_bytes / open(..., "w") directly."""
+    import re
+
+    direct = re.compile(r"""\.write_(text|bytes)\(|open\([^)]*["'][wa]b?["']""")
+    offenders = [f"{fp.name}:{n}" for fp in py_files(PKG / "stages")
+                 for n, line in enumerate(fp.read_text(encoding="utf-8").splitlines(), 1) if direct.search(line)]
+    assert offenders == []
