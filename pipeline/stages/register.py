@@ -19,7 +19,6 @@ import json
 import logging
 import platform
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +31,8 @@ from pipeline.core import settings
 from pipeline.core.config import Config
 from pipeline.core.devices import resolve_device
 from pipeline.core.figures import plot_gate_comparison
-from pipeline.core.gate_stats import CI_LEVEL, RESAMPLES, SEED, PairedBootstrap, paired_bootstrap, weighted_f1
+from pipeline.core.gate import GATE_RULE, GateDecision, gate, gate_tags
+from pipeline.core.gate_stats import CI_LEVEL
 from pipeline.stages import paths
 from pipeline.stages.paths import backbone_dirs, member_dirs
 from pipeline.core.io import read_csv, write_text_atomic
@@ -41,9 +41,6 @@ _logger = logging.getLogger(__name__)
 COMPARISON_PNG = Path("gate/comparison.png")  # run artifact paths an auditor opens
 RELIABILITY_PNG = Path("calibration/reliability.png")
 PARITY_WARN = 1e-6  # |package wF1 - evaluate wF1| above this is logged: the two scoring paths disagree
-GATE_RULE = (f"promote when there are >= min_test_images test images, weighted F1 >= floor and, against a "
-             f"champion, P(ΔwF1 > min_delta) >= confidence "
-             f"by a paired bootstrap over the test images ({RESAMPLES} resamples, seed {SEED})")
 
 
 def candidate_id(dirs: list[Path], metrics_fp: Path) -> str:
@@ -63,66 +60,6 @@ def candidate_id(dirs: list[Path], metrics_fp: Path) -> str:
         h.update(json.dumps([meta["backbone"], meta["img_size"], meta["class_names"]], ensure_ascii=False).encode())
     h.update(metrics_fp.read_bytes())
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    """The gate's verdict and the numbers behind it (all from the pyfuncs, on one test frame)."""
-
-    promote: bool
-    reason: str
-    candidate_f1: float
-    n_test: int
-    champion_f1: float | None = None
-    stats: PairedBootstrap | None = None  # None: no champion to compare with
-
-    @property
-    def label(self) -> str:
-        return "promoted" if self.promote else "rejected"
-
-
-def gate(truth: list[str], candidate: list[str], champion: list[str] | None, floor: float, min_delta: float,
-         confidence: float, min_test_images: int = 1) -> GateDecision:
-    """The promotion rule, as a pure function of the labels both pyfuncs gave for the same test images.
-
-    Promote when the candidate's package labels every test image, its weighted F1 holds the floor and, if there
-    is a champion, a paired bootstrap over the test images puts P(ΔwF1 > min_delta) at or above ``confidence``
-    (ΔwF1 = candidate − champion). A tie, or a difference that a few images could make, is not an improvement.
-    An empty label is an image the pyfunc could not read: validate decoded every test image, so that is a
-    broken package, never promoted (not even as a first champion over a floor of 0). Fewer than
-    ``min_test_images`` test images promote nothing either: on a handful of images the interval means little.
-    """
-    f1, n = weighted_f1(truth, candidate), len(truth)
-    if n < min_test_images:
-        return GateDecision(False, f"{n} test images < registry.min_test_images {min_test_images}: too few to "
-                                   f"tell a better model from luck; the champion stays", f1, n)
-    unread = sum(1 for label in candidate if label == "")
-    if unread:
-        return GateDecision(False, f"the registered package gave no label for {unread} of {n} test images", f1, n)
-    if f1 < floor:
-        return GateDecision(False, f"weighted F1 {f1:.4f} < floor {floor:.4f}", f1, n)
-    if champion is None:
-        return GateDecision(True, f"no champion yet; weighted F1 {f1:.4f} >= floor {floor:.4f}", f1, n)
-    stats = paired_bootstrap(truth, candidate, champion, min_delta)
-    champion_f1 = weighted_f1(truth, champion)
-    promote = stats.p_improve >= confidence
-    verdict = ">=" if promote else "<"
-    reason = (f"P(ΔwF1 > {min_delta:g}) = {stats.p_improve:.4f} {verdict} confidence {confidence:g}; "
-              f"weighted F1 {f1:.4f} vs champion {champion_f1:.4f}, ΔwF1 {stats.delta:+.4f} "
-              f"({CI_LEVEL:.0%} CI {stats.ci_low:+.4f} to {stats.ci_high:+.4f}) on {n} test images")
-    return GateDecision(promote, reason, f1, n, champion_f1, stats)
-
-
-def gate_tags(decision: GateDecision, confidence: float) -> dict[str, str]:
-    """The version tags an auditor reads the decision from (empty where there was no champion)."""
-    s = decision.stats
-    return {"gate_candidate_wf1": f"{decision.candidate_f1:.6f}", "gate_n_test": str(decision.n_test),
-            "gate_confidence": f"{confidence:g}", "gate_rule": GATE_RULE,
-            "gate_delta_wf1": "" if s is None else f"{s.delta:.6f}",
-            "gate_delta_ci_low": "" if s is None else f"{s.ci_low:.6f}",
-            "gate_delta_ci_high": "" if s is None else f"{s.ci_high:.6f}",
-            "gate_ci_level": f"{CI_LEVEL:g}", "gate_p_improve": "" if s is None else f"{s.p_improve:.4f}",
-            "champion_f1_rescored": "" if decision.champion_f1 is None else f"{decision.champion_f1:.6f}"}
 
 
 def test_frame(split_fp: Path, raw_dir: Path) -> tuple[pd.DataFrame, list[str]]:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from pipeline.core.gate_stats import paired_bootstrap, weighted_f1, weighted_f1_from_counts
 from pipeline.core.losses import FocalLoss
-from pipeline.stages.register import gate
+from pipeline.core.gate import gate
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,7 @@ from pipeline.core.data import fold_of_groups, member_indices
 from pipeline.core.features import build_features, prefix_key, split_frozen
 from pipeline.core.models import apply_freeze
 from pipeline.core.oob import in_bag_matrix
-from pipeline.stages.register import gate
+from pipeline.core.gate import gate
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
