@@ -226,3 +226,15 @@ def test_stages_write_their_outputs_atomically():
     offenders = [f"{fp.name}:{n}" for fp in py_files(PKG / "stages")
                  for n, line in enumerate(fp.read_text(encoding="utf-8").splitlines(), 1) if direct.search(line)]
     assert offenders == []
+
+
+def test_adapters_reach_commands_and_stages_only_through_orchestration():
+    """The adapters serve the stages and commands; only ``orchestration`` (the DAGs' surface, as __main__ is the
+    CLI's) may call up into a command or read the stages' paths."""
+    others = [p for p in py_files(PKG / "adapters") if p.name != "orchestration.py"]
+    assert violations(others, ("pipeline.commands", "pipeline.stages")) == []
+    allowed = ("pipeline.commands.predict", "pipeline.stages.paths")
+    up = {m for m in imported_modules(PKG / "adapters" / "orchestration.py")
+          if m.startswith(("pipeline.commands", "pipeline.stages"))
+          and m not in ("pipeline.commands", "pipeline.stages")}  # `from pipeline.stages import paths` names both
+    assert {m for m in up if not any(m == a or m.startswith(a + ".") for a in allowed)} == set(), up
