@@ -192,7 +192,9 @@ def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
                           description="override the number of bag members"),
         "backbone": Param(None, type=["null", "string"], description="override model.backbone (a timm name)"),
         "set": Param([], type="array", items={"type": "string"},
-                     description="more overrides as section.key=value, e.g. registry.min_delta=0.01"),
+                     description="more overrides as section.key=value, e.g. train.lr=0.0005 (model, train, bag, "
+                                 "backbones, split, label_issues and registry.model_name; the gate and the decode "
+                                 "guards only in a profile)"),
     },
 )
 def defect_training():

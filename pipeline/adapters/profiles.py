@@ -129,8 +129,35 @@ def _update_doc(doc, new: dict, top: bool = True) -> None:
             doc[key] = plain(value)
 
 
+# What a trigger's `set` may change: how the model is trained, and the registered model's name. Not the gate
+# (`registry.f1_floor`, `min_delta`, `confidence`, `min_test_images`: the service account's promotion rule) or the
+# experiment, not where data comes from (`data.landing_uri` is its own Param), not the decode guards
+# (`validate.max_pixels`, `max_bytes`, `allowed_formats`). Committed profiles may change anything.
+TRIGGER_SETTABLE = ("model.", "train.", "bag.", "backbones.", "label_issues.", "split.", "data.exclude_label_issues",
+                    "data.expected_classes", "data.strict_classes", "validate.min_side", "registry.model_name")
+
+
+def _dotted(node: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        out += _dotted(value, path + ".") if isinstance(value, dict) and value else [path]
+    return out
+
+
+def check_trigger_set(overrides: dict) -> dict:
+    """``overrides`` (from a trigger's `set`) when every key is in :data:`TRIGGER_SETTABLE`; else a ConfigError
+    naming the first key that is not."""
+    for key in _dotted(overrides):
+        if not any(key == allowed or key.startswith(allowed) for allowed in TRIGGER_SETTABLE):
+            raise ConfigError(f"set: {key} cannot be changed from a trigger (allowed: "
+                              f"{', '.join(a.rstrip('.') for a in TRIGGER_SETTABLE)}); change it in a profile")
+    return overrides
+
+
 def form_overrides(form: dict) -> dict:
-    """The training DAG's Params (a form in the UI) as a params override mapping."""
+    """The training DAG's Params (a form in the UI) as a params override mapping; `set` is held to
+    :data:`TRIGGER_SETTABLE`."""
     overrides: dict = {"data": {"landing_uri": form["landing_uri"]}}
     if form.get("epochs"):
         overrides["train"] = {"epochs": int(form["epochs"])}
@@ -138,4 +165,4 @@ def form_overrides(form: dict) -> dict:
         overrides["bag"] = {"seeds": list(range(int(form["bag_size"])))}
     if form.get("backbone"):
         overrides["model"] = {"backbone": form["backbone"]}
-    return deep_merge(overrides, parse_set(list(form.get("set") or [])))
+    return deep_merge(overrides, check_trigger_set(parse_set(list(form.get("set") or []))))

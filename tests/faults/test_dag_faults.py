@@ -53,7 +53,7 @@ def faults(stack, stack_env, tmp_path_factory):
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
     conf = {"landing_uri": f"s3://landing/{PREFIX}", "profile": "test",
             "set": [f"registry.model_name={MODEL}", f"train.epochs={EPOCHS}", "train.patience=1000",
-                    "model.img_size=64", "train.amp=none", "registry.f1_floor=0.0",
+                    "model.img_size=64", "train.amp=none",
                     # the backbones are not under test here: one epoch each
                     "backbones.test_efficientnet.epochs=1", "backbones.test_resnet.epochs=1"]}
     return {"ws": ws, "env": env, "conf": conf, "s3": s3}

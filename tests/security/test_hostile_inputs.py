@@ -280,3 +280,19 @@ def test_seaweedfs_filer_and_volume_ports_refuse_requests_without_the_s3_keys(st
     assert status(f"{filer}/buckets/mlflow/?pretty=y") == 401
     assert s3.get_object(Bucket="landing", Key="hostile/secret.png")["Body"].read() == b"a labelled photo"
     assert oct((stack.root / "security.toml").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("registry.f1_floor=0", "registry.f1_floor"),          # the gate is the service account's rule
+    ("registry.confidence=0", "registry.confidence"),
+    ("registry.min_test_images=1", "registry.min_test_images"),
+    ("validate.max_pixels=10000000000", "validate.max_pixels"),  # the decompression-bomb guard
+    ("data.landing_uri=s3://dvc/", "data.landing_uri"),    # its own Param, checked by its pattern
+])
+def test_a_trigger_may_change_how_a_model_trains_not_the_gate_or_the_guards(override, key):
+    with pytest.raises(ConfigError, match=f"set: {key} cannot be changed from a trigger"):
+        form_overrides({"landing_uri": "s3://landing/elpv/", "set": [override]})
+    ok = form_overrides({"landing_uri": "s3://landing/elpv/",
+                         "set": ["train.epochs=3", "bag.folds=false", "backbones.efficientnet_lite1={}",
+                                 "registry.model_name=dacon-shaped"]})
+    assert ok["train"]["epochs"] == 3 and "efficientnet_lite1" in ok["backbones"]
