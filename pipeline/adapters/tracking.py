@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -118,6 +117,20 @@ def version_by_alias(client: MlflowClient, name: str, alias: str):
             return client.get_model_version_by_alias(name, alias)
     except NotInRegistry:
         return None
+
+
+@dataclass(frozen=True)
+class ChampionReport:
+    """The champion's label-issue report and the split it was scored on (stage ``label_exclusions``)."""
+
+    version: str
+    run_id: str
+    issues: list[dict[str, str]]  # rows of its run artifact reports/label_issues.csv
+    split_rows: list[dict[str, str]]  # rows of its run artifact split.csv (path -> sha256)
+
+
+LABEL_ISSUES_ARTIFACT = "reports/label_issues.csv"  # register logs reports/ (and data/split.csv at the root)
+SPLIT_ARTIFACT = "split.csv"
 
 
 def champion_label_issues(name: str) -> ChampionReport | None:
