@@ -62,9 +62,9 @@ def registry_errors(what: str):
             raise NotInRegistry(f"{what} not found in the registry at {mlflow.get_tracking_uri()} ({first})") from None
         if refused(exc) in (401, 403):
             raise PipelineError(f"{what}: the MLflow server refused account {account()} ({first})") from None
-        raise TrackingError(f"{what}: the MLflow server at {mlflow.get_tracking_uri()} failed ({first})") from None
+        raise TrackingError(f"cannot read {what} at {mlflow.get_tracking_uri()}: {first}") from None
     except (OSError, ConnectionError) as exc:
-        raise TrackingError(f"{what}: cannot reach the MLflow server at {mlflow.get_tracking_uri()} "
+        raise TrackingError(f"cannot read {what}: cannot reach the MLflow server at {mlflow.get_tracking_uri()} "
                             f"({type(exc).__name__})") from None
 
 
