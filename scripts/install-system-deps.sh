@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages for the CeleryExecutor test tier (tests/celery): PostgreSQL and Redis from Debian's archive.
+# System packages for the tests: PostgreSQL and Redis from Debian's archive for the CeleryExecutor tier
+# (tests/celery), and Chromium for the browser check of Data Docs (tests/security).
 #
 # Idempotent: does nothing when the binaries are already there. The tests start their own private postgres and
 # redis-server on 127.0.0.1 under a temporary folder, so the system services are never used: this script keeps
@@ -12,12 +13,14 @@ set -euo pipefail
 
 have_postgres() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null; }
 have_redis() { command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ]; }
+have_chromium() { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }
 
 # Only what is missing; services of packages that were already installed are none of our business.
 PACKAGES=()
 SERVICES=()
 have_postgres || { PACKAGES+=(postgresql); SERVICES+=(postgresql); }
 have_redis || { PACKAGES+=(redis-server); SERVICES+=(redis-server); }
+have_chromium || PACKAGES+=(chromium)
 if [ ${#PACKAGES[@]} -eq 0 ]; then
     exit 0
 fi
@@ -28,12 +31,12 @@ elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
     SUDO=(sudo -n)
 else
     echo "install-system-deps: not root and no passwordless sudo; not installing ${PACKAGES[*]}" \
-         "(the celery tests will be skipped, or fail under CI)" >&2
+         "(their tests will be skipped, or fail under CI)" >&2
     exit 0
 fi
 if ! command -v apt-get >/dev/null; then
-    echo "install-system-deps: apt-get not found; install PostgreSQL and Redis yourself" \
-         "(the celery tests will be skipped, or fail under CI)" >&2
+    echo "install-system-deps: apt-get not found; install PostgreSQL, Redis and Chromium yourself" \
+         "(their tests will be skipped, or fail under CI)" >&2
     exit 0
 fi
 
@@ -72,5 +75,5 @@ if [[ " ${SERVICES[*]} " == *" redis-server "* ]] && [ -f /run/redis/redis-serve
     "${SUDO[@]}" kill "$(cat /run/redis/redis-server.pid)" 2>/dev/null || true
 fi
 
-dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\n' 'postgresql-[0-9]*' redis-server 2>/dev/null \
+dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\n' 'postgresql-[0-9]*' redis-server chromium 2>/dev/null \
     | awk '$1 == "ii" && $2 !~ /-(client|contrib|jit)/ {print "install-system-deps: installed", $2, $3}' || true

@@ -28,7 +28,10 @@ def _reason(exc: Exception) -> str:
         start = text.find(quote + "/")
         if start >= 0:
             end = text.find(quote, start + 1)
-            text = text[:start] + "<file>" + text[end + 1:] if end > start else text[:start] + "<file>"
+            text = text[:start] + "[file]" + text[end + 1:] if end > start else text[:start] + "[file]"
+    # Some messages quote bytes of the file itself (chunk names, modes): nothing that opens a tag or an entity
+    # reaches GX Data Docs, which print these reasons unescaped; and no unbounded text.
+    text = "".join("?" if c in "<>&" or not c.isprintable() else c for c in text)[:200]
     return f"{type(exc).__name__}: {text}"
 
 

@@ -296,3 +296,69 @@ def test_a_trigger_may_change_how_a_model_trains_not_the_gate_or_the_guards(over
                          "set": ["train.epochs=3", "bag.folds=false", "backbones.efficientnet_lite1={}",
                                  "registry.model_name=dacon-shaped"]})
     assert ok["train"]["epochs"] == 3 and "efficientnet_lite1" in ok["backbones"]
+
+
+def _chromium() -> str:
+    import os
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe:
+        return exe
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail("chromium is missing (scripts/install-system-deps.sh installs Debian's package)", pytrace=False)
+    pytest.skip("chromium is not installed (make system-deps)")
+
+
+def test_a_script_in_an_uploaded_file_name_never_runs_in_data_docs(plugin, tmp_path, monkeypatch):
+    """Finding 2, end to end in a real browser: an uploader lands ``cls/<img … onerror=…>.png`` holding no image;
+    validate's GX suite quarantines it and writes Data Docs; the plugin serves them over HTTP; headless Chromium
+    runs the page's scripts (the sandbox allows them). The payload would mark the page; it must not."""
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    import uvicorn
+
+    from pipeline.stages.validate import decode_table, run_expectations
+
+    chromium = _chromium()
+    payload = "<img src=x onerror=document.body.dataset.owned=6*7*1000>.png"  # runs -> data-owned="42000"
+    raw = tmp_path / "raw"
+    (raw / "cls").mkdir(parents=True)
+    (raw / "cls" / payload).write_bytes(b"GIF89a<svg onload=document.body.dataset.owned=6*7*1000>")
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 60, 90, 30)).save(raw / "cls" / f"ok{i}.png")
+    rows = [_describe(fp, f"cls/{fp.name}", "cls", ObjectInfo(f"x/cls/{fp.name}", "", fp.stat().st_size))
+            for fp in sorted((raw / "cls").iterdir())]
+    docs = tmp_path / "docs"
+    failures = run_expectations(config_from_dict({"data": {"landing_uri": "s3://landing/x/"}}),
+                                decode_table(raw, rows, 10**7), docs)
+    assert len(failures) == 1, failures  # the real suite quarantined the hostile file
+    pages = sorted(p.relative_to(docs).as_posix() for p in docs.rglob("*.html"))
+    assert any(p.startswith("validations/") for p in pages), pages
+
+    monkeypatch.setattr(plugin, "_validation_file", lambda dag_id, run_id, rel: docs / rel)
+    for dep in plugin.app.router.dependencies:
+        monkeypatch.setitem(plugin.app.dependency_overrides, dep.dependency, lambda: None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(plugin.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        for page in pages:
+            dom = subprocess.run(
+                [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom",
+                 f"http://127.0.0.1:{port}/validation/defect_training/r1/data_docs/{page}"],
+                capture_output=True, text=True, timeout=120).stdout
+            assert "<body" in dom, (page, dom[:300])  # the browser rendered the page we served
+            assert 'data-owned="42000"' not in dom, f"a script from an uploaded file name ran in {page}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
