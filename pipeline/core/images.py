@@ -51,9 +51,13 @@ def read_header(data: bytes | str) -> ImageInfo:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(src, formats=IMAGE_FORMATS) as im:
-                return ImageInfo(im.width, im.height, im.mode, im.format or "")
+                animated = getattr(im, "is_animated", False)
+                info = ImageInfo(im.width, im.height, im.mode, im.format or "")
         except Exception as exc:  # noqa: BLE001 - PIL raises many types
             raise ValueError(_reason(exc)) from None
+    if animated:  # an animation or a multi-page TIFF: which frame carries the label is anybody's guess
+        raise ValueError(f"{info.format} with several frames (animated or multi-page): one picture per file")
+    return info
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

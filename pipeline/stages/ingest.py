@@ -27,12 +27,16 @@ MANIFEST_FIELDS = ["path", "class_name", "sha256", "bytes", "width", "height", "
 REJECT_FIELDS = ["source_key", "reason"]
 
 
+MAX_NAME_BYTES = 240  # a file system name is at most 255 bytes, and a download goes to ".<name>.part" first
+
+
 def safe_relative_key(rel: str) -> tuple[str, str] | str:
     """Return ``(class_name, file_name)`` NFC-normalised for a key below the prefix, or a refusal reason."""
     if not rel:
         return "empty key"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel):
-        return "control character in key"
+    unprintable = next((ch for ch in rel if not ch.isprintable()), None)
+    if unprintable is not None:  # controls, bidi overrides, zero-width and line separators, odd spaces
+        return f"unprintable character U+{ord(unprintable):04X} in key (control, format, separator or space)"
     if rel.startswith("/") or "\\" in rel:
         return "absolute or backslash path in key"
     parts = rel.split("/")
@@ -43,6 +47,8 @@ def safe_relative_key(rel: str) -> tuple[str, str] | str:
     if len(parts) > 2:
         return "nested folder below the class folder"
     class_name, file_name = (unicodedata.normalize("NFC", p) for p in parts)
+    if any(len(p.encode()) > MAX_NAME_BYTES for p in (class_name, file_name)):
+        return f"class or file name longer than {MAX_NAME_BYTES} bytes (the file system's limit)"
     if file_name.startswith("."):
         return "hidden file"
     return class_name, file_name

@@ -362,3 +362,72 @@ def test_a_script_in_an_uploaded_file_name_never_runs_in_data_docs(plugin, tmp_p
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def _frames(fmt: str) -> bytes:
+    frames = [Image.new("RGB", (40, 40), (i * 80, 20, 20)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _text_bomb() -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "A" * (50 * 1024 * 1024), zip=True)  # 50 MB of text in ~50 KB
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def test_hostile_keys_and_containers_each_get_a_reason_and_the_run_goes_on(s3, tmp_path):
+    """Beyond the findings: what an uploader can do with S3 keys (1,024 bytes of any Unicode), the file system's
+    limits and image containers. Each hostile object becomes a quarantine row with its reason; good ones stay."""
+    import unicodedata
+
+    from tests.integration.helpers import png_bytes
+    from pipeline.core.io import read_csv
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.stages.validate import run_validate
+
+    nfc = unicodedata.normalize("NFC", "가.png")
+    hostile = {  # key below the prefix -> (bytes, fragment of the reason)
+        "ok/" + "가" * 83 + ".png": (png_bytes(11), "longer than 240 bytes"),  # 253 bytes + ".part" > 255
+        "ok/\u202egnp.exe.png": (png_bytes(12), "U+202E"),        # right-to-left override: spoofs the name
+        "o\u200bk/twin.png": (png_bytes(13), "U+200B"),           # zero-width space: a class that looks like "ok"
+        "ok/line\u2028break.png": (png_bytes(14), "U+2028"),      # a line separator in CSVs and logs
+        "ok/nbsp\u00a0.png": (png_bytes(15), "U+00A0"),
+        "ok/multi.tif": (_frames("TIFF"), "several frames"),          # which page carries the label?
+        "ok/anim.webp": (_frames("WEBP"), "several frames"),
+        "ok/anim.png": (_frames("PNG"), "several frames"),            # APNG
+        "ok/textbomb.png": (_text_bomb(), "Decompressed data too large"),
+        "ok/icon.png": (_encode_ico(), "not an image in an accepted format"),
+        "ok/page.png": (b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>', "not an image"),
+    }
+    twins = {f"ok/{nfc}": png_bytes(17), "ok/" + unicodedata.normalize("NFD", "가.png"): png_bytes(16)}
+    good = {"ok/%2e%2e.png": png_bytes(18), "ok/-rf.png": png_bytes(19),
+            "ok/tail.png": png_bytes(20) + b"<html><script>alert(1)</script></html>"}  # a polyglot is a picture
+    prefix = f"hostile-{tmp_path.name}/"
+    for key, data in [*good.items(), *twins.items(), *((k, v[0]) for k, v in hostile.items())]:
+        s3.put_object(Bucket="landing", Key=prefix + key, Body=data)
+    cfg = config_from_dict({"data": {"landing_uri": f"s3://landing/{prefix}"},
+                            "validate": {"max_quarantine_share": 1.0}})
+    d = tmp_path / "data"
+    run_ingest(cfg, d / "raw", d / "manifest.csv", d / "rejects.csv")
+    report = run_validate(cfg, d / "raw", d / "manifest.csv", d / "rejects.csv", d / "validated.csv",
+                          d / "quarantine.csv", tmp_path / "validation.json", None)
+    quarantine = {r["source_key"][len(prefix):]: r["reason"] for r in read_csv(d / "quarantine.csv")}
+    for key, (_, reason) in hostile.items():
+        assert reason in quarantine.get(key, ""), (key, quarantine.get(key))
+    validated = {r["source_key"][len(prefix):] for r in read_csv(d / "validated.csv")}
+    kept = validated & set(twins)  # the same name in two Unicode spellings: the first listed is kept
+    assert len(kept) == 1 and validated == set(good) | kept, validated
+    assert "same path after NFC normalisation" in quarantine[(set(twins) - kept).pop()]
+    assert report["quarantined"] == len(hostile) + 1
+
+
+def _encode_ico() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="ICO")
+    return buf.getvalue()

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.unit
     ("/abs.png", "absolute"),
     ("top.png", "no class folder"),
     ("a/b/c.png", "nested folder"),
-    ("a/b\x07.png", "control character"),
+    ("a/b\x07.png", "unprintable character U+0007"),
+    ("a/\u202egnp.exe.png", "unprintable character U+202E"),   # bidi override: spoofs the shown name
+    ("a\u200b/x.png", "unprintable character U+200B"),         # zero-width: a class that looks like "a"
+    ("a/" + "가" * 81, "longer than 240 bytes"),
     ("a/.hidden", "hidden file"),
 ])
 def test_unsafe_keys_are_refused_with_a_reason(key, reason):
