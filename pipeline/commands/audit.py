@@ -102,6 +102,9 @@ def rollback(name: str, to: str, reason: str) -> dict[str, str]:
     current = tracking.version_by_alias(client, name, "champion")
     if current is not None and current.version == target.version:
         raise PipelineError(f"version {to} is already the champion of {name!r}")
+    if not target.tags.get("gate"):  # logged and registered by hand, not by the pipeline's register stage
+        raise PipelineError(f"version {to} of {name!r} was not registered by the pipeline's gate (no 'gate' tag): "
+                            f"rollback moves 'champion' only to versions the register stage wrote")
     who = settings.user() or getpass.getuser()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tags = {"rollback_by": who, "rollback_account": credentials.account(), "rollback_reason": reason,

@@ -431,3 +431,25 @@ def _encode_ico() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="ICO")
     return buf.getvalue()
+
+
+def test_rollback_moves_champion_only_to_versions_the_gate_registered(local_registry, tmp_path):
+    """An engineer (EDIT on the model) may register a version by hand; `rollback` must not make it champion."""
+    from mlflow import MlflowClient
+
+    from pipeline.commands.audit import rollback
+    from pipeline.core.errors import PipelineError
+
+    client = MlflowClient()
+    client.create_registered_model("victim")
+    src = tmp_path / "model"
+    src.mkdir()
+    v1, v2, planted = (client.create_model_version("victim", str(src)).version for _ in range(3))
+    for version in (v1, v2):
+        client.set_model_version_tag("victim", version, "gate", "promoted")
+    client.set_registered_model_alias("victim", "champion", v2)
+    with pytest.raises(PipelineError, match="not registered by the pipeline's gate"):
+        rollback("victim", planted, "hostile")
+    assert client.get_model_version_by_alias("victim", "champion").version == v2
+    assert rollback("victim", v1, "v2 misreads stains")["champion"] == v1
+    assert client.get_model_version_by_alias("victim", "champion").version == v1
