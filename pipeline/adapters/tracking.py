@@ -104,6 +104,34 @@ def version_by_candidate(client: MlflowClient, name: str, candidate_id: str):
     return None
 
 
+OWNER_TAG = "pipeline_experiment"
+
+
+def claim_model(client: MlflowClient, name: str, experiment: str) -> None:
+    """Refuse to register into a model this pipeline does not own. The service account is MLflow's admin, and a
+    trigger may pick ``registry.model_name``: without this, a run could take over another team's model. A new
+    name is created here with the owner tag; a model from before the tag is adopted when every version of it
+    carries the gate's decision (only the register stage writes those)."""
+    try:
+        with registry_errors(f"registered model {name}"):
+            model = client.get_registered_model(name)
+    except NotInRegistry:
+        with registry_errors(f"registered model {name}"):
+            client.create_registered_model(name, tags={OWNER_TAG: experiment})
+        return
+    owner = model.tags.get(OWNER_TAG)
+    if owner is None:
+        with registry_errors(f"versions of {name}"):
+            versions = client.search_model_versions(f"name = {_literal(name)}")
+        if all(v.tags.get("gate") for v in versions):
+            client.set_registered_model_tag(name, OWNER_TAG, experiment)
+            return
+    if owner != experiment:
+        raise PipelineError(f"registered model {name!r} belongs to {owner or 'no pipeline'} (tag {OWNER_TAG}), not "
+                            f"to experiment {experiment!r}: registry.model_name must name a new model or one of "
+                            "this pipeline's own")
+
+
 def version_by_alias(client: MlflowClient, name: str, alias: str):
     """The version ``alias`` points at; None only when the registry says there is none.
 

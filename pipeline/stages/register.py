@@ -270,6 +270,7 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     frame, truth = test_frame(split_fp, raw_dir)
     calibration_fp = reports_dir / "eval" / "calibration.json"
     if existing is None:
+        tracking.claim_model(client, name, cfg.registry.experiment)
         split_df = pd.DataFrame(read_csv(split_fp))
         run_id, version = tracking.log_candidate(
             cfg_dict=cfg.to_dict(), candidate_id=cid, metrics=metrics, member_dirs=dirs,

@@ -453,3 +453,31 @@ def test_rollback_moves_champion_only_to_versions_the_gate_registered(local_regi
     assert client.get_model_version_by_alias("victim", "champion").version == v2
     assert rollback("victim", v1, "v2 misreads stains")["champion"] == v1
     assert client.get_model_version_by_alias("victim", "champion").version == v1
+
+
+def test_the_pipeline_registers_only_into_models_it_owns(local_registry, tmp_path):
+    """A trigger may set registry.model_name; the service account (MLflow admin) must not then write into another
+    team's model. New names are created with the owner tag; models from before the tag are adopted only when every
+    version carries the gate's decision."""
+    from mlflow import MlflowClient
+
+    from pipeline.adapters.tracking import OWNER_TAG, claim_model
+    from pipeline.core.errors import PipelineError
+
+    client = MlflowClient()
+    src = tmp_path / "model"
+    src.mkdir()
+    client.create_registered_model("other-team")
+    client.create_model_version("other-team", str(src))
+    with pytest.raises(PipelineError, match="belongs to no pipeline"):
+        claim_model(client, "other-team", "wallpaper-defect")
+    client.create_registered_model("other-experiment", tags={OWNER_TAG: "their-experiment"})
+    with pytest.raises(PipelineError, match="belongs to their-experiment"):
+        claim_model(client, "other-experiment", "wallpaper-defect")
+    claim_model(client, "brand-new", "wallpaper-defect")
+    assert client.get_registered_model("brand-new").tags[OWNER_TAG] == "wallpaper-defect"
+    claim_model(client, "brand-new", "wallpaper-defect")  # ours: no error
+    client.create_registered_model("legacy")
+    client.set_model_version_tag("legacy", client.create_model_version("legacy", str(src)).version, "gate", "promoted")
+    claim_model(client, "legacy", "wallpaper-defect")
+    assert client.get_registered_model("legacy").tags[OWNER_TAG] == "wallpaper-defect"
