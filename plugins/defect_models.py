@@ -37,13 +37,13 @@ TRAINING_DAG = "defect_training"
 MAX_VERSIONS = 10  # per model on the page
 RECENT_RUNS = 5  # training runs with their quarantine counts
 CAN_READ_RUNS = [Depends(requires_access_dag("GET", DagAccessEntity.RUN))]
-# Served files are the pipeline's records of uploaded data (Data Docs print what validate found). From Airflow's
-# origin they run sandboxed: scripts (GX's tables and charts) run in an opaque origin that cannot read Airflow's
-# cookies or storage, call out (connect-src), submit forms or navigate the operator's tab.
+# Served files are the pipeline's records of uploaded data (Data Docs print what validate found, unescaped). From
+# Airflow's origin they run in a sandbox without scripts: an opaque origin that cannot read Airflow's cookies or
+# storage, run script (GX's own or its CDNs', which would pass the page's data to third parties; an injected one),
+# submit forms or navigate the operator's tab. GX renders its pages on the server: only the "failed only" filter
+# and a "show more" toggle need script (tests/security, the Chromium check).
 FILE_HEADERS = {
-    "Content-Security-Policy": "sandbox allow-scripts allow-popups; default-src 'none'; "
-                               "script-src 'unsafe-inline' https://cdn.jsdelivr.net https://code.jquery.com "
-                               "https://cdnjs.cloudflare.com https://stackpath.bootstrapcdn.com https://unpkg.com; "
+    "Content-Security-Policy": "sandbox allow-popups; default-src 'none'; script-src 'none'; "
                                "style-src 'unsafe-inline' https:; font-src https:; img-src data: https:; "
                                "connect-src 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",

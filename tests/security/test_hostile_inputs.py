@@ -190,8 +190,8 @@ def test_data_docs_run_sandboxed_off_airflows_origin(plugin, tmp_path, monkeypat
     resp = TestClient(plugin.app).get("/validation/defect_training/r1/data_docs/index.html")
     assert resp.status_code == 200 and "<script>" in resp.text
     csp = [d.strip() for d in resp.headers.get("content-security-policy", "").split(";")]
-    assert csp[0].startswith("sandbox") and "allow-same-origin" not in csp[0], csp
-    assert "connect-src 'none'" in csp and "form-action 'none'" in csp
+    assert csp[0].startswith("sandbox") and "allow-same-origin" not in csp[0] and "allow-scripts" not in csp[0], csp
+    assert "script-src 'none'" in csp and "connect-src 'none'" in csp and "form-action 'none'" in csp
     assert resp.headers.get("x-content-type-options") == "nosniff"
 
 
@@ -313,7 +313,8 @@ def _chromium() -> str:
 def test_a_script_in_an_uploaded_file_name_never_runs_in_data_docs(plugin, tmp_path, monkeypatch):
     """Finding 2, end to end in a real browser: an uploader lands ``cls/<img … onerror=…>.png`` holding no image;
     validate's GX suite quarantines it and writes Data Docs; the plugin serves them over HTTP; headless Chromium
-    runs the page's scripts (the sandbox allows them). The payload would mark the page; it must not."""
+    renders every page. Two layers, each checked: the payload never becomes an element (decode reasons carry no
+    name and no '<'), and no script runs on these pages at all (the plugin's CSP), which would mark the page."""
     import socket
     import subprocess
     import threading
@@ -359,6 +360,9 @@ def test_a_script_in_an_uploaded_file_name_never_runs_in_data_docs(plugin, tmp_p
                 capture_output=True, text=True, timeout=120).stdout
             assert "<body" in dom, (page, dom[:300])  # the browser rendered the page we served
             assert 'data-owned="42000"' not in dom, f"a script from an uploaded file name ran in {page}"
+            assert "onerror=" not in dom.replace("onerror=document", ""), f"the payload became markup in {page}"
+            if page.startswith("validations/"):
+                assert "decode_error" in dom and "Unsuccessful Expectations" in dom  # readable without script
     finally:
         server.should_exit = True
         thread.join(10)
