@@ -196,6 +196,29 @@ def dvc_dir_listing(ws: Path, md5: str) -> dict[str, str] | None:
     return {e["relpath"]: e["md5"] for e in json.loads(fp.read_text(encoding="utf-8"))}
 
 
+def lock_out_md5s(lock_fp: Path, outs: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """The md5s ``dvc.lock`` recorded for some outputs: ``{tag: (stage, path)}`` -> ``{tag: md5}`` (empty when the
+    run is not under DVC, e.g. a stage called directly)."""
+    if not lock_fp.exists():
+        return {}
+    stages = (yaml.safe_load(lock_fp.read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {tag: o.get("md5", "") for tag, (stage, path) in outs.items()
+            for o in stages.get(stage, {}).get("outs", []) if o.get("path") == path}
+
+
+def lineage_files(lock_fp: Path, params_fp: Path) -> dict[str, str]:
+    """What ``python -m pipeline reproduce`` needs, as a registered run's ``lineage/`` artifacts: the params file as
+    read and ``dvc.lock`` without the ``register`` stage (that is the very run registering). Empty when not run
+    under DVC. Under ``dvc repro`` the lock already holds every stage before register (DVC writes it stage by
+    stage)."""
+    if not lock_fp.exists():
+        return {}
+    lock = yaml.safe_load(lock_fp.read_text(encoding="utf-8")) or {}
+    lock.get("stages", {}).pop("register", None)
+    return {"lineage/dvc.lock": yaml.safe_dump(lock, allow_unicode=True, sort_keys=False),
+            "lineage/params.yaml": params_fp.read_text(encoding="utf-8")}
+
+
 def export_code(home: Path, commit: str, ws: Path) -> str:
     """Put ``pipeline/`` and ``dvc.yaml`` as of git ``commit`` of ``home`` into ``ws``; returns where they came from.
 

@@ -21,6 +21,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []

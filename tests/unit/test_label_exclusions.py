@@ -147,7 +147,7 @@ def test_flag_on_and_mlflow_unreachable_fails_the_stage(tmp_path):
 
 
 def test_model_card_says_how_many_left_and_from_which_version():
-    from pipeline.stages.register import exclusions_card
+    from pipeline.stages.model_card import exclusions_card
 
     counts = {"listed": 9, "dropped_train": 6, "dropped_val": 2, "kept_in_test": 0, "not_matched": 1,
               "source_versions": ["4"]}

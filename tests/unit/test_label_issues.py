@@ -196,7 +196,7 @@ def test_stage_on_real_tiny_members_scores_each_image_with_its_out_of_bag_member
 
 
 def test_model_card_states_the_label_issue_counts():
-    from pipeline.stages.register import label_issues_card
+    from pipeline.stages.model_card import label_issues_card
 
     summary = {"n_images": 43, "n_scored": 31, "n_unscored": 12, "n_flagged": 2, "flagged_share": 0.0645,
                "by_source": {"oob": 18, "val": 13, "unscored": 12}, "flagged_per_class": {"창틀,문틀수정": 2},

@@ -77,7 +77,8 @@ def test_dvc_md5_is_what_dvc_records(tmp_path):
 
 
 def test_lineage_drops_the_register_stage_and_hashes_what_mlflow_stores(tmp_path):
-    from pipeline.stages.register import lineage_files, text_sha256
+    from pipeline.adapters.workspace import lineage_files
+    from pipeline.core.io import text_sha256
 
     lock = {"schema": "2.0", "stages": {"split": {"cmd": "x", "outs": [{"path": "data/split.csv", "md5": "a"}]},
                                         "register": {"cmd": "y"}}}
