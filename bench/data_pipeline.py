@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.adapters.storage import ObjectInfo
 from pipeline.core.config import config_from_dict
 from pipeline.stages.ingest import _describe
-from pipeline.adapters.storage import ObjectInfo
 from pipeline.stages.validate import decode_table, run_expectations
 
 N_SYNTH = int(os.environ.get("BENCH_SYNTH_IMAGES", "10000"))

@@ -27,9 +27,9 @@ LANDING = "s3://landing/elpv-loop/"
 
 def run() -> dict[str, str]:
     from devstack import accounts, services
-    from pipeline.adapters import storage
     from devstack.airflow_rest import AirflowAPI, watch_and_follow
     from devstack.demo_data import load_elpv_items
+    from pipeline.adapters import storage
 
     root = Path(tempfile.mkdtemp(prefix="event-loop-"))
     env = {"S3_PORT": "16333", "MLFLOW_PORT": "15000", "AIRFLOW_PORT": "18080",

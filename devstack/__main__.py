@@ -16,8 +16,8 @@ import logging
 import os
 import sys
 
-from pipeline.core.errors import PipelineError
 from pipeline.core import settings
+from pipeline.core.errors import PipelineError
 
 
 def build_parser() -> argparse.ArgumentParser:

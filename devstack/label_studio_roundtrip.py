@@ -36,9 +36,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from devstack import accounts
+from devstack import accounts, services
 from devstack import review_fixture as fx
-from devstack import services
 
 _logger = logging.getLogger("label_studio_roundtrip")
 ROOT = Path(__file__).resolve().parent.parent

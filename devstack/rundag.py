@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
 from pipeline.core import settings
+from pipeline.core.errors import PipelineError
 
 _SHOW = ("[DAG TEST] starting", "pipeline.", "error", "ERROR", "DagRun Finished", "Exception:", "]   - ")
 

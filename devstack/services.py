@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstack import accounts
-from pipeline.core.errors import PipelineError, ServiceError
 from pipeline.core import settings
+from pipeline.core.errors import PipelineError, ServiceError
 
 _logger = logging.getLogger(__name__)
 BUCKETS = ("landing", "mlflow", "dvc")
@@ -44,7 +44,7 @@ class Stack:
     host: str = "127.0.0.1"
 
     @classmethod
-    def from_env(cls) -> "Stack":
+    def from_env(cls) -> Stack:
         return cls(root=settings.local_root(),
                    s3_port=_env_port("S3_PORT", 8333), mlflow_port=_env_port("MLFLOW_PORT", 5000),
                    airflow_port=_env_port("AIRFLOW_PORT", 8080))

@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.core import settings
 from pipeline.core.errors import PipelineError
 from pipeline.stages import paths
-from pipeline.core import settings
 
 
 def _params(p: argparse.ArgumentParser) -> None:
@@ -223,8 +223,8 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(run_submission(args.model, args.dacon_dir, args.out, args.tta), ensure_ascii=False))
     elif cmd == "workspace":
-        from pipeline.core.config import parse_set
         from pipeline.adapters.workspace import default_workspace, prepare_workspace
+        from pipeline.core.config import parse_set
 
         print(prepare_workspace(args.dir or default_workspace(), args.profile, parse_set(args.set), git=args.git))
     elif cmd == "profile":

@@ -25,11 +25,11 @@ import logging
 from pathlib import Path
 from urllib.parse import quote
 
+from airflow.api_fastapi.core_api.security import DagAccessEntity, requires_access_dag
+from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-from airflow.api_fastapi.core_api.security import DagAccessEntity, requires_access_dag
-from airflow.plugins_manager import AirflowPlugin
 from pipeline.adapters import orchestration as orc
 
 _logger = logging.getLogger(__name__)
@@ -67,10 +67,9 @@ def _xcom(dag_id: str, run_id: str, task_id: str, key: str):
 
 def _recent_training_runs(limit: int) -> list[dict]:
     """The newest training runs (by ``run_after``), each with its landing prefix and its validate XCom."""
-    from sqlalchemy import select
-
     from airflow.models import DagRun
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         runs = session.scalars(select(DagRun).where(DagRun.dag_id == TRAINING_DAG)
@@ -85,10 +84,9 @@ def _recent_training_runs(limit: int) -> list[dict]:
 
 
 def _watch_events(limit: int = 5) -> list[dict]:
-    from sqlalchemy import select
-
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         rows = session.execute(select(AssetEvent.timestamp, AssetEvent.extra, AssetEvent.source_run_id)
@@ -99,10 +97,9 @@ def _watch_events(limit: int = 5) -> list[dict]:
 
 
 def _watched_fingerprints() -> dict[str, str]:
-    from sqlalchemy import select
-
     from airflow.models import Variable
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     prefix = orc.fingerprint_key("watch", "")
     with create_session() as session:

@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
 from pipeline.core import settings
+from pipeline.core.errors import PipelineError
 
 ACCOUNTS_FILE = "accounts.json"  # under PIPELINE_LOCAL: {account: password}, mode 600 (devstack/accounts.py)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from airflow.sdk import Asset, Variable
+
 from pipeline.core import settings
 
 LANDING_DATA = Asset(name="landing_data", uri="s3://landing/")

@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.adapters.credentials import account, refused, use_local_account
+from pipeline.core import settings
 from pipeline.core.errors import PipelineError
 from pipeline.core.names import encode_key
-from pipeline.core import settings
 
 _logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the `pipeline` package

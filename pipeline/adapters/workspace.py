@@ -22,9 +22,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.adapters.profiles import merged_params
+from pipeline.core import settings
 from pipeline.core.config import config_from_dict
 from pipeline.core.errors import PipelineError, StageFailed
-from pipeline.core import settings
 
 _logger = logging.getLogger(__name__)
 DEFAULT_REMOTE = "s3://dvc/cache"  # the DVC remote `store` of the clone (.dvc/config) and of every workspace

@@ -13,8 +13,8 @@ import getpass
 import json
 import time
 
-from pipeline.core.errors import PipelineError
 from pipeline.core import settings
+from pipeline.core.errors import PipelineError
 
 
 def _version(client, name: str, version: str):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
 from pipeline.core.config import MAX_BYTES, MAX_PIXELS
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import write_csv
 
 _logger = logging.getLogger(__name__)
@@ -137,8 +137,8 @@ BATCH_PIXELS = 2 * MAX_PIXELS
 
 def _decoded(items: list[Item]) -> Iterator[tuple[Item, object, str]]:
     """(item, RGB image or None, error) per item, in order; a store outage stops the run (transient)."""
-    from pipeline.core.images import decode_rgb
     from pipeline.adapters.storage import StorageError
+    from pipeline.core.images import decode_rgb
 
     for item in items:
         try:

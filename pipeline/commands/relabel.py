@@ -37,7 +37,7 @@ import logging
 import secrets
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.commands.predict import is_output_key
@@ -242,7 +242,7 @@ class MoveLog:
     """The JSON lines of one ``--apply`` run, rewritten after each row into the landing bucket."""
 
     def __init__(self, export_fp: Path, bucket: str):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.bucket, self.key = bucket, f"{LOG_PREFIX}{stamp}-{secrets.token_hex(4)}.jsonl"
         self.export = export_fp.name
         self.lines: list[str] = []
@@ -250,7 +250,7 @@ class MoveLog:
     def add(self, row: Row) -> None:
         from pipeline.adapters import storage
 
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "export": self.export,
+        record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "export": self.export,
                   **{k: v for k, v in asdict(row).items() if k != "meta"}, **row.meta}
         self.lines.append(json.dumps(record, ensure_ascii=False))
         storage.put_bytes(self.bucket, self.key, ("\n".join(self.lines) + "\n").encode("utf-8"))

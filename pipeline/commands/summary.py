@@ -5,8 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
 from pipeline.adapters.workspace import default_workspace
+from pipeline.core.errors import PipelineError
 from pipeline.stages import paths
 
 

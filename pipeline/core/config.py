@@ -151,7 +151,7 @@ class Config:
     backbones: dict = field(default_factory=dict)
     profile: str = "full"  # which profile produced this file (informational)
 
-    def for_backbone(self, name: str) -> "Config":
+    def for_backbone(self, name: str) -> Config:
         """This config with ``model`` set to backbone ``name``: one member, seed 0, no bootstrap resample."""
         if name not in self.backbones:
             raise ConfigError(f"backbones.{name} is not listed (listed: {', '.join(self.backbones) or 'none'})")

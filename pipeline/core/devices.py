@@ -11,9 +11,9 @@ from contextlib import nullcontext
 
 import torch
 
+from pipeline.core import settings
 from pipeline.core.config import DEVICE_CHOICES
 from pipeline.core.errors import ConfigError
-from pipeline.core import settings
 
 DEVICE_ENV = "PIPELINE_DEVICE"
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+
 @dataclass
 class Dist:
     """This process's place in a torchrun job; the default (world 1) is plain single-process training."""

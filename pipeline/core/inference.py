@@ -54,7 +54,7 @@ class Member:
     def amp(self) -> str:
         return self.meta.get("amp", "none") if self.fast else "none"
 
-    def to(self, device: torch.device) -> "Member":
+    def to(self, device: torch.device) -> Member:
         """Move the model to ``device`` in the memory format it computes in there; returns ``self``."""
         self.device = torch.device(device)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -101,11 +101,11 @@ class BagPredictor:
         return probs if self.temperature == 1.0 else temperature_scale(probs, self.temperature)
 
     @classmethod
-    def from_dirs(cls, member_dirs: list[Path], device: torch.device = CPU) -> "BagPredictor":
+    def from_dirs(cls, member_dirs: list[Path], device: torch.device = CPU) -> BagPredictor:
         """Load every member onto ``device`` (callers pick it: ``train.device`` or ``PIPELINE_DEVICE``)."""
         return cls([load_member(Path(d), device) for d in member_dirs])
 
-    def to(self, device: torch.device) -> "BagPredictor":
+    def to(self, device: torch.device) -> BagPredictor:
         for m in self.members:
             m.to(device)
         return self

@@ -23,19 +23,25 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline.core import checkpoints
 from pipeline.adapters import tracking, workspace
-from pipeline.core import settings
+from pipeline.core import checkpoints, settings
 from pipeline.core.config import Config
 from pipeline.core.devices import resolve_device
 from pipeline.core.figures import plot_gate_comparison
 from pipeline.core.gate import GateDecision, gate, gate_tags
 from pipeline.core.gate_stats import CI_LEVEL
-from pipeline.stages import paths
-from pipeline.stages.paths import backbone_dirs, member_dirs
 from pipeline.core.io import read_csv, text_sha256, write_text_atomic
-from pipeline.stages.model_card import (COMPARISON_PNG, RELIABILITY_PNG, calibration_card, exclusions_card, gate_card,
-                                         label_issues_card, model_card)
+from pipeline.stages import paths
+from pipeline.stages.model_card import (
+    COMPARISON_PNG,
+    RELIABILITY_PNG,
+    calibration_card,
+    exclusions_card,
+    gate_card,
+    label_issues_card,
+    model_card,
+)
+from pipeline.stages.paths import backbone_dirs, member_dirs
 
 _logger = logging.getLogger(__name__)
 PARITY_WARN = 1e-6  # |package wF1 - evaluate wF1| above this is logged: the two scoring paths disagree

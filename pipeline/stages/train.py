@@ -28,17 +28,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.core import checkpoints
 from pipeline.core.config import Config
-from pipeline.core.data import (VARIANTS, CachedImageDataset, build_cache, create_sampler, flips_per_label,
-                                load_split, member_indices, train_loader, tta_variants)
+from pipeline.core.data import (
+    VARIANTS,
+    CachedImageDataset,
+    build_cache,
+    create_sampler,
+    flips_per_label,
+    load_split,
+    member_indices,
+    train_loader,
+    tta_variants,
+)
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import Dist, init_distributed, sync_batchnorm
-from pipeline.core.engine import (load_resume_checkpoint, none_if_nan, run_key, seed_all, train_one_epoch,
-                                  validate)
+from pipeline.core.engine import load_resume_checkpoint, none_if_nan, run_key, seed_all, train_one_epoch, validate
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.features import FeatureDataset, build_features, prefix_key, split_frozen
+from pipeline.core.io import write_text_atomic
 from pipeline.core.losses import FocalLoss
 from pipeline.core.models import create_model
-from pipeline.core.io import write_text_atomic
 
 _logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -85,7 +85,6 @@ def _suite_rules(cfg: Config) -> list[tuple[str, object]]:
 def run_expectations(cfg: Config, table: pd.DataFrame, docs_dir: Path | None) -> dict[int, list[str]]:
     """Run the GX suite over ``table``; return failing row index -> reasons. Writes Data Docs if asked."""
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")

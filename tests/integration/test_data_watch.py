@@ -19,8 +19,8 @@ import json
 from airflow.models.asset import AssetEvent
 from airflow.utils.session import create_session
 with create_session() as s:
-    print(json.dumps([e.extra for e in s.query(AssetEvent).all() if (e.extra or {}).get("landing_uri") == %r]))
-""" % URI
+    print(json.dumps([e.extra for e in s.query(AssetEvent).all() if (e.extra or {}).get("landing_uri") == URI]))
+""".replace("URI", repr(URI))
 
 
 def _asset_events(env) -> list[dict]:

@@ -9,11 +9,11 @@ import pytest
 from PIL import EpsImagePlugin, Image
 
 from pipeline.adapters.profiles import form_overrides, merged_params
+from pipeline.adapters.storage import ObjectInfo
 from pipeline.core.config import config_from_dict
 from pipeline.core.errors import ConfigError
 from pipeline.core.images import check_decode, decode_rgb, read_header
 from pipeline.stages.ingest import _describe
-from pipeline.adapters.storage import ObjectInfo
 
 pytestmark = pytest.mark.security
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,10 +125,10 @@ def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, local_regis
     import torch
     from mlflow.pyfunc import PythonModel
 
+    from pipeline.adapters.serving import encode_image_file
     from pipeline.commands.predict import load_model
     from pipeline.core import checkpoints
     from pipeline.stages.register import score_version
-    from pipeline.adapters.serving import encode_image_file
 
     marker = tmp_path / "PWNED"
 
@@ -390,10 +390,10 @@ def test_hostile_keys_and_containers_each_get_a_reason_and_the_run_goes_on(s3, t
     limits and image containers. Each hostile object becomes a quarantine row with its reason; good ones stay."""
     import unicodedata
 
-    from tests.integration.helpers import png_bytes
     from pipeline.core.io import read_csv
     from pipeline.stages.ingest import run_ingest
     from pipeline.stages.validate import run_validate
+    from tests.integration.helpers import png_bytes
 
     nfc = unicodedata.normalize("NFC", "가.png")
     hostile = {  # key below the prefix -> (bytes, fragment of the reason)

@@ -11,8 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.core.calibration import (calibrate, expected_calibration_error, fit_temperature, reliability_bins,
-                                       temperature_scale)
+from pipeline.core.calibration import (
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+    temperature_scale,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -79,8 +84,9 @@ def _png(seed: int) -> str:
 
 def test_the_pyfunc_serves_calibrated_confidence_and_the_same_labels(tmp_path):
     """BagModel reads the ``calibration`` artifact as MLflow hands it over; labels stay, confidence changes."""
-    import timm
     from types import SimpleNamespace
+
+    import timm
 
     from pipeline.adapters.serving import BagModel, read_temperature
     from pipeline.core import checkpoints

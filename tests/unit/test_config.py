@@ -1,8 +1,8 @@
 import pytest
 
+from pipeline.adapters.profiles import merged_params
 from pipeline.core.config import config_from_dict, deep_merge, load_config, parse_set, read_yaml
 from pipeline.core.errors import ConfigError
-from pipeline.adapters.profiles import merged_params
 
 pytestmark = pytest.mark.unit
 

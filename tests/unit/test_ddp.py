@@ -214,8 +214,8 @@ def test_sharded_batch_sampler_cuts_a_partial_batch_to_equal_shards():
 
 
 def test_batch_size_must_split_over_the_processes(tmp_path):
-    from pipeline.core.errors import ConfigError
     from pipeline.core.distributed import Dist
+    from pipeline.core.errors import ConfigError
     from pipeline.stages.train import _run_train
 
     cfg = config_from_dict(PARAMS)

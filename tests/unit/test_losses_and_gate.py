@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.gate import gate
 from pipeline.core.gate_stats import paired_bootstrap, weighted_f1, weighted_f1_from_counts
 from pipeline.core.losses import FocalLoss
-from pipeline.core.gate import gate
 
 pytestmark = pytest.mark.unit
 

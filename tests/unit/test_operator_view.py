@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC
 
 import pytest
 
@@ -106,9 +107,9 @@ def test_recent_runs_show_each_runs_prefix_and_quarantine_counts(plugin):
 
 
 def test_watch_section_shows_when_the_data_watch_fired_and_the_fingerprint(plugin):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    events = [{"timestamp": datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc), "source_run_id": "w1",
+    events = [{"timestamp": datetime(2026, 11, 26, 20, 0, tzinfo=UTC), "source_run_id": "w1",
                "extra": {"landing_uri": "s3://landing/곰팡이/", "fingerprint": "ab" * 32, "objects": 25}}]
     html = plugin.watch_section(events, {"s3://landing/곰팡이/": "ab" * 32})
     assert "2026-11-26 20:00:00+00:00" in html and "s3://landing/곰팡이/" in html and "abababababababab" in html

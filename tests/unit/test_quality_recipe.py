@@ -15,9 +15,9 @@ import yaml
 
 from pipeline.core.data import fold_of_groups, member_indices
 from pipeline.core.features import build_features, prefix_key, split_frozen
+from pipeline.core.gate import gate
 from pipeline.core.models import apply_freeze
 from pipeline.core.oob import in_bag_matrix
-from pipeline.core.gate import gate
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
