@@ -56,6 +56,8 @@ ROWS: dict[str, tuple[str, dict | None, bool]] = {  # name -> (what changed, ove
                {"bag": {"seeds": [0, 1, 2], "bootstrap": False, "folds": True}}, True),
     "all": ("new cpu-demo profile (all of the above)", None, True),
     "all-seeds345": ("new cpu-demo profile, member seeds 3,4,5", {"bag": {"seeds": [3, 4, 5]}}, True),
+    "all-nofolds": ("new cpu-demo profile, each member on all train images (bag.folds false)",
+                    {"bag": {"folds": False}}, True),
 }
 
 
@@ -68,7 +70,7 @@ def row_params(name: str) -> dict:
     from pipeline.core.config import deep_merge
 
     _, overrides, _ = ROWS[name]
-    if overrides is None or name == "all-seeds345":
+    if name.startswith("all"):  # the committed cpu-demo profile, changed by its overrides
         over = deep_merge(DATA, overrides or {})
     else:
         over = deep_merge(deep_merge(DATA, BASELINE), overrides)
