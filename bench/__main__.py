@@ -8,6 +8,7 @@
 
 Prints ``KEY=value`` lines and rewrites the generated block of docs/BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,15 @@ def main() -> int:
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
     tag = "bench" if set(which) <= {"data", "train"} else "bench-" + "-".join(which)
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    body = (f"{start}\nLast `python -m bench {' '.join(which)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}):\n\n"
-            f"| key | value |\n|---|---|\n{block}\n{end}")
-    text = text[:text.index(start)] + body + text[text.index(end) + len(end):] if start in text else text + "\n" + body + "\n"
+    body = (
+        f"{start}\nLast `python -m bench {' '.join(which)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}):\n\n"
+        f"| key | value |\n|---|---|\n{block}\n{end}"
+    )
+    text = (
+        text[: text.index(start)] + body + text[text.index(end) + len(end) :]
+        if start in text
+        else text + "\n" + body + "\n"
+    )
     doc.write_text(text, encoding="utf-8")
     return 0
 

@@ -13,6 +13,7 @@ batch 64 and 160 px batch 32. Each setting runs in its own process (glibc reads 
 with the minor page faults per second and the share of system time in the process. Medians of 6 steps after
 one warm-up. Prints KEY=value lines and a Markdown table.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def child() -> dict:
         model, _ = create_model("efficientnet_lite0", 8, "pypi", "all_but_last:2")
         model = model.to(memory_format=torch.channels_last)
         split = split_frozen(model, "all_but_last:2")
-        frozen_bn = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                     and not any(p.requires_grad for p in m.parameters())]
+        frozen_bn = [
+            m
+            for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
+        ]
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 8, (batch,))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -76,13 +80,17 @@ def child() -> dict:
                 split.prefix(x)
 
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        res = {"train": batch / _timed(lambda: step(model, x), STEPS),
-               "tail": batch / _timed(lambda: step(split.tail, feats), STEPS),
-               "prefix": batch / _timed(prefix, STEPS), "infer": batch / _timed(infer, STEPS)}
+        res = {
+            "train": batch / _timed(lambda: step(model, x), STEPS),
+            "tail": batch / _timed(lambda: step(split.tail, feats), STEPS),
+            "prefix": batch / _timed(prefix, STEPS),
+            "infer": batch / _timed(infer, STEPS),
+        }
         r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
         res["faults_per_s"] = (r1.ru_minflt - r0.ru_minflt) / wall
-        res["system_share"] = (r1.ru_stime - r0.ru_stime) / max((r1.ru_utime - r0.ru_utime)
-                                                                + (r1.ru_stime - r0.ru_stime), 1e-9)
+        res["system_share"] = (r1.ru_stime - r0.ru_stime) / max(
+            (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 1e-9
+        )
         out[f"{size}"] = res
     return out
 
@@ -91,8 +99,9 @@ def _run_child(tuned: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if tuned:
         env["GLIBC_TUNABLES"] = TUNED
-    proc = subprocess.run([sys.executable, "-m", "bench.cpu_speed", "--child"], env=env, capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.cpu_speed", "--child"], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -113,12 +122,17 @@ def keys(default: dict, tuned: dict) -> dict[str, str]:
 
 
 def table(default: dict, tuned: dict) -> str:
-    lines = ["| shape | malloc | train img/s (whole model) | tail img/s (cached) | prefix img/s | infer img/s | "
-             "minor faults/s | system time share |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | malloc | train img/s (whole model) | tail img/s (cached) | prefix img/s | infer img/s | "
+        "minor faults/s | system time share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for size, batch in SHAPES:
         for name, r in (("default", default[str(size)]), ("tuned", tuned[str(size)])):
-            lines.append(f"| {size} px, batch {batch} | {name} | {r['train']:.1f} | {r['tail']:.1f} | "
-                         f"{r['prefix']:.1f} | {r['infer']:.1f} | {r['faults_per_s']:.0f} | {r['system_share']:.2f} |")
+            lines.append(
+                f"| {size} px, batch {batch} | {name} | {r['train']:.1f} | {r['tail']:.1f} | "
+                f"{r['prefix']:.1f} | {r['infer']:.1f} | {r['faults_per_s']:.0f} | {r['system_share']:.2f} |"
+            )
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ Runs on the installed ELPV files (2,624 real PNGs, 300x300) and on a synthetic s
 (256x256 RGB noise + gradient, written once to a temp folder), without S3 (that is the ingest's network cost,
 measured separately in docs/BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,10 @@ def _throughput(files: list[tuple[Path, str]], raw_dir: Path) -> tuple[float, fl
     """(manifest img/s, decode img/s, GX suite seconds, whole manifest+validate img/s)."""
     cfg = config_from_dict({"data": {"landing_uri": "s3://bench/x/"}})
     t0 = time.perf_counter()
-    rows = [_describe(fp, fp.relative_to(raw_dir).as_posix(), cls, ObjectInfo(str(fp), "", fp.stat().st_size))
-            for fp, cls in files]
+    rows = [
+        _describe(fp, fp.relative_to(raw_dir).as_posix(), cls, ObjectInfo(str(fp), "", fp.stat().st_size))
+        for fp, cls in files
+    ]
     t1 = time.perf_counter()
     table = decode_table(raw_dir, rows, cfg.validate.max_pixels)
     t2 = time.perf_counter()
@@ -65,7 +68,13 @@ def run() -> dict[str, str]:
                 res = _throughput(_synthetic(Path(tmp), N_SYNTH), Path(tmp))
         else:
             res = fn()
-        out.update({f"MANIFEST_IMG_S_{name}": f"{res[0]:.0f}", f"DECODE_IMG_S_{name}": f"{res[1]:.0f}",
-                    f"GX_SUITE_SECONDS_{name}": f"{res[2]:.1f}", f"MANIFEST_VALIDATE_IMG_S_{name}": f"{res[3]:.0f}"})
+        out.update(
+            {
+                f"MANIFEST_IMG_S_{name}": f"{res[0]:.0f}",
+                f"DECODE_IMG_S_{name}": f"{res[1]:.0f}",
+                f"GX_SUITE_SECONDS_{name}": f"{res[2]:.1f}",
+                f"MANIFEST_VALIDATE_IMG_S_{name}": f"{res[3]:.0f}",
+            }
+        )
     out["SYNTH_IMAGES"] = str(N_SYNTH)
     return out

@@ -14,6 +14,7 @@ Starts a private stack (SeaweedFS, MLflow, Airflow api-server/scheduler/dag-proc
 
 Prints ``KEY=value`` lines with the timing of every step.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,11 +33,18 @@ def run() -> dict[str, str]:
     from pipeline.adapters import storage
 
     root = Path(tempfile.mkdtemp(prefix="event-loop-"))
-    env = {"S3_PORT": "16333", "MLFLOW_PORT": "15000", "AIRFLOW_PORT": "18080",
-           "AWS_ENDPOINT_URL": "http://127.0.0.1:16333", "MLFLOW_TRACKING_URI": "http://127.0.0.1:15000",
-           "PIPELINE_LOCAL": str(root), "PIPELINE_WORKSPACE": str(root / "workspace"),
-           "AIRFLOW_HOME": str(root / "airflow"), "PIPELINE_PROFILE": os.environ.get("BENCH_LOOP_PROFILE", "cpu-demo"),
-           "PIPELINE_LANDING_URI": LANDING}
+    env = {
+        "S3_PORT": "16333",
+        "MLFLOW_PORT": "15000",
+        "AIRFLOW_PORT": "18080",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:16333",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:15000",
+        "PIPELINE_LOCAL": str(root),
+        "PIPELINE_WORKSPACE": str(root / "workspace"),
+        "AIRFLOW_HOME": str(root / "airflow"),
+        "PIPELINE_PROFILE": os.environ.get("BENCH_LOOP_PROFILE", "cpu-demo"),
+        "PIPELINE_LANDING_URI": LANDING,
+    }
     old = dict(os.environ)
     os.environ.update(env)
     storage._CLIENTS.clear()
@@ -67,7 +75,7 @@ def run() -> dict[str, str]:
         out["LOOP_UPLOAD_IMAGES"] = str(len(chosen))
         out["LOOP_UPLOAD_S"] = f"{time.monotonic() - t:.1f}"
 
-        steps = [("FIRST", None), ("SAME_DATA", None), ("PLUS20", rest[::max(1, len(rest) // 20)][:20])]
+        steps = [("FIRST", None), ("SAME_DATA", None), ("PLUS20", rest[:: max(1, len(rest) // 20)][:20])]
         for name, extra in steps:
             if extra:
                 for it in extra:

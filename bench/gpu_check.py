@@ -20,6 +20,7 @@ Run-time imports: torch, timm, numpy, PIL, scikit-learn, PyYAML, tqdm and, of th
 split and train stages and the DACON fixture; nothing of MLflow, Airflow, DVC, boto3 or matplotlib, which a bare
 GPU box lacks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,15 +63,37 @@ class Plan:
 
 
 # The committed recipe's values, pinned so that the check measures what the brief names even if params change.
-GPU = Plan("gpu", {"model": {"backbone": "tf_efficientnetv2_m", "img_size": 384},
-                   "train": {"amp": "bf16", "channels_last": True, "num_workers": 4, "batch_size": 16,
-                             "device": "cuda"}},
-           (0.25, 28), warmup=3, steps=10, compile_backend="inductor", compile_reserve_s=150, budget_s=420)
-TINY = Plan("tiny", {"model": {"backbone": "test_efficientnet", "img_size": 32},
-                     "train": {"amp": "none", "channels_last": True, "num_workers": 2, "batch_size": 16}},
-            (0.0, 2), warmup=1, steps=3, compile_backend="eager", compile_reserve_s=5, budget_s=240)
-COMMON = {"model": {"weights": "none", "freeze": "none"}, "train": {"epochs": 1, "device": "auto"},
-          "bag": {"seeds": [0], "bootstrap": True}}
+GPU = Plan(
+    "gpu",
+    {
+        "model": {"backbone": "tf_efficientnetv2_m", "img_size": 384},
+        "train": {"amp": "bf16", "channels_last": True, "num_workers": 4, "batch_size": 16, "device": "cuda"},
+    },
+    (0.25, 28),
+    warmup=3,
+    steps=10,
+    compile_backend="inductor",
+    compile_reserve_s=150,
+    budget_s=420,
+)
+TINY = Plan(
+    "tiny",
+    {
+        "model": {"backbone": "test_efficientnet", "img_size": 32},
+        "train": {"amp": "none", "channels_last": True, "num_workers": 2, "batch_size": 16},
+    },
+    (0.0, 2),
+    warmup=1,
+    steps=3,
+    compile_backend="eager",
+    compile_reserve_s=5,
+    budget_s=240,
+)
+COMMON = {
+    "model": {"weights": "none", "freeze": "none"},
+    "train": {"epochs": 1, "device": "auto"},
+    "bag": {"seeds": [0], "bootstrap": True},
+}
 
 
 class Report:
@@ -149,8 +172,10 @@ def report_environment(rep: Report, plan: Plan, cfg, device: torch.device) -> No
     rep.put("MODEL", f"{cfg.model.backbone}@{cfg.model.img_size}")
     rep.put("BATCH", cfg.train.batch_size)
     rep.put("LOADER_WORKERS", cfg.train.num_workers)
-    rep.put("OURS_RECIPE", f"{'bf16' if cfg.train.amp == 'bf16' else 'fp32'}+"
-                           f"{'channels_last' if cfg.train.channels_last else 'nchw'}")
+    rep.put(
+        "OURS_RECIPE",
+        f"{'bf16' if cfg.train.amp == 'bf16' else 'fp32'}+{'channels_last' if cfg.train.channels_last else 'nchw'}",
+    )
     rep.put("COMPILE_BACKEND", plan.compile_backend)
     rep.put("PEAK_MEM_KIND", "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_max_rss")
 
@@ -172,8 +197,15 @@ def make_split(rep: Report, cfg, raw_dir: Path, work: Path) -> Path:
     from pipeline.core.io import sha256_file, write_csv
     from pipeline.stages.split import run_split
 
-    rows = [{"path": fp.relative_to(raw_dir).as_posix(), "class_name": unicodedata.normalize("NFC", fp.parent.name),
-             "sha256": sha256_file(fp)} for fp in sorted(raw_dir.rglob("*")) if fp.is_file()]
+    rows = [
+        {
+            "path": fp.relative_to(raw_dir).as_posix(),
+            "class_name": unicodedata.normalize("NFC", fp.parent.name),
+            "sha256": sha256_file(fp),
+        }
+        for fp in sorted(raw_dir.rglob("*"))
+        if fp.is_file()
+    ]
     write_csv(work / "validated.csv", rows, ["path", "class_name", "sha256"])
     report = run_split(cfg, work / "validated.csv", work / "split.csv", work / "split.json")
     for part in ("train", "val", "test"):
@@ -201,8 +233,9 @@ def run_train_epoch(rep: Report, cfg, split_fp: Path, raw_dir: Path, work: Path,
     return work / "member_0"
 
 
-def evaluate_member(rep: Report, cfg, split_fp: Path, raw_dir: Path, member_dir: Path, work: Path,
-                    device: torch.device) -> None:
+def evaluate_member(
+    rep: Report, cfg, split_fp: Path, raw_dir: Path, member_dir: Path, work: Path, device: torch.device
+) -> None:
     """The trained member scored on the test split on ``device``, through the bag predictor evaluate uses."""
     from sklearn.metrics import f1_score
 
@@ -220,12 +253,12 @@ def evaluate_member(rep: Report, cfg, split_fp: Path, raw_dir: Path, member_dir:
     rep.put("EVAL_IMAGES", len(images))
     rep.put("EVAL_SECONDS", seconds)
     rep.put("EVAL_IMG_S", len(images) / max(seconds, 1e-9))
-    rep.put("EVAL_WEIGHTED_F1", float(f1_score(split.labels["test"], probs.argmax(1), average="weighted",
-                                               zero_division=0)))
+    rep.put(
+        "EVAL_WEIGHTED_F1", float(f1_score(split.labels["test"], probs.argmax(1), average="weighted", zero_division=0))
+    )
 
 
-def bench_variant(rep: Report, plan: Plan, cfg, device: torch.device, name: str, ours: bool,
-                  compiled: bool) -> float:
+def bench_variant(rep: Report, plan: Plan, cfg, device: torch.device, name: str, ours: bool, compiled: bool) -> float:
     """Median train-step img/s of one variant: ``ours`` = the recipe's amp/channels_last, else fp32 NCHW."""
     from pipeline.core.engine import train_step
     from pipeline.core.losses import FocalLoss
@@ -270,13 +303,19 @@ def bench_variant(rep: Report, plan: Plan, cfg, device: torch.device, name: str,
 
 def run_benchmark(rep: Report, plan: Plan, cfg, device: torch.device, deadline: float) -> None:
     """Four variants; compiled ones last and only while the time budget allows (a compile takes minutes)."""
-    variants = (("PLAIN", False, False), ("OURS", True, False), ("OURS_COMPILE", True, True),
-                ("PLAIN_COMPILE", False, True))
+    variants = (
+        ("PLAIN", False, False),
+        ("OURS", True, False),
+        ("OURS_COMPILE", True, True),
+        ("PLAIN_COMPILE", False, True),
+    )
     for name, ours, compiled in variants:
         left = deadline - time.monotonic()
         if compiled and left < plan.compile_reserve_s:
-            rep.put(f"STEP_bench_{name.lower()}", f"skipped: {left:.0f} s of the time budget left, a compile "
-                                                  f"needs about {plan.compile_reserve_s:.0f}")
+            rep.put(
+                f"STEP_bench_{name.lower()}",
+                f"skipped: {left:.0f} s of the time budget left, a compile needs about {plan.compile_reserve_s:.0f}",
+            )
             continue
         rep.step(f"bench_{name.lower()}", lambda: bench_variant(rep, plan, cfg, device, name, ours, compiled))
     v = rep.values
@@ -332,8 +371,9 @@ def run(plan: Plan, out_dir: Path | None, work: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="folder for gpu_check.json (rewritten after every step)")
-    parser.add_argument("--variant", choices=("auto", "gpu", "tiny"), default="auto",
-                        help="auto: gpu where torch sees CUDA, else tiny")
+    parser.add_argument(
+        "--variant", choices=("auto", "gpu", "tiny"), default="auto", help="auto: gpu where torch sees CUDA, else tiny"
+    )
     parser.add_argument("--budget-s", type=float, help="time budget; compiled variants are skipped past it")
     parser.add_argument("--work", type=Path, help="keep the generated data and model here (default: a temp dir)")
     args = parser.parse_args(argv)

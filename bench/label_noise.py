@@ -18,6 +18,7 @@ Prints progress and a table; writes ``results.json`` under the output folder (``
 default, git-ignored). Precision = flagged images that were flipped / flagged (val images can be flagged too: they
 count against precision); recall = flipped images flagged / flipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,12 @@ def build_config(epochs: int, img_size: int, seeds: list[int], threads: int):
     from pipeline.adapters.profiles import merged_params
     from pipeline.core.config import config_from_dict
 
-    overrides = {"bag": {"seeds": seeds, "bootstrap": False, "folds": True},
-                 "train": {"num_threads": threads, **({"epochs": epochs} if epochs else {})},
-                 "model": {"img_size": img_size} if img_size else {}, "data": {"landing_uri": "s3://bench/elpv/"}}
+    overrides = {
+        "bag": {"seeds": seeds, "bootstrap": False, "folds": True},
+        "train": {"num_threads": threads, **({"epochs": epochs} if epochs else {})},
+        "model": {"img_size": img_size} if img_size else {},
+        "data": {"landing_uri": "s3://bench/elpv/"},
+    }
     params = merged_params(ROOT, "cpu-demo", overrides)
     params["backbones"] = {}  # the bag only: evaluate scores no single backbones here
     return config_from_dict(params), params
@@ -71,8 +75,9 @@ def lay_out_elpv(raw_dir: Path, manifest_fp: Path, limit_per_class: int) -> int:
     return len(rows)
 
 
-def flip_train_labels(validated: list[dict], clean_split: list[dict], fraction: float, seed: int
-                      ) -> tuple[list[dict], dict[str, tuple[str, str]]]:
+def flip_train_labels(
+    validated: list[dict], clean_split: list[dict], fraction: float, seed: int
+) -> tuple[list[dict], dict[str, tuple[str, str]]]:
     """``validated`` with ``fraction`` of the clean split's train images given a random other class (seeded)."""
     n_flip = round(fraction * sum(r["split"] == "train" for r in clean_split))
     classes = sorted({r["class_name"] for r in validated})
@@ -108,12 +113,19 @@ def train_and_evaluate(cfg, name: str, split_fp: Path, raw_dir: Path, work: Path
             continue
         meta = run_train(cfg, split_fp, raw_dir, seed, out_dir, cache, work / ".checkpoints")
         best = meta.get("best_val_weighted_f1")
-        _say(f"{name}: member_{seed} trained (best val weighted F1 {best if best is None else round(best, 4)}, "
-             f"{meta.get('train_seconds', 0):.0f} s)", t0)
-    metrics = run_evaluate(cfg, split_fp, raw_dir, models, work / "metrics" / "eval.json", work / "reports" / "eval",
-                           cache)
-    _say(f"{name}: test weighted F1 {metrics['weighted_f1']:.4f} (macro {metrics['macro_f1']:.4f}, "
-         f"n_test {metrics['n_test']})", t0)
+        _say(
+            f"{name}: member_{seed} trained (best val weighted F1 {best if best is None else round(best, 4)}, "
+            f"{meta.get('train_seconds', 0):.0f} s)",
+            t0,
+        )
+    metrics = run_evaluate(
+        cfg, split_fp, raw_dir, models, work / "metrics" / "eval.json", work / "reports" / "eval", cache
+    )
+    _say(
+        f"{name}: test weighted F1 {metrics['weighted_f1']:.4f} (macro {metrics['macro_f1']:.4f}, "
+        f"n_test {metrics['n_test']})",
+        t0,
+    )
     return metrics
 
 
@@ -127,19 +139,24 @@ def run() -> dict[str, str]:
     r = measure([])
     f, w = r["finder"], r["weighted_f1"]
     gap = r["gap_recovered"]
-    return {"LABEL_NOISE_FLAGGED": str(f["flagged"]), "LABEL_NOISE_PRECISION": f"{f['precision']:.3f}",
-            "LABEL_NOISE_RECALL": f"{f['recall']:.3f}", "LABEL_NOISE_WF1_NOISY": f"{w['a_noisy']:.4f}",
-            "LABEL_NOISE_WF1_NOISY_MINUS_FLAGGED": f"{w['b_noisy_minus_flagged']:.4f}",
-            "LABEL_NOISE_WF1_CLEAN": f"{w['c_clean']:.4f}",
-            "LABEL_NOISE_GAP_RECOVERED": "n/a" if gap is None else f"{gap:.3f}",
-            "LABEL_NOISE_WALL_S": f"{r['wall_seconds']:.0f}"}
+    return {
+        "LABEL_NOISE_FLAGGED": str(f["flagged"]),
+        "LABEL_NOISE_PRECISION": f"{f['precision']:.3f}",
+        "LABEL_NOISE_RECALL": f"{f['recall']:.3f}",
+        "LABEL_NOISE_WF1_NOISY": f"{w['a_noisy']:.4f}",
+        "LABEL_NOISE_WF1_NOISY_MINUS_FLAGGED": f"{w['b_noisy_minus_flagged']:.4f}",
+        "LABEL_NOISE_WF1_CLEAN": f"{w['c_clean']:.4f}",
+        "LABEL_NOISE_GAP_RECOVERED": "n/a" if gap is None else f"{gap:.3f}",
+        "LABEL_NOISE_WALL_S": f"{r['wall_seconds']:.0f}",
+    }
 
 
 def measure(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.label_noise", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--limit-per-class", type=int, default=150,
-                    help="first N ELPV images per class (0 = all 2,624; 150 = 973)")
+    ap.add_argument(
+        "--limit-per-class", type=int, default=150, help="first N ELPV images per class (0 = all 2,624; 150 = 973)"
+    )
     ap.add_argument("--epochs", type=int, default=0, help="0 = the cpu-demo profile's")
     ap.add_argument("--img-size", type=int, default=0, help="0 = the cpu-demo profile's")
     ap.add_argument("--seeds", default="0,1,2", help="bag member seeds")
@@ -165,8 +182,15 @@ def measure(argv: list[str] | None = None) -> dict:
     data = out / "data"
     n = lay_out_elpv(raw, data / "manifest.csv", args.limit_per_class)
     _say(f"ELPV laid out: {n} images", t0)
-    report = run_validate(cfg, raw, data / "manifest.csv", data / "ingest_rejects.csv", data / "validated.csv",
-                          data / "quarantine.csv", data / "validation.json")
+    report = run_validate(
+        cfg,
+        raw,
+        data / "manifest.csv",
+        data / "ingest_rejects.csv",
+        data / "validated.csv",
+        data / "quarantine.csv",
+        data / "validation.json",
+    )
     _say(f"validate: {report['validated']} validated, {report['quarantined']} quarantined", t0)
     validated = read_csv(data / "validated.csv")
 
@@ -177,8 +201,11 @@ def measure(argv: list[str] | None = None) -> dict:
     clean_split = read_csv(runs["c_clean"] / "split.csv")
     noisy, flips = flip_train_labels(validated, clean_split, args.noise, args.noise_seed)
     write_csv(data / "validated_noisy.csv", noisy, VALIDATED_FIELDS)
-    write_csv(data / "flips.csv", [{"path": p, "true_class": t, "noisy_class": f}
-                                   for p, (t, f) in sorted(flips.items())], ["path", "true_class", "noisy_class"])
+    write_csv(
+        data / "flips.csv",
+        [{"path": p, "true_class": t, "noisy_class": f} for p, (t, f) in sorted(flips.items())],
+        ["path", "true_class", "noisy_class"],
+    )
     run_split(cfg, data / "validated_noisy.csv", runs["a_noisy"] / "split.csv", runs["a_noisy"] / "split.json")
     noisy_split = read_csv(runs["a_noisy"] / "split.csv")
     if held_out(noisy_split) != held_out(clean_split):
@@ -186,32 +213,58 @@ def measure(argv: list[str] | None = None) -> dict:
     n_train = sum(r["split"] == "train" for r in clean_split)
     _say(f"split: {n_train} train images, {len(flips)} flipped ({args.noise:.0%}); val/test identical", t0)
 
-    results: dict = {"recipe": {"profile": "cpu-demo", "backbone": cfg.model.backbone, "weights": cfg.model.weights,
-                                "freeze": cfg.model.freeze, "img_size": cfg.model.img_size,
-                                "epochs": cfg.train.epochs, "bag_seeds": list(cfg.bag.seeds),
-                                "bootstrap": cfg.bag.bootstrap, "folds": cfg.bag.folds, "images": n, "noise": args.noise,
-                                "noise_seed": args.noise_seed, "filter_by": cfg.label_issues.filter_by},
-                     "command": "python -m bench.label_noise " + " ".join(argv if argv is not None else sys.argv[1:]),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    results: dict = {
+        "recipe": {
+            "profile": "cpu-demo",
+            "backbone": cfg.model.backbone,
+            "weights": cfg.model.weights,
+            "freeze": cfg.model.freeze,
+            "img_size": cfg.model.img_size,
+            "epochs": cfg.train.epochs,
+            "bag_seeds": list(cfg.bag.seeds),
+            "bootstrap": cfg.bag.bootstrap,
+            "folds": cfg.bag.folds,
+            "images": n,
+            "noise": args.noise,
+            "noise_seed": args.noise_seed,
+            "filter_by": cfg.label_issues.filter_by,
+        },
+        "command": "python -m bench.label_noise " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
 
     a = train_and_evaluate(cfg, "(a) noisy", runs["a_noisy"] / "split.csv", raw, runs["a_noisy"], cache, t0)
-    summary = run_label_issues(cfg, runs["a_noisy"] / "split.csv", raw, runs["a_noisy"] / "models",
-                               runs["a_noisy"] / "reports" / "label_issues.csv",
-                               runs["a_noisy"] / "reports" / "label_issues.json",
-                               runs["a_noisy"] / "reports" / "label_issues.png", cache)
+    summary = run_label_issues(
+        cfg,
+        runs["a_noisy"] / "split.csv",
+        raw,
+        runs["a_noisy"] / "models",
+        runs["a_noisy"] / "reports" / "label_issues.csv",
+        runs["a_noisy"] / "reports" / "label_issues.json",
+        runs["a_noisy"] / "reports" / "label_issues.png",
+        cache,
+    )
     issues = read_csv(runs["a_noisy"] / "reports" / "label_issues.csv")
     flagged = {r["path"] for r in issues if r["issue"] == "True"}
     scored = {r["path"] for r in issues if r["rank"] != ""}
     hit = flagged & set(flips)
-    finder = {"flagged": len(flagged), "flagged_train": sum(1 for r in issues if r["issue"] == "True"
-                                                            and r["split"] == "train"),
-              "flipped": len(flips), "flipped_scored": len(set(flips) & scored), "true_positives": len(hit),
-              "precision": len(hit) / len(flagged) if flagged else 0.0,
-              "recall": len(hit) / len(flips) if flips else 0.0,
-              "recall_of_scored": len(hit) / len(set(flips) & scored) if set(flips) & scored else 0.0,
-              "n_scored": summary["n_scored"], "n_unscored": summary["n_unscored"]}
-    _say(f"label_issues: {finder['flagged']} flagged, precision {finder['precision']:.3f}, "
-         f"recall {finder['recall']:.3f} ({finder['true_positives']} of {len(flips)} flips)", t0)
+    finder = {
+        "flagged": len(flagged),
+        "flagged_train": sum(1 for r in issues if r["issue"] == "True" and r["split"] == "train"),
+        "flipped": len(flips),
+        "flipped_scored": len(set(flips) & scored),
+        "true_positives": len(hit),
+        "precision": len(hit) / len(flagged) if flagged else 0.0,
+        "recall": len(hit) / len(flips) if flips else 0.0,
+        "recall_of_scored": len(hit) / len(set(flips) & scored) if set(flips) & scored else 0.0,
+        "n_scored": summary["n_scored"],
+        "n_unscored": summary["n_unscored"],
+    }
+    _say(
+        f"label_issues: {finder['flagged']} flagged, precision {finder['precision']:.3f}, "
+        f"recall {finder['recall']:.3f} ({finder['true_positives']} of {len(flips)} flips)",
+        t0,
+    )
 
     # Other cleanlab rules on the same out-of-sample probabilities (no retraining): how precision trades for recall.
     import dataclasses
@@ -220,42 +273,74 @@ def measure(argv: list[str] | None = None) -> dict:
     for rule in ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"):
         rcfg = dataclasses.replace(cfg, label_issues=dataclasses.replace(cfg.label_issues, filter_by=rule))
         rdir = runs["a_noisy"] / "rules" / rule
-        run_label_issues(rcfg, runs["a_noisy"] / "split.csv", raw, runs["a_noisy"] / "models",
-                         rdir / "label_issues.csv", rdir / "label_issues.json", rdir / "label_issues.png", cache)
+        run_label_issues(
+            rcfg,
+            runs["a_noisy"] / "split.csv",
+            raw,
+            runs["a_noisy"] / "models",
+            rdir / "label_issues.csv",
+            rdir / "label_issues.json",
+            rdir / "label_issues.png",
+            cache,
+        )
         rflagged = {r["path"] for r in read_csv(rdir / "label_issues.csv") if r["issue"] == "True"}
         rhit = rflagged & set(flips)
-        rules[rule] = {"flagged": len(rflagged), "true_positives": len(rhit),
-                       "precision": len(rhit) / len(rflagged) if rflagged else 0.0,
-                       "recall": len(rhit) / len(flips) if flips else 0.0}
-        _say(f"rule {rule}: {len(rflagged)} flagged, precision {rules[rule]['precision']:.3f}, "
-             f"recall {rules[rule]['recall']:.3f}", t0)
+        rules[rule] = {
+            "flagged": len(rflagged),
+            "true_positives": len(rhit),
+            "precision": len(rhit) / len(rflagged) if rflagged else 0.0,
+            "recall": len(rhit) / len(flips) if flips else 0.0,
+        }
+        _say(
+            f"rule {rule}: {len(rflagged)} flagged, precision {rules[rule]['precision']:.3f}, "
+            f"recall {rules[rule]['recall']:.3f}",
+            t0,
+        )
     results["rules"] = rules
 
     excl = exclusion_rows(issues, noisy_split, "bench-a", "bench-a")
     write_csv(data / "label_exclusions.csv", excl, EXCLUSION_FIELDS)
-    split_b = run_split(cfg, data / "validated_noisy.csv", runs["b_noisy_minus_flagged"] / "split.csv",
-                        runs["b_noisy_minus_flagged"] / "split.json", data / "label_exclusions.csv")
+    split_b = run_split(
+        cfg,
+        data / "validated_noisy.csv",
+        runs["b_noisy_minus_flagged"] / "split.csv",
+        runs["b_noisy_minus_flagged"] / "split.json",
+        data / "label_exclusions.csv",
+    )
     b_held = held_out(read_csv(runs["b_noisy_minus_flagged"] / "split.csv"))
     if {k for k in b_held if k[2] == "test"} != {k for k in held_out(clean_split) if k[2] == "test"}:
         raise SystemExit("the exclusion run's test split differs from the clean split's")
     _say(f"split with exclusions: {split_b['excluded']}", t0)
-    b = train_and_evaluate(cfg, "(b) noisy minus flagged", runs["b_noisy_minus_flagged"] / "split.csv", raw,
-                           runs["b_noisy_minus_flagged"], cache, t0)
+    b = train_and_evaluate(
+        cfg,
+        "(b) noisy minus flagged",
+        runs["b_noisy_minus_flagged"] / "split.csv",
+        raw,
+        runs["b_noisy_minus_flagged"],
+        cache,
+        t0,
+    )
     c = train_and_evaluate(cfg, "(c) clean", runs["c_clean"] / "split.csv", raw, runs["c_clean"], cache, t0)
 
     fa, fb, fc = a["weighted_f1"], b["weighted_f1"], c["weighted_f1"]
-    results.update({"finder": finder, "excluded": split_b["excluded"],
-                    "weighted_f1": {"a_noisy": fa, "b_noisy_minus_flagged": fb, "c_clean": fc},
-                    "macro_f1": {"a_noisy": a["macro_f1"], "b_noisy_minus_flagged": b["macro_f1"],
-                                 "c_clean": c["macro_f1"]},
-                    "n_test": a["n_test"],
-                    "gap_recovered": (fb - fa) / (fc - fa) if fc != fa else None,
-                    "wall_seconds": round(time.time() - t0, 1)})
+    results.update(
+        {
+            "finder": finder,
+            "excluded": split_b["excluded"],
+            "weighted_f1": {"a_noisy": fa, "b_noisy_minus_flagged": fb, "c_clean": fc},
+            "macro_f1": {"a_noisy": a["macro_f1"], "b_noisy_minus_flagged": b["macro_f1"], "c_clean": c["macro_f1"]},
+            "n_test": a["n_test"],
+            "gap_recovered": (fb - fa) / (fc - fa) if fc != fa else None,
+            "wall_seconds": round(time.time() - t0, 1),
+        }
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"| finder precision | {finder['precision']:.3f} |\n| finder recall | {finder['recall']:.3f} |\n"
-          f"| flagged | {finder['flagged']} |\n| (a) noisy wF1 | {fa:.4f} |\n| (b) noisy - flagged wF1 | {fb:.4f} |\n"
-          f"| (c) clean wF1 | {fc:.4f} |\n| gap recovered | {results['gap_recovered']} |\n"
-          f"| wall | {results['wall_seconds']:.0f} s |")
+    print(
+        f"| finder precision | {finder['precision']:.3f} |\n| finder recall | {finder['recall']:.3f} |\n"
+        f"| flagged | {finder['flagged']} |\n| (a) noisy wF1 | {fa:.4f} |\n| (b) noisy - flagged wF1 | {fb:.4f} |\n"
+        f"| (c) clean wF1 | {fc:.4f} |\n| gap recovered | {results['gap_recovered']} |\n"
+        f"| wall | {results['wall_seconds']:.0f} s |"
+    )
     print(f"results: {out / 'results.json'}")
     return results
 

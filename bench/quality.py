@@ -21,6 +21,7 @@ Every F1 is on the same test images; ``Δ`` and its 95 % interval are a paired b
 ``pipeline.core.gate_stats``) of the row against ``baseline``. Writes ``results.json`` under ``--out`` and the
 table into docs/BENCHMARKS.md ("Quality ablation").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,26 +39,40 @@ DEFAULT_OUT = ROOT / ".local" / "bench" / "quality"
 TUNED = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 DATA = {"data": {"landing_uri": "s3://bench/elpv/"}, "train": {"num_threads": 2}}
 # The cpu-demo profile before this benchmark (git show 18ef2e3:profiles/cpu-demo.yaml), spelled out key by key.
-BASELINE = {"model": {"img_size": 160, "tta": False},
-            "train": {"epochs": 4, "sampler_power": 1.0, "flip_default": "both", "cache_frozen": False},
-            "bag": {"seeds": [0, 1], "bootstrap": True, "folds": False}}
+BASELINE = {
+    "model": {"img_size": 160, "tta": False},
+    "train": {"epochs": 4, "sampler_power": 1.0, "flip_default": "both", "cache_frozen": False},
+    "bag": {"seeds": [0, 1], "bootstrap": True, "folds": False},
+}
 ROWS: dict[str, tuple[str, dict | None, bool]] = {  # name -> (what changed, overrides or None = cpu-demo, tuned)
     "baseline": ("old cpu-demo (160 px, 4 epochs, 2 bootstrap members)", BASELINE, False),
     "+malloc": ("+ glibc malloc thresholds (PIPELINE_MALLOC)", BASELINE, True),
     "+cache": ("+ frozen layers cached (train.cache_frozen)", {"train": {"cache_frozen": True}}, True),
-    "+224px": ("+ 224 px (model.img_size), with the cache", {"model": {"img_size": 224},
-                                                             "train": {"cache_frozen": True}}, True),
+    "+224px": (
+        "+ 224 px (model.img_size), with the cache",
+        {"model": {"img_size": 224}, "train": {"cache_frozen": True}},
+        True,
+    ),
     "+power0": ("+ sampler power 0 (train.sampler_power)", {"train": {"sampler_power": 0.0}}, True),
-    "+d4tta": ("+ 8 symmetries and TTA (flip_default d4, model.tta)",
-               {"train": {"flip_default": "d4"}, "model": {"tta": True}}, True),
+    "+d4tta": (
+        "+ 8 symmetries and TTA (flip_default d4, model.tta)",
+        {"train": {"flip_default": "d4"}, "model": {"tta": True}},
+        True,
+    ),
     "+ce": ("+ cross-entropy instead of focal loss (train.focal_gamma 0)", {"train": {"focal_gamma": 0.0}}, True),
     "+nocutmix": ("+ no CutMix (train.cutmix_prob 0)", {"train": {"cutmix_prob": 0.0}}, True),
-    "+folds": ("+ 3 fold members instead of 2 bootstrap ones (bag.folds)",
-               {"bag": {"seeds": [0, 1, 2], "bootstrap": False, "folds": True}}, True),
+    "+folds": (
+        "+ 3 fold members instead of 2 bootstrap ones (bag.folds)",
+        {"bag": {"seeds": [0, 1, 2], "bootstrap": False, "folds": True}},
+        True,
+    ),
     "all": ("new cpu-demo profile (all of the above)", None, True),
     "all-seeds345": ("new cpu-demo profile, member seeds 3,4,5", {"bag": {"seeds": [3, 4, 5]}}, True),
-    "all-nofolds": ("new cpu-demo profile, each member on all train images (bag.folds false)",
-                    {"bag": {"folds": False}}, True),
+    "all-nofolds": (
+        "new cpu-demo profile, each member on all train images (bag.folds false)",
+        {"bag": {"folds": False}},
+        True,
+    ),
 }
 
 
@@ -92,8 +107,15 @@ def prepare(out: Path, t0: float) -> Path:
     cfg = config_from_dict(row_params("baseline"))
     data = out / "data"
     n = lay_out_elpv(out / "raw", data / "manifest.csv", 0)
-    report = run_validate(cfg, out / "raw", data / "manifest.csv", data / "ingest_rejects.csv",
-                          data / "validated.csv", data / "quarantine.csv", data / "validation.json")
+    report = run_validate(
+        cfg,
+        out / "raw",
+        data / "manifest.csv",
+        data / "ingest_rejects.csv",
+        data / "validated.csv",
+        data / "quarantine.csv",
+        data / "validation.json",
+    )
     run_split(cfg, data / "validated.csv", split_fp, data / "split.json")
     _say(f"ELPV: {n} images, {report['validated']} validated, split written", t0)
     return split_fp
@@ -114,8 +136,10 @@ def run_row(name: str, out: Path, split_fp: Path) -> dict:
     cache = work / ".cache" / "images"
     started = time.perf_counter()
     fault0 = _rusage()
-    metas = [run_train(cfg, split_fp, out / "raw", seed, d, cache, work / ".checkpoints")
-             for seed, d in zip(cfg.bag.seeds, member_dirs(cfg.bag.seeds, work / "models"))]
+    metas = [
+        run_train(cfg, split_fp, out / "raw", seed, d, cache, work / ".checkpoints")
+        for seed, d in zip(cfg.bag.seeds, member_dirs(cfg.bag.seeds, work / "models"))
+    ]
     train_s = time.perf_counter() - started
     metrics = run_evaluate(cfg, split_fp, out / "raw", work / "models", work / "eval.json", work / "reports", cache)
     total_s = time.perf_counter() - started
@@ -125,15 +149,37 @@ def run_row(name: str, out: Path, split_fp: Path) -> dict:
     with open(work / "reports" / "predictions.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     per_class = json.loads((work / "reports" / "per_class.json").read_text(encoding="utf-8"))
-    return {"name": name, "weighted_f1": metrics["weighted_f1"], "macro_f1": metrics["macro_f1"],
-            "accuracy": metrics["accuracy"], "n_test": metrics["n_test"],
-            "per_class_f1": {r["class_name"]: r["f1"] for r in per_class},
-            "actual": [r["actual"] for r in rows], "predicted": [r["predicted"] for r in rows],
-            "train_seconds": round(train_s, 1), "wall_seconds": round(total_s, 1),
-            "minor_faults": fault1[0] - fault0[0], "system_seconds": round(fault1[1] - fault0[1], 1),
-            "malloc": os.environ.get("GLIBC_TUNABLES", ""), "members": [
-                {k: m.get(k) for k in ("seed", "img_size", "epochs_run", "best_epoch", "train_images",
-                                       "cache_frozen", "tta_variants", "train_seconds")} for m in metas]}
+    return {
+        "name": name,
+        "weighted_f1": metrics["weighted_f1"],
+        "macro_f1": metrics["macro_f1"],
+        "accuracy": metrics["accuracy"],
+        "n_test": metrics["n_test"],
+        "per_class_f1": {r["class_name"]: r["f1"] for r in per_class},
+        "actual": [r["actual"] for r in rows],
+        "predicted": [r["predicted"] for r in rows],
+        "train_seconds": round(train_s, 1),
+        "wall_seconds": round(total_s, 1),
+        "minor_faults": fault1[0] - fault0[0],
+        "system_seconds": round(fault1[1] - fault0[1], 1),
+        "malloc": os.environ.get("GLIBC_TUNABLES", ""),
+        "members": [
+            {
+                k: m.get(k)
+                for k in (
+                    "seed",
+                    "img_size",
+                    "epochs_run",
+                    "best_epoch",
+                    "train_images",
+                    "cache_frozen",
+                    "tta_variants",
+                    "train_seconds",
+                )
+            }
+            for m in metas
+        ],
+    }
 
 
 def _rusage() -> tuple[int, float]:
@@ -174,7 +220,7 @@ def run_peer(out: Path, split_fp: Path, budget_s: float) -> dict:
     def batches(items, tf, bs, shuffle, rng):
         order = rng.permutation(len(items)) if shuffle else np.arange(len(items))
         for i in range(0, len(order), bs):
-            chunk = [items[j] for j in order[i:i + bs]]
+            chunk = [items[j] for j in order[i : i + bs]]
             x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in chunk])
             yield x.contiguous(memory_format=torch.channels_last), torch.tensor([y for _, y in chunk])
 
@@ -219,13 +265,21 @@ def run_peer(out: Path, split_fp: Path, budget_s: float) -> dict:
     names = split.class_names
     y = split.labels["test"]
     per_class = f1_score(y, pred, average=None, labels=list(range(len(names))), zero_division=0)
-    return {"name": "peer", "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0)),
-            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-            "accuracy": float(accuracy_score(y, pred)), "n_test": len(y),
-            "per_class_f1": {c: float(per_class[i]) for i, c in enumerate(names)},
-            "actual": [names[i] for i in y], "predicted": [names[i] for i in pred],
-            "train_seconds": round(train_s, 1), "wall_seconds": round(time.perf_counter() - started, 1),
-            "epochs_completed": epoch, "history": history, "malloc": os.environ.get("GLIBC_TUNABLES", "")}
+    return {
+        "name": "peer",
+        "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "n_test": len(y),
+        "per_class_f1": {c: float(per_class[i]) for i, c in enumerate(names)},
+        "actual": [names[i] for i in y],
+        "predicted": [names[i] for i in pred],
+        "train_seconds": round(train_s, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "epochs_completed": epoch,
+        "history": history,
+        "malloc": os.environ.get("GLIBC_TUNABLES", ""),
+    }
 
 
 def _subprocess(args: list[str], tuned: bool, log: Path) -> dict:
@@ -234,8 +288,13 @@ def _subprocess(args: list[str], tuned: bool, log: Path) -> dict:
         env["GLIBC_TUNABLES"] = TUNED
     result = log.with_suffix(".json")
     with open(log, "w") as fh:
-        proc = subprocess.run([sys.executable, "-m", "bench.quality", *args, "--result", str(result)],
-                              cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.quality", *args, "--result", str(result)],
+            cwd=ROOT,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     if proc.returncode:
         raise SystemExit(f"{' '.join(args)} failed: see {log}")
     return json.loads(result.read_text())
@@ -246,27 +305,36 @@ def table(results: dict[str, dict]) -> str:
 
     base = results.get("baseline")
     classes = sorted(next(iter(results.values()))["per_class_f1"])
-    lines = ["| row | what changed | test wF1 | Δ vs baseline [95 % CI] | macro F1 | train s | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | what changed | test wF1 | Δ vs baseline [95 % CI] | macro F1 | train s | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        what = ROWS[name][0] if name in ROWS else ("plain timm fine-tune, same training seconds as `all`, "
-                                                   f"{r.get('epochs_completed')} epochs completed")
+        what = (
+            ROWS[name][0]
+            if name in ROWS
+            else (f"plain timm fine-tune, same training seconds as `all`, {r.get('epochs_completed')} epochs completed")
+        )
         if base is not None and name != "baseline":
             assert r["actual"] == base["actual"], "rows scored different test images"
             s = paired_bootstrap(r["actual"], r["predicted"], base["predicted"])
             delta = f"{s.delta:+.4f} [{s.ci_low:+.4f}, {s.ci_high:+.4f}]"
         else:
             delta = "—"
-        lines.append(f"| `{name}` | {what} | {r['weighted_f1']:.4f} | {delta} | {r['macro_f1']:.4f} | "
-                     f"{r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |")
-    lines += ["", "Per-class F1 (test):", "",
-              "| row | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        lines.append(
+            f"| `{name}` | {what} | {r['weighted_f1']:.4f} | {delta} | {r['macro_f1']:.4f} | "
+            f"{r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |"
+        )
+    lines += ["", "Per-class F1 (test):", "", "| row | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
     for name, r in results.items():
         lines.append(f"| `{name}` | " + " | ".join(f"{r['per_class_f1'][c]:.2f}" for c in classes) + " |")
     if "all" in results and "peer" in results:
         s = paired_bootstrap(results["all"]["actual"], results["all"]["predicted"], results["peer"]["predicted"])
-        lines += ["", f"`all` against `peer`: ΔwF1 {s.delta:+.4f} (95 % CI {s.ci_low:+.4f} to {s.ci_high:+.4f}), "
-                      f"P(Δ > 0) = {s.p_improve:.3f}, n = {s.n}."]
+        lines += [
+            "",
+            f"`all` against `peer`: ΔwF1 {s.delta:+.4f} (95 % CI {s.ci_low:+.4f} to {s.ci_high:+.4f}), "
+            f"P(Δ > 0) = {s.p_improve:.3f}, n = {s.n}.",
+        ]
     return "\n".join(lines)
 
 
@@ -275,10 +343,12 @@ def write_doc(text: str, command: str) -> None:
     body = doc.read_text(encoding="utf-8")
     start, end = "<!-- bench-quality:start -->", "<!-- bench-quality:end -->"
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_name()}"
-    block = (f"{start}\n`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}):\n\n"
-             f"{text}\n{end}")
-    body = (body[:body.index(start)] + block + body[body.index(end) + len(end):] if start in body
-            else body.rstrip("\n") + "\n\n## Quality ablation\n\n" + block + "\n")
+    block = f"{start}\n`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}):\n\n{text}\n{end}"
+    body = (
+        body[: body.index(start)] + block + body[body.index(end) + len(end) :]
+        if start in body
+        else body.rstrip("\n") + "\n\n## Quality ablation\n\n" + block + "\n"
+    )
     doc.write_text(body, encoding="utf-8")
 
 
@@ -304,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     split_fp = args.out / "data" / "split.csv"
     if args.row:
-        res = run_peer(args.out, split_fp, args.peer_budget) if args.row == "peer" else run_row(
-            args.row, args.out, split_fp)
+        res = (
+            run_peer(args.out, split_fp, args.peer_budget)
+            if args.row == "peer"
+            else run_row(args.row, args.out, split_fp)
+        )
         args.result.write_text(json.dumps(res, ensure_ascii=False) + "\n")
         return 0
     t0 = time.time()
@@ -323,14 +396,18 @@ def main(argv: list[str] | None = None) -> int:
             if "all" not in results:
                 raise SystemExit("the peer's budget is row `all`'s training time: run row all first")
             budget = results["all"]["train_seconds"]
-            r = _subprocess(["--out", str(args.out), "--row", "peer", "--peer-budget", str(budget)], True,
-                            logs / "peer.log")
+            r = _subprocess(
+                ["--out", str(args.out), "--row", "peer", "--peer-budget", str(budget)], True, logs / "peer.log"
+            )
         else:
             r = _subprocess(["--out", str(args.out), "--row", name], ROWS[name][2], logs / f"{name}.log")
         results[name] = r
         results_fp.write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n")
-        _say(f"{name}: test wF1 {r['weighted_f1']:.4f}, macro {r['macro_f1']:.4f}, train {r['train_seconds']:.0f} s, "
-             f"wall {r['wall_seconds']:.0f} s", t0)
+        _say(
+            f"{name}: test wF1 {r['weighted_f1']:.4f}, macro {r['macro_f1']:.4f}, train {r['train_seconds']:.0f} s, "
+            f"wall {r['wall_seconds']:.0f} s",
+            t0,
+        )
     order = [n for n in [*ROWS, "peer"] if n in results]
     text = table({n: results[n] for n in order})
     print(text)

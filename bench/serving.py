@@ -6,6 +6,7 @@ Starts the model server (``--env-manager local``) on a free 127.0.0.1 port, warm
 (a) single-image requests one at a time, (b) the same with 4 concurrent clients, (c) batches of 16 images,
 each phase capped by a request count and a time budget. Reports requests/s, images/s and p50/p95 latency.
 """
+
 from __future__ import annotations
 
 import base64
@@ -70,8 +71,13 @@ def _phase(url: str, payloads: list[list[str]], clients: int) -> dict[str, float
         list(pool.map(worker, range(clients)))
     wall = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
-    return {"requests": len(latencies), "req_s": len(latencies) / wall, "img_s": sum(sizes) / wall,
-            "p50_ms": statistics.median(latencies) * 1000, "p95_ms": q[18] * 1000}
+    return {
+        "requests": len(latencies),
+        "req_s": len(latencies) / wall,
+        "img_s": sum(sizes) / wall,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p95_ms": q[18] * 1000,
+    }
 
 
 def run() -> dict[str, str]:
@@ -81,9 +87,26 @@ def run() -> dict[str, str]:
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", model, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port), "-w", "1"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            mlflow_bin,
+            "models",
+            "serve",
+            "-m",
+            model,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/invocations"
     photos = _photos(64)
     try:
@@ -101,13 +124,19 @@ def run() -> dict[str, str]:
             _post(url, [p])
         single = _phase(url, [[p] for p in photos], clients=1)
         concurrent = _phase(url, [[p] for p in photos], clients=4)
-        batched = _phase(url, [photos[i:i + BATCH] for i in range(0, len(photos), BATCH)], clients=1)
+        batched = _phase(url, [photos[i : i + BATCH] for i in range(0, len(photos), BATCH)], clients=1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     out = {"SERVE_MODEL": model, "SERVE_READY_S": f"{ready_s:.1f}"}
     for name, r in (("SINGLE", single), ("SINGLE_4CLIENTS", concurrent), (f"BATCH{BATCH}", batched)):
-        out.update({f"SERVE_{name}_REQUESTS": str(r["requests"]), f"SERVE_{name}_REQ_S": f"{r['req_s']:.1f}",
-                    f"SERVE_{name}_IMG_S": f"{r['img_s']:.1f}", f"SERVE_{name}_P50_MS": f"{r['p50_ms']:.0f}",
-                    f"SERVE_{name}_P95_MS": f"{r['p95_ms']:.0f}"})
+        out.update(
+            {
+                f"SERVE_{name}_REQUESTS": str(r["requests"]),
+                f"SERVE_{name}_REQ_S": f"{r['req_s']:.1f}",
+                f"SERVE_{name}_IMG_S": f"{r['img_s']:.1f}",
+                f"SERVE_{name}_P50_MS": f"{r['p50_ms']:.0f}",
+                f"SERVE_{name}_P95_MS": f"{r['p95_ms']:.0f}",
+            }
+        )
     return out

@@ -3,6 +3,7 @@
 Also the loader: images/s the decoded-image cache + DataLoader deliver, against the model's img/s.
 Real images (ELPV) feed the loader; the model steps use a fixed batch so only the step is timed.
 """
+
 from __future__ import annotations
 
 import os

@@ -13,6 +13,7 @@ Amazon provider's S3 hook, the prefix must be stable for a settle window, and no
 equals the last one processed (an Airflow Variable, so it survives restarts). A photo that already has a
 result is never classified again, so a retry or an overlapping run does no double work.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -25,8 +26,9 @@ from pipeline.adapters import orchestration as orc
 @task(retries=2, retry_delay=timedelta(seconds=15), retry_exponential_backoff=True)
 def stable_photos() -> dict | None:
     p = get_current_context()["params"]
-    return orc.stable_listing(p["incoming_uri"], p["aws_conn_id"], p["settle_seconds"], p["max_checks"],
-                              exclude=orc.is_prediction_output)
+    return orc.stable_listing(
+        p["incoming_uri"], p["aws_conn_id"], p["settle_seconds"], p["max_checks"], exclude=orc.is_prediction_output
+    )
 
 
 @task(retries=3, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
@@ -48,16 +50,26 @@ def classify_new(found: dict | None) -> dict:
     doc_md=__doc__,
     default_args={"owner": "ml-ops", "retries": 1},
     params={
-        "incoming_uri": Param("s3://landing/incoming/", type="string", pattern=r"^s3://[^/]+/.*",
-                              description="photos to classify (any depth under this prefix)"),
-        "model_uri": Param(orc.default_model_uri(), type="string", pattern=r"^(models|runs):/[^\s]+$",
-                           description="MLflow model URI of the bag (models:/… or runs:/…; loaded from its "
-                           "weights, never unpickled)"),
+        "incoming_uri": Param(
+            "s3://landing/incoming/",
+            type="string",
+            pattern=r"^s3://[^/]+/.*",
+            description="photos to classify (any depth under this prefix)",
+        ),
+        "model_uri": Param(
+            orc.default_model_uri(),
+            type="string",
+            pattern=r"^(models|runs):/[^\s]+$",
+            description="MLflow model URI of the bag (models:/… or runs:/…; loaded from its weights, never unpickled)",
+        ),
         "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
         "settle_seconds": Param(30, type="integer", minimum=0, description="listings this far apart must agree"),
         "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),
-        "tta": Param(True, type="boolean", description="average over the symmetries the model was trained with "
-                     "(model.tta; off: the plain photo only)"),
+        "tta": Param(
+            True,
+            type="boolean",
+            description="average over the symmetries the model was trained with (model.tta; off: the plain photo only)",
+        ),
     },
 )
 def defect_batch_predict():

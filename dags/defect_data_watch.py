@@ -8,6 +8,7 @@ settle window apart agree (a half-finished upload never starts training), and em
 Airflow Variable (`defect_watch_last_fingerprint:<landing uri>`), so it survives restarts. The event's extra
 carries the fingerprint, object count and landing URI; `defect_training` is scheduled on that Asset.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -43,8 +44,9 @@ def emit_if_new(found: dict | None) -> str:
     doc_md=__doc__,
     default_args={"owner": "ml-ops", "retries": 1},
     params={
-        "landing_uri": Param(orc.default_landing_uri(), type="string",
-                             pattern=r"^s3://[^/]+/.*", description="the prefix to watch"),
+        "landing_uri": Param(
+            orc.default_landing_uri(), type="string", pattern=r"^s3://[^/]+/.*", description="the prefix to watch"
+        ),
         "aws_conn_id": Param("aws_default", type="string", description="Airflow connection for S3"),
         "settle_seconds": Param(60, type="integer", minimum=0, description="listings this far apart must agree"),
         "max_checks": Param(5, type="integer", minimum=1, description="settle windows before giving up this run"),

@@ -21,6 +21,7 @@ register → push`.
 * One active run at a time, and every stage takes the single slot of the `dvc_workspace` pool,
   because DVC's workspace lock forbids two `dvc repro` at once.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -31,8 +32,11 @@ from pipeline.adapters import orchestration as orc
 
 POOL = "dvc_workspace"
 # Transient faults (S3 or MLflow unreachable, DVC lock busy) are retried with exponential backoff.
-TRANSIENT = {"retries": 2, "retry_delay": timedelta(seconds=orc.retry_delay_seconds()),
-             "retry_exponential_backoff": True}
+TRANSIENT = {
+    "retries": 2,
+    "retry_delay": timedelta(seconds=orc.retry_delay_seconds()),
+    "retry_exponential_backoff": True,
+}
 # Training tasks go to this Celery queue (a worker with a GPU consumes it); LocalExecutor ignores queues.
 GPU_QUEUE = orc.gpu_queue()
 
@@ -69,8 +73,11 @@ def _mark_run_failed(context) -> None:
     try:
         run_id = context["ti"].xcom_pull(task_ids="start_tracking")
         if run_id:
-            orc.close_tracking_run(run_id, "FAILED", {"failed_task": context["ti"].task_id,
-                                                      "failure": str(context.get("exception", ""))[:2000]})
+            orc.close_tracking_run(
+                run_id,
+                "FAILED",
+                {"failed_task": context["ti"].task_id, "failure": str(context.get("exception", ""))[:2000]},
+            )
     except Exception as exc:  # never hide the task's own failure behind a tracking error
         print(f"could not mark the MLflow run failed: {exc}")
 
@@ -165,9 +172,17 @@ def push(ws: str, decision: dict) -> str:
 @orc.linked_task("run", **TRANSIENT)
 def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
     """Close the parent run with the outcome (also when DVC found everything up to date and nothing retrained)."""
-    orc.close_tracking_run(parent_run, "FINISHED", {
-        "gate": decision["gate"], "model_name": decision["model_name"], "model_version": decision["model_version"],
-        "registered_in_run": decision["run_id"], "gate_reason": decision["reason"]})
+    orc.close_tracking_run(
+        parent_run,
+        "FINISHED",
+        {
+            "gate": decision["gate"],
+            "model_name": decision["model_name"],
+            "model_version": decision["model_version"],
+            "registered_in_run": decision["run_id"],
+            "gate_reason": decision["reason"],
+        },
+    )
 
 
 @dag(
@@ -177,24 +192,39 @@ def finish_tracking(parent_run: str, decision: dict, pushed: str) -> None:
     max_active_runs=1,
     tags=["wallpaper-defect", "training", "dvc", "mlflow"],
     doc_md=__doc__,
-    default_args={"owner": "ml-ops", "retries": 1, "retry_delay": timedelta(seconds=30),
-                  "on_failure_callback": _mark_run_failed},
+    default_args={
+        "owner": "ml-ops",
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "on_failure_callback": _mark_run_failed,
+    },
     params={
-        "landing_uri": Param(orc.default_landing_uri(), type="string",
-                             pattern=r"^s3://[^/]+/.*",
-                             description="s3://bucket/prefix/ holding <class>/<image> folders (an Asset event "
-                                         "from the data watch sets it)"),
+        "landing_uri": Param(
+            orc.default_landing_uri(),
+            type="string",
+            pattern=r"^s3://[^/]+/.*",
+            description="s3://bucket/prefix/ holding <class>/<image> folders (an Asset event "
+            "from the data watch sets it)",
+        ),
         # Runs started by new data use the defaults: PIPELINE_PROFILE picks the profile for them.
-        "profile": Param(orc.default_profile(), enum=orc.profile_names(),
-                         description="params override from profiles/ (full = params.yaml as committed)"),
+        "profile": Param(
+            orc.default_profile(),
+            enum=orc.profile_names(),
+            description="params override from profiles/ (full = params.yaml as committed)",
+        ),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="override train.epochs"),
-        "bag_size": Param(None, type=["null", "integer"], minimum=1, maximum=10,
-                          description="override the number of bag members"),
+        "bag_size": Param(
+            None, type=["null", "integer"], minimum=1, maximum=10, description="override the number of bag members"
+        ),
         "backbone": Param(None, type=["null", "string"], description="override model.backbone (a timm name)"),
-        "set": Param([], type="array", items={"type": "string"},
-                     description="more overrides as section.key=value, e.g. train.lr=0.0005 (model, train, bag, "
-                                 "backbones, split, label_issues and registry.model_name; the gate and the decode "
-                                 "guards only in a profile)"),
+        "set": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            description="more overrides as section.key=value, e.g. train.lr=0.0005 (model, train, bag, "
+            "backbones, split, label_issues and registry.model_name; the gate and the decode "
+            "guards only in a profile)",
+        ),
     },
 )
 def defect_training():

@@ -8,6 +8,7 @@
 
 The services have their own entry point: ``python -m devstack.services up|status|ui|down``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,20 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-dag", help="run a DAG once with `airflow dags test`, failing if it fails")
     p.add_argument("dag_id")
     p.add_argument("--conf", default="{}")
-    p = sub.add_parser("add-user", help="add an account (role pipeline, engineer or auditor) to the local stack; "
-                                        "prints its generated password once")
+    p = sub.add_parser(
+        "add-user",
+        help="add an account (role pipeline, engineer or auditor) to the local stack; "
+        "prints its generated password once",
+    )
     p.add_argument("name")
     p.add_argument("--role", required=True, choices=("pipeline", "engineer", "auditor"))
-    sub.add_parser("accounts-init", help="docker-compose: the accounts from <NAME>_ACCOUNT_PASSWORD into "
-                                         "Airflow's passwords file and MLflow (MLFLOW_TRACKING_URI)")
-    sub.add_parser("code-deps", help="write each stage's code deps into dvc.yaml (see devstack/code_deps.py)",
-                   add_help=False)
+    sub.add_parser(
+        "accounts-init",
+        help="docker-compose: the accounts from <NAME>_ACCOUNT_PASSWORD into "
+        "Airflow's passwords file and MLflow (MLFLOW_TRACKING_URI)",
+    )
+    sub.add_parser(
+        "code-deps", help="write each stage's code deps into dvc.yaml (see devstack/code_deps.py)", add_help=False
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=settings.log_level(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
@@ -68,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             from devstack import accounts
 
             home = Path(os.environ.get("AIRFLOW_HOME", "/opt/airflow"))
-            accounts.init_from_env(home / "simple_auth_manager_passwords.json.generated",
-                                   os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow:5000"))
+            accounts.init_from_env(
+                home / "simple_auth_manager_passwords.json.generated",
+                os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow:5000"),
+            )
         elif args.command == "add-user":
             return _add_user(args.name, args.role)
         return 0
@@ -88,8 +97,10 @@ def _add_user(name: str, role: str) -> int:
         where = f"created in MLflow at {stack.mlflow_url}"
     else:
         where = "MLflow is not running: `make services-up` creates it there"
-    print(f"account {name} ({role}): password {secret}  (shown this once; kept in "
-          f"{accounts.passwords_file(stack.root)}, mode 600)")
+    print(
+        f"account {name} ({role}): password {secret}  (shown this once; kept in "
+        f"{accounts.passwords_file(stack.root)}, mode 600)"
+    )
     print(f"{where}; Airflow reads its users when the api-server starts: `make services-down && make ui`")
     return 0
 

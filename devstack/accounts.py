@@ -12,6 +12,7 @@ Passwords are generated once per stack into ``<PIPELINE_LOCAL>/accounts.json`` (
 the format of Airflow's simple-auth-manager passwords file, which points at it); the names' roles are in
 ``accounts-roles.json`` (no secrets). ``python -m devstack add-user NAME --role ROLE`` adds one.
 """
+
 from __future__ import annotations
 
 import base64
@@ -77,8 +78,10 @@ def roles(root: Path | None = None) -> dict[str, str]:
 def password(name: str, root: Path | None = None) -> str:
     found = passwords(root).get(name)
     if found is None:
-        raise ServiceError(f"no account {name!r} in {passwords_file(root)} (`make services-up` creates the stack's "
-                           "accounts; `python -m devstack add-user` adds one)")
+        raise ServiceError(
+            f"no account {name!r} in {passwords_file(root)} (`make services-up` creates the stack's "
+            "accounts; `python -m devstack add-user` adds one)"
+        )
     return found
 
 
@@ -107,14 +110,17 @@ def ensure(root: Path | None = None) -> dict[str, str]:
 def notice(created: dict[str, str], root: Path | None = None) -> str:
     """The one-time notice (passwords shown only in the call that created them)."""
     if not created:
-        return (f"accounts: {', '.join(f'{n} ({r})' for n, r in roles(root).items())}; passwords in "
-                f"{passwords_file(root)} (mode 600)")
+        return (
+            f"accounts: {', '.join(f'{n} ({r})' for n, r in roles(root).items())}; passwords in "
+            f"{passwords_file(root)} (mode 600)"
+        )
     lines = [f"new accounts (shown this once; kept in {passwords_file(root)}, mode 600):"]
     lines += [f"  {name:<10} {roles(root)[name]:<9} {pw}" for name, pw in created.items()]
     return "\n".join(lines)
 
 
 # MLflow -------------------------------------------------------------------------------------------------------------
+
 
 def mlflow_auth_ini(database_uri: str) -> str:
     """MLflow's basic-auth config: everyone READ by default, the service account is the admin.
@@ -124,27 +130,36 @@ def mlflow_auth_ini(database_uri: str) -> str:
     this 2-core machine); with one server worker a password change or deletion through the API applies at once.
     docker-compose uses the same text (deploy/mlflow-auth.ini; tests/unit/test_compose.py compares them).
     """
-    return ("[mlflow]\n"
-            "default_permission = READ\n"
-            f"database_uri = {database_uri}\n"
-            f"admin_username = {SERVICE_ACCOUNT}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-            "auth_cache_ttl_seconds = 300\n")
+    return (
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {database_uri}\n"
+        f"admin_username = {SERVICE_ACCOUNT}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 300\n"
+    )
 
 
 def mlflow_server_env(root: Path) -> dict[str, str]:
     """Environment of the embedded `mlflow server --app-name basic-auth` (writes its config under ``root``)."""
     ini = root / "mlflow-auth.ini"
     ini.write_text(mlflow_auth_ini(f"sqlite:///{root / 'mlflow-auth.db'}"))
-    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password(SERVICE_ACCOUNT, root),
-            # Flask's session/CSRF key; one worker, so a key per start is enough.
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(24)}
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password(SERVICE_ACCOUNT, root),
+        # Flask's session/CSRF key; one worker, so a key per start is enough.
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(24),
+    }
 
 
 def _mlflow_call(base: str, method: str, path: str, body: dict, auth: tuple[str, str]) -> tuple[int, dict]:
     token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-    req = urllib.request.Request(base.rstrip("/") + path, data=json.dumps(body).encode(), method=method,
-                                 headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"})
+    req = urllib.request.Request(
+        base.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
@@ -158,8 +173,9 @@ def _mlflow_call(base: str, method: str, path: str, body: dict, auth: tuple[str,
         raise ServiceError(f"MLflow at {base} unreachable while creating accounts: {exc}") from None
 
 
-def sync_mlflow(base_url: str, root: Path | None = None, pw: dict[str, str] | None = None,
-                rl: dict[str, str] | None = None) -> None:
+def sync_mlflow(
+    base_url: str, root: Path | None = None, pw: dict[str, str] | None = None, rl: dict[str, str] | None = None
+) -> None:
     """Make MLflow's users those of the accounts file (or ``pw``/``rl``), each with its role's rights.
 
     Idempotent: a user that exists gets the file's password again; a grant that exists is kept. The service account
@@ -172,10 +188,15 @@ def sync_mlflow(base_url: str, root: Path | None = None, pw: dict[str, str] | No
         status, answer = _mlflow_call(base_url, method, path, body, admin)
         if status == 200 or (exists_ok and answer.get("error_code") == "RESOURCE_ALREADY_EXISTS"):
             return answer
-        hint = " (the service account's password differs from the one MLflow's admin was created with)" \
-            if status == 401 else ""
-        raise ServiceError(f"MLflow {method} {path} for account {body.get('username')!r}: HTTP {status} "
-                           f"{answer.get('message', '')[:200]}{hint}")
+        hint = (
+            " (the service account's password differs from the one MLflow's admin was created with)"
+            if status == 401
+            else ""
+        )
+        raise ServiceError(
+            f"MLflow {method} {path} for account {body.get('username')!r}: HTTP {status} "
+            f"{answer.get('message', '')[:200]}{hint}"
+        )
 
     for name, secret in pw.items():
         if name == SERVICE_ACCOUNT:
@@ -187,8 +208,12 @@ def sync_mlflow(base_url: str, root: Path | None = None, pw: dict[str, str] | No
         if is_admin:
             call("PATCH", "/api/2.0/mlflow/users/update-admin", {"username": name, "is_admin": True})
         for rtype, pattern, perm in grants:
-            call("POST", "/api/3.0/mlflow/users/permissions/grant",
-                 {"username": name, "resource_type": rtype, "resource_id": pattern, "permission": perm}, True)
+            call(
+                "POST",
+                "/api/3.0/mlflow/users/permissions/grant",
+                {"username": name, "resource_type": rtype, "resource_id": pattern, "permission": perm},
+                True,
+            )
 
 
 def init_from_env(passwords_path: Path, mlflow_url: str) -> None:
@@ -212,10 +237,13 @@ def airflow_users(rl: dict[str, str]) -> str:
 
 # Airflow ------------------------------------------------------------------------------------------------------------
 
+
 def airflow_env(root: Path | None = None) -> dict[str, str]:
     """Environment of every Airflow process devstack starts: the simple auth manager's users and passwords file,
     and the service account's MLflow credentials for the tasks."""
-    return {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": airflow_users(roles(root)),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(root)),
-            "MLFLOW_TRACKING_USERNAME": SERVICE_ACCOUNT,
-            "MLFLOW_TRACKING_PASSWORD": password(SERVICE_ACCOUNT, root)}
+    return {
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": airflow_users(roles(root)),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(root)),
+        "MLFLOW_TRACKING_USERNAME": SERVICE_ACCOUNT,
+        "MLFLOW_TRACKING_PASSWORD": password(SERVICE_ACCOUNT, root),
+    }

@@ -3,6 +3,7 @@
 Authenticates with the simple auth manager's ``POST /auth/token`` (the admin password `make ui` prints).
 Only what the event-loop demo and its test need: unpause, trigger, list runs and task states, asset events.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ class AirflowAPI:
                 return json.loads(raw) if raw else {}
             except urllib.error.HTTPError as exc:
                 if exc.code >= 500 and attempt + 1 < attempts:
-                    time.sleep(2 ** attempt)
+                    time.sleep(2**attempt)
                     continue
                 raise PipelineError(f"Airflow API {method} {path}: HTTP {exc.code} {exc.read()[:500]!r}") from None
             except OSError as exc:
@@ -58,10 +59,13 @@ class AirflowAPI:
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         """task_id (``task_id[i]`` for mapped tasks) -> state."""
-        tis = self.get(f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances",
-                       limit=200)["task_instances"]
-        return {(t["task_id"] if t.get("map_index", -1) < 0 else f"{t['task_id']}[{t['map_index']}]"): t["state"]
-                for t in tis}
+        tis = self.get(f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances", limit=200)[
+            "task_instances"
+        ]
+        return {
+            (t["task_id"] if t.get("map_index", -1) < 0 else f"{t['task_id']}[{t['map_index']}]"): t["state"]
+            for t in tis
+        }
 
     def asset_events(self) -> list[dict]:
         return self.get("/api/v2/assets/events", order_by="-timestamp", limit=100)["asset_events"]
@@ -87,18 +91,27 @@ class AirflowAPI:
         return None
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value"):
-        path = (f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(task_id)}"
-                f"/xcomEntries/{quote(key)}")
+        path = (
+            f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(task_id)}"
+            f"/xcomEntries/{quote(key)}"
+        )
         return self.get(path, deserialize="true").get("value")
 
 
-def watch_and_follow(api: AirflowAPI, landing_uri: str, settle_seconds: int = 5, copies: int = 1,
-                     timeout: float = 3600, quiet_seconds: float = 45) -> dict:
+def watch_and_follow(
+    api: AirflowAPI,
+    landing_uri: str,
+    settle_seconds: int = 5,
+    copies: int = 1,
+    timeout: float = 3600,
+    quiet_seconds: float = 45,
+) -> dict:
     """Trigger ``defect_data_watch`` ``copies`` times at once; follow any training run the Asset event starts.
 
     Returns what happened, with timings: watch runs and how many emitted, Asset events for this prefix,
     training runs started (and the first one's state, duration and registry decision).
     """
+
     def events_for_prefix() -> int:
         return sum(1 for e in api.asset_events() if (e.get("extra") or {}).get("landing_uri") == landing_uri)
 
@@ -111,16 +124,25 @@ def watch_and_follow(api: AirflowAPI, landing_uri: str, settle_seconds: int = 5,
         api.wait_run("defect_data_watch", run_id, timeout)
     watch_s = time.monotonic() - t0
     emitted = sum(api.task_states("defect_data_watch", i).get("emit_if_new") == "success" for i in ids)
-    out = {"watch_runs": len(ids), "watch_s": round(watch_s, 1), "emitted": emitted,
-           "asset_events": events_for_prefix() - events_before, "training_runs": 0}
+    out = {
+        "watch_runs": len(ids),
+        "watch_s": round(watch_s, 1),
+        "emitted": emitted,
+        "asset_events": events_for_prefix() - events_before,
+        "training_runs": 0,
+    }
     first = api.wait_new_run("defect_training", known, timeout=120 if emitted else quiet_seconds)
     if first is not None:
         started = time.monotonic()
         run = api.wait_run("defect_training", first["dag_run_id"], timeout)
-        out.update(training_state=run["state"], training_s=round(time.monotonic() - started, 1),
-                   training_run_type=run.get("run_type"),
-                   decision=api.xcom("defect_training", first["dag_run_id"], "register")
-                   if run["state"] == "success" else None)
+        out.update(
+            training_state=run["state"],
+            training_s=round(time.monotonic() - started, 1),
+            training_run_type=run.get("run_type"),
+            decision=api.xcom("defect_training", first["dag_run_id"], "register")
+            if run["state"] == "success"
+            else None,
+        )
         time.sleep(min(quiet_seconds, 15))  # a second run would have been created by now
     out["training_runs"] = len([r for r in api.runs("defect_training") if r["dag_run_id"] not in known])
     return out

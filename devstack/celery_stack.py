@@ -8,6 +8,7 @@ Celery worker that consumes the queues ``default`` and ``gpu`` (services.CELERY_
 ``down()``. The CeleryExecutor test tier (tests/celery) drives it; SeaweedFS S3 and MLflow come from
 ``devstack.services`` as usual.
 """
+
 from __future__ import annotations
 
 import glob
@@ -33,8 +34,12 @@ _logger = logging.getLogger(__name__)
 CELERY_WORKER = "airflow-celery-worker"
 # Stop order: the scheduler first (nothing new gets queued), the api-server last (running tasks report to it).
 STOP_ORDER = ("airflow-scheduler", CELERY_WORKER, "airflow-triggerer", "airflow-dag-processor", "airflow-api-server")
-PYTHON_MODULES = {"airflow.providers.celery": "apache-airflow-providers-celery", "psycopg2": "psycopg2-binary",
-                  "asyncpg": "asyncpg", "redis": "redis"}
+PYTHON_MODULES = {
+    "airflow.providers.celery": "apache-airflow-providers-celery",
+    "psycopg2": "psycopg2-binary",
+    "asyncpg": "asyncpg",
+    "redis": "redis",
+}
 PG_OS_USER = "postgres"
 
 
@@ -50,12 +55,14 @@ def postgres_bindir() -> Path | None:
 def runuser_bin() -> str:
     """``runuser`` lives in /usr/sbin, which a non-login PATH (cron, CI) often lacks."""
     return shutil.which("runuser") or next(
-        (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if Path(p).exists()), "runuser")
+        (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if Path(p).exists()), "runuser"
+    )
 
 
 def redis_server_bin() -> str | None:
     return shutil.which("redis-server") or next(
-        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if os.access(p, os.X_OK)), None)
+        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if os.access(p, os.X_OK)), None
+    )
 
 
 def missing_requirements() -> list[str]:
@@ -83,8 +90,9 @@ def missing_requirements() -> list[str]:
 def _run(cmd: list[str], what: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
     if out.returncode != 0:
-        raise ServiceError(f"{what} failed (exit {out.returncode}): {' '.join(cmd[:4])} …\n"
-                           f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        raise ServiceError(
+            f"{what} failed (exit {out.returncode}): {' '.join(cmd[:4])} …\n{out.stdout[-2000:]}{out.stderr[-2000:]}"
+        )
     return out
 
 
@@ -141,35 +149,68 @@ class Postgres:
             owner = pwd.getpwnam(PG_OS_USER)
             for path in (self.root, pwfile):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
-        _run(self._as_owner([str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
-                             "--locale=C", "--auth=scram-sha-256", f"--pwfile={pwfile}"]), "initdb")
+        _run(
+            self._as_owner(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                ]
+            ),
+            "initdb",
+        )
         pwfile.unlink()
         with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
-            conf.write(f"\n# devstack.celery_stack\nlisten_addresses = '{self.host}'\nport = {self.port}\n"
-                       f"unix_socket_directories = '{self.root}'\n")
+            conf.write(
+                f"\n# devstack.celery_stack\nlisten_addresses = '{self.host}'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.root}'\n"
+            )
         _logger.info("starting PostgreSQL on %s:%d (%s)", self.host, self.port, self.data)
-        _run(self._as_owner([str(bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w",
-                             "-t", "90", "start"]), "pg_ctl start", timeout=120)
+        _run(
+            self._as_owner(
+                [str(bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "90", "start"]
+            ),
+            "pg_ctl start",
+            timeout=120,
+        )
         import psycopg2
         from psycopg2 import sql
 
-        con = psycopg2.connect(host=self.host, port=self.port, user="postgres", password=superuser_pw,
-                               dbname="postgres", connect_timeout=10)
+        con = psycopg2.connect(
+            host=self.host,
+            port=self.port,
+            user="postgres",
+            password=superuser_pw,
+            dbname="postgres",
+            connect_timeout=10,
+        )
         try:
             con.autocommit = True
             with con.cursor() as cur:
-                cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(self.user), sql.Literal(self.password)))
-                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                    sql.Identifier(self.db), sql.Identifier(self.user)))
+                cur.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                        sql.Identifier(self.user), sql.Literal(self.password)
+                    )
+                )
+                cur.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(self.db), sql.Identifier(self.user))
+                )
         finally:
             con.close()
 
     def connect(self):
         import psycopg2
 
-        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                                dbname=self.db, connect_timeout=10)
+        return psycopg2.connect(
+            host=self.host, port=self.port, user=self.user, password=self.password, dbname=self.db, connect_timeout=10
+        )
 
     def stop(self, keep_log: Path | None = None) -> None:
         """Fast shutdown (clients are disconnected), then the folder is deleted; ``keep_log`` gets the log."""
@@ -178,9 +219,13 @@ class Postgres:
         bindir = postgres_bindir()
         pidfile = self.data / "postmaster.pid"
         if pidfile.exists() and bindir is not None:
-            out = subprocess.run(self._as_owner([str(bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                                                 "-t", "60", "stop"]),
-                                 capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+            out = subprocess.run(
+                self._as_owner([str(bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"]),
+                capture_output=True,
+                text=True,
+                timeout=90,
+                stdin=subprocess.DEVNULL,
+            )
             if out.returncode != 0:
                 _logger.warning("pg_ctl stop failed: %s", out.stderr.strip())
         if pidfile.exists():  # pg_ctl failed: an immediate shutdown of the postmaster and its children
@@ -242,8 +287,24 @@ class Redis:
         conf = self.root / "redis.conf"
         conf.touch(mode=0o600)
         conf.write_text(f"requirepass {self.password}\n")
-        cmd = [binary, str(conf), "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
-               "--protected-mode", "yes", "--dir", str(self.root), "--daemonize", "no"]
+        cmd = [
+            binary,
+            str(conf),
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(self.root),
+            "--daemonize",
+            "no",
+        ]
         _logger.info("starting Redis on %s:%d", self.host, self.port)
         services._spawn(stack, "redis", cmd, dict(os.environ))
         services._wait(stack, "redis", self.ping, timeout=30)
@@ -252,8 +313,11 @@ class Redis:
         import redis
 
         try:
-            return bool(redis.Redis(host=self.host, port=self.port, password=self.password,
-                                    socket_connect_timeout=1, socket_timeout=2).ping())
+            return bool(
+                redis.Redis(
+                    host=self.host, port=self.port, password=self.password, socket_connect_timeout=1, socket_timeout=2
+                ).ping()
+            )
         except redis.RedisError:
             return False
 
@@ -283,25 +347,27 @@ class CeleryStack:
     def airflow_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """The environment every Airflow process (and so every task) gets."""
         env = dict(os.environ if base is None else base)
-        env.update({
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.pg.sqlalchemy_url,
-            "AIRFLOW__CELERY__BROKER_URL": self.redis.broker_url,
-            "AIRFLOW__CELERY__RESULT_BACKEND": self.pg.celery_result_backend,
-            # Celery keeps the worker's name and the queue of each task in the result table (celery_taskmeta):
-            # how the tests prove which worker ran what.
-            "AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": '{"result_extended": true}',
-            # Redis redelivers a task not acknowledged within this time (Airflow warns when it is unset).
-            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": services.airflow_execution_url(self.stack),
-            # The scheduler signs each task's token and the api-server checks it: one secret for all processes.
-            "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
-            "AIRFLOW__API__SECRET_KEY": self.api_secret_key,
-            "AIRFLOW__API__HOST": self.stack.host,
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            # The accounts (UI/REST users and their roles) and the tasks' MLflow account: devstack/accounts.py.
-            **accounts.airflow_env(self.stack.root),
-        })
+        env.update(
+            {
+                "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.pg.sqlalchemy_url,
+                "AIRFLOW__CELERY__BROKER_URL": self.redis.broker_url,
+                "AIRFLOW__CELERY__RESULT_BACKEND": self.pg.celery_result_backend,
+                # Celery keeps the worker's name and the queue of each task in the result table (celery_taskmeta):
+                # how the tests prove which worker ran what.
+                "AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": '{"result_extended": true}',
+                # Redis redelivers a task not acknowledged within this time (Airflow warns when it is unset).
+                "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": services.airflow_execution_url(self.stack),
+                # The scheduler signs each task's token and the api-server checks it: one secret for all processes.
+                "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
+                "AIRFLOW__API__SECRET_KEY": self.api_secret_key,
+                "AIRFLOW__API__HOST": self.stack.host,
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                # The accounts (UI/REST users and their roles) and the tasks' MLflow account: devstack/accounts.py.
+                **accounts.airflow_env(self.stack.root),
+            }
+        )
         for sqlite_only in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"):
             env.pop(sqlite_only, None)
         return env
@@ -312,16 +378,22 @@ class CeleryStack:
         airflow = services._bin("airflow")
         _logger.info("migrating Airflow's metadata DB in PostgreSQL")
         _run([airflow, "db", "migrate"], "airflow db migrate", timeout=600, env=env, cwd=self.stack.root)
-        _run([airflow, "pools", "set", "dvc_workspace", "1", "one dvc repro per DVC workspace"],
-             "airflow pools set", env=env, cwd=self.stack.root)
+        _run(
+            [airflow, "pools", "set", "dvc_workspace", "1", "one dvc repro per DVC workspace"],
+            "airflow pools set",
+            env=env,
+            cwd=self.stack.root,
+        )
 
     def start_airflow(self, timeout: float = 300) -> None:
         if services.port_busy(self.stack.host, self.stack.airflow_port):
             raise ServiceError(f"port {self.stack.airflow_port} on {self.stack.host} is busy")
         airflow = services._bin("airflow")
         env = self.airflow_env()
-        commands = {name: [airflow, *args]
-                    for name, args in services.airflow_role_args(self.stack.host, self.stack.airflow_port).items()}
+        commands = {
+            name: [airflow, *args]
+            for name, args in services.airflow_role_args(self.stack.host, self.stack.airflow_port).items()
+        }
         commands[CELERY_WORKER] = [airflow, *services.CELERY_WORKER_ARGS]
         for name, cmd in commands.items():
             services._spawn(self.stack, name, cmd, env)
@@ -362,10 +434,12 @@ class CeleryStack:
                 services.stop(self.stack, name)
             except Exception as exc:
                 errors.append(f"stop {name}: {exc}")
-        for step, fn in (("redis", lambda: self.redis.stop(self.stack)),
-                         ("postgres", lambda: self.pg.stop(keep_log=self.stack.logfile("postgres"))),
-                         ("mlflow", lambda: services.stop(self.stack, "mlflow")),
-                         ("seaweedfs", lambda: services.stop(self.stack, "seaweedfs"))):
+        for step, fn in (
+            ("redis", lambda: self.redis.stop(self.stack)),
+            ("postgres", lambda: self.pg.stop(keep_log=self.stack.logfile("postgres"))),
+            ("mlflow", lambda: services.stop(self.stack, "mlflow")),
+            ("seaweedfs", lambda: services.stop(self.stack, "seaweedfs")),
+        ):
             try:
                 fn()
             except Exception as exc:

@@ -9,6 +9,7 @@ list is a superset of what one run executes), plus the ``__init__.py`` of each p
 byte of that code makes exactly the stages that run it out of date (``tests/unit/test_layout.py`` and the
 integration test ``test_dvc_status_follows_code`` prove it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # DVC stage (or foreach stage) -> the module its command runs.
 STAGE_MODULES = {
-    "ingest": "pipeline.stages.ingest", "label_exclusions": "pipeline.stages.label_exclusions",
-    "validate": "pipeline.stages.validate", "split": "pipeline.stages.split",
-    "backbone": "pipeline.stages.train", "train": "pipeline.stages.train", "evaluate": "pipeline.stages.evaluate",
+    "ingest": "pipeline.stages.ingest",
+    "label_exclusions": "pipeline.stages.label_exclusions",
+    "validate": "pipeline.stages.validate",
+    "split": "pipeline.stages.split",
+    "backbone": "pipeline.stages.train",
+    "train": "pipeline.stages.train",
+    "evaluate": "pipeline.stages.evaluate",
     "label_issues": "pipeline.stages.label_issues",
     "register": "pipeline.stages.register",
 }

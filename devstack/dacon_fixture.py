@@ -9,6 +9,7 @@ several sizes. Plus ``test/NNN.png``, ``test.csv`` (``id,img_path``) and ``sampl
 Each class has its own hue and stripe direction, so a model can learn them apart; pixel noise keeps every image
 distinct (no accidental duplicates). Used by the DACON-shaped end-to-end test and ``make gpu-check``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,9 +22,25 @@ from PIL import Image
 
 # Real train counts (public write-ups; they sum to 3,457), in LabelEncoder (sorted) order.
 DACON_COUNTS = {
-    "가구수정": 12, "걸레받이수정": 307, "곰팡이": 145, "꼬임": 210, "녹오염": 14, "들뜸": 54, "면불량": 99,
-    "몰딩수정": 130, "반점": 3, "석고수정": 57, "오염": 595, "오타공": 142, "울음": 22, "이음부불량": 17,
-    "창틀,문틀수정": 27, "터짐": 162, "틈새과다": 5, "피스": 51, "훼손": 1405,
+    "가구수정": 12,
+    "걸레받이수정": 307,
+    "곰팡이": 145,
+    "꼬임": 210,
+    "녹오염": 14,
+    "들뜸": 54,
+    "면불량": 99,
+    "몰딩수정": 130,
+    "반점": 3,
+    "석고수정": 57,
+    "오염": 595,
+    "오타공": 142,
+    "울음": 22,
+    "이음부불량": 17,
+    "창틀,문틀수정": 27,
+    "터짐": 162,
+    "틈새과다": 5,
+    "피스": 51,
+    "훼손": 1405,
 }
 TINY = 27  # classes up to this size keep their real size
 
@@ -42,8 +59,13 @@ def _image(rng: np.random.Generator, class_idx: int, size: tuple[int, int]) -> n
     stripes = np.sin((xx if class_idx % 2 else yy) * (0.3 + 0.05 * (class_idx % 5))) * 25
     # A random low-frequency shading per image: it decides the difference hash, so no two pictures of different
     # classes look alike to validate's near-duplicate rule (the stripes, the class signal, average out at 9x8).
-    shade = np.asarray(Image.fromarray(rng.integers(0, 255, (5, 5), dtype=np.uint8)).resize((w, h), Image.BILINEAR),
-                       dtype=np.float64) * 0.8
+    shade = (
+        np.asarray(
+            Image.fromarray(rng.integers(0, 255, (5, 5), dtype=np.uint8)).resize((w, h), Image.BILINEAR),
+            dtype=np.float64,
+        )
+        * 0.8
+    )
     arr = base[None, None, :] + stripes[..., None] + shade[..., None] + rng.integers(0, 45, (h, w, 3))
     return np.clip(arr, 0, 255).astype(np.uint8)
 
@@ -77,8 +99,9 @@ def train_files(scale: float = 0.0, floor: int = 10, seed: int = 0) -> dict[str,
     return out
 
 
-def write_dacon_tree(root: Path, scale: float = 0.0, floor: int = 10, test_images: int = 20,
-                     seed: int = 0) -> dict[str, int]:
+def write_dacon_tree(
+    root: Path, scale: float = 0.0, floor: int = 10, test_images: int = 20, seed: int = 0
+) -> dict[str, int]:
     """Write the archive layout under ``root``; returns per-class train counts (NFC names)."""
     for rel, data in train_files(scale, floor, seed).items():
         fp = root / "train" / rel

@@ -9,6 +9,7 @@ becomes one class folder named for what it means, e.g. ``mono_p100`` = mono cell
 Idempotent: objects already present with the same size are not uploaded again. A prefix that holds
 anything else (your own data) is left alone: nothing is uploaded there.
 """
+
 from __future__ import annotations
 
 import logging

@@ -16,6 +16,7 @@ Every request is forwarded unchanged until the first one for which ``trips(metho
 Stopping a real server, rather than only answering 503, keeps the fault honest: anything else that talks to
 MLflow in that window finds it down. The proxy listens on 127.0.0.1 only.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -26,15 +27,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 _logger = logging.getLogger(__name__)
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-              "content-length", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "host",
+}
 
 
 class FaultProxy:
     """See the module docstring. ``refused`` lists the requests answered 503 (method and path)."""
 
-    def __init__(self, upstream: str, trips: Callable[[str, str], bool], on_trip: Callable[[], None],
-                 hold_timeout: float = 900):
+    def __init__(
+        self, upstream: str, trips: Callable[[str, str], bool], on_trip: Callable[[], None], hold_timeout: float = 900
+    ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.trips, self.on_trip, self.hold_timeout = trips, on_trip, hold_timeout
@@ -85,7 +96,7 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 chunks = []
-                while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)):
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
                     chunks.append(self.rfile.read(size))
                     self.rfile.readline()
                 self.rfile.readline()

@@ -21,6 +21,7 @@ keeps the servers up after the annotation, for a look at Label Studio's labeling
 it prints as ``HOLD=`` is deleted or 15 minutes pass; the file (mode 600) holds the generated login). Prints
 ``KEY=value`` lines; exit code 0 only when the whole round trip held.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ def ensure_venv() -> Path:
         return exe
     _logger.info("installing label-studio==%s into %s (a minute or more)", LABEL_STUDIO_VERSION, VENV)
     subprocess.run(["nice", "-n", "10", sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run(["nice", "-n", "10", str(VENV / "bin" / "pip"), "install", "--quiet",
-                    f"label-studio=={LABEL_STUDIO_VERSION}"], check=True)
+    subprocess.run(
+        ["nice", "-n", "10", str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={LABEL_STUDIO_VERSION}"],
+        check=True,
+    )
     return exe
 
 
@@ -67,9 +70,12 @@ class LabelStudio:
 
     def call(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Token {self.token}",
-                                              "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 return json.loads(resp.read() or b"null")
@@ -86,12 +92,31 @@ class LabelStudio:
 
 def start_label_studio(stack: services.Stack, exe: Path, port: int, data_dir: Path) -> LabelStudio:
     token, username, secret = secrets.token_hex(20), "relabel-admin@example.com", secrets.token_urlsafe(16)
-    env = {**os.environ, "LABEL_STUDIO_USERNAME": username,
-           "LABEL_STUDIO_PASSWORD": secret, "LABEL_STUDIO_USER_TOKEN": token,
-           "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-           "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true", "PATH": f"{exe.parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = ["nice", "-n", "10", str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
-           "--port", str(port), "--data-dir", str(data_dir), "--enable-legacy-api-token"]
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_USERNAME": username,
+        "LABEL_STUDIO_PASSWORD": secret,
+        "LABEL_STUDIO_USER_TOKEN": token,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "PATH": f"{exe.parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        str(exe),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--enable-legacy-api-token",
+    ]
     ls = LabelStudio(f"http://127.0.0.1:{port}", token, username, secret)
     _logger.info("starting Label Studio on %s (first start migrates its database)", ls.url)
     services._spawn(stack, "label-studio", cmd, env)
@@ -106,18 +131,27 @@ def annotate_first_task(ls: LabelStudio, project: int) -> dict:
     task = min(tasks, key=lambda t: t["id"])
     data = task["data"]
     chosen = next(c for c in fx.CLASSES if c not in (data["given_class"], data["suggested_class"]))
-    ls.call("POST", f"/api/tasks/{task['id']}/annotations/", {
-        "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [chosen]}}],
-        "was_cancelled": False})
-    return {"task": task["id"], "key": data["landing_key"], "given": data["given_class"], "chosen": chosen,
-            "file": data["landing_key"].rsplit("/", 1)[1]}
+    ls.call(
+        "POST",
+        f"/api/tasks/{task['id']}/annotations/",
+        {
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [chosen]}}],
+            "was_cancelled": False,
+        },
+    )
+    return {
+        "task": task["id"],
+        "key": data["landing_key"],
+        "given": data["given_class"],
+        "chosen": chosen,
+        "file": data["landing_key"].rsplit("/", 1)[1],
+    }
 
 
 def hold(work: Path, ls: LabelStudio, project: int, seconds: float = 900) -> None:
     """Keep the servers up for a look in a browser until the printed file is deleted (or ``seconds`` pass)."""
     fp = work / "hold.json"
-    accounts.write_private(fp, {"url": ls.url, "project": project, "username": ls.username,
-                                "password": ls.password})
+    accounts.write_private(fp, {"url": ls.url, "project": project, "username": ls.username, "password": ls.password})
     print(f"HOLD={fp}  (labeling page: {ls.url}/projects/{project}/data; delete the file to go on)", flush=True)
     deadline = time.monotonic() + seconds
     while fp.exists() and time.monotonic() < deadline:
@@ -129,11 +163,16 @@ def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int, keep_up:
     stack = services.Stack(root=work / "local", s3_port=s3_port, mlflow_port=mlflow_port)
     stack.root.mkdir(parents=True, exist_ok=True)
     accounts.ensure(stack.root)  # the private MLflow runs basic-auth; this script works as the service account
-    env = {"MLFLOW_TRACKING_USERNAME": accounts.SERVICE_ACCOUNT,
-           "MLFLOW_TRACKING_PASSWORD": accounts.password(accounts.SERVICE_ACCOUNT, stack.root),
-           "AWS_ACCESS_KEY_ID": f"rt-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": stack.s3_url,
-           "MLFLOW_TRACKING_URI": stack.mlflow_url, "PIPELINE_S3": "embedded"}
+    env = {
+        "MLFLOW_TRACKING_USERNAME": accounts.SERVICE_ACCOUNT,
+        "MLFLOW_TRACKING_PASSWORD": accounts.password(accounts.SERVICE_ACCOUNT, stack.root),
+        "AWS_ACCESS_KEY_ID": f"rt-{secrets.token_hex(4)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": stack.s3_url,
+        "MLFLOW_TRACKING_URI": stack.mlflow_url,
+        "PIPELINE_S3": "embedded",
+    }
     os.environ.update(env)
     try:
         services.start_s3(stack)
@@ -146,9 +185,14 @@ def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int, keep_up:
         _cli(["review-export", "--model", MODEL, "--version", version, "--out", str(review)])
         tasks = json.loads(review.read_text(encoding="utf-8"))
         ls = start_label_studio(stack, exe, ls_port, work / "label-studio")
-        project = ls.call("POST", "/api/projects/", {
-            "title": "relabel round trip",
-            "label_config": review.with_name("review.label_config.xml").read_text(encoding="utf-8")})["id"]
+        project = ls.call(
+            "POST",
+            "/api/projects/",
+            {
+                "title": "relabel round trip",
+                "label_config": review.with_name("review.label_config.xml").read_text(encoding="utf-8"),
+            },
+        )["id"]
         imported = ls.call("POST", f"/api/projects/{project}/import", tasks)
         picked = annotate_first_task(ls, project)
         if keep_up:
@@ -161,20 +205,31 @@ def roundtrip(work: Path, ls_port: int, s3_port: int, mlflow_port: int, keep_up:
         applied = _cli([*relabel, "--apply"], check=False)
         target = fx.landing_key(PREFIX, f"{picked['chosen']}/{picked['file']}")  # the folder's own spelling
         logs = [o.key for o in storage.list_objects(f"s3://{BUCKET}/relabel-log/")]
-        log_lines = [json.loads(x) for k in logs for x in storage.get_bytes(f"s3://{BUCKET}/{k}")
-                     .decode("utf-8").splitlines()]
+        log_lines = [
+            json.loads(x) for k in logs for x in storage.get_bytes(f"s3://{BUCKET}/{k}").decode("utf-8").splitlines()
+        ]
         result = {
-            "LS_VERSION": LABEL_STUDIO_VERSION, "LS_IMPORTED": imported.get("task_count"),
-            "LS_EXPORTED_TASKS": len(export), "LS_ANNOTATED": sum(1 for t in export if t.get("annotations")),
-            "RELABEL_DRY_RC": dry.returncode, "RELABEL_APPLY_RC": applied.returncode,
-            "MOVED_FROM": picked["key"], "MOVED_TO": target,
+            "LS_VERSION": LABEL_STUDIO_VERSION,
+            "LS_IMPORTED": imported.get("task_count"),
+            "LS_EXPORTED_TASKS": len(export),
+            "LS_ANNOTATED": sum(1 for t in export if t.get("annotations")),
+            "RELABEL_DRY_RC": dry.returncode,
+            "RELABEL_APPLY_RC": applied.returncode,
+            "MOVED_FROM": picked["key"],
+            "MOVED_TO": target,
             "OLD_KEY_GONE": storage.head(BUCKET, picked["key"]) is None,
             "NEW_KEY_THERE": storage.head(BUCKET, target) is not None,
-            "LOG_LINES": json.dumps([(r["action"], r["chosen"]) for r in log_lines], ensure_ascii=False)}
+            "LOG_LINES": json.dumps([(r["action"], r["chosen"]) for r in log_lines], ensure_ascii=False),
+        }
         print(dry.stdout + applied.stdout)
-        result["OK"] = (result["LS_IMPORTED"] == len(tasks) and dry.returncode == 0 and applied.returncode == 0
-                        and result["OLD_KEY_GONE"] and result["NEW_KEY_THERE"]
-                        and [r["action"] for r in log_lines] == ["moved"])
+        result["OK"] = (
+            result["LS_IMPORTED"] == len(tasks)
+            and dry.returncode == 0
+            and applied.returncode == 0
+            and result["OLD_KEY_GONE"]
+            and result["NEW_KEY_THERE"]
+            and [r["action"] for r in log_lines] == ["moved"]
+        )
         return result
     finally:
         for name in ("label-studio", "mlflow", "seaweedfs"):
@@ -198,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s3-port", type=int, default=14333, help="SeaweedFS base port (it also takes the next four)")
     p.add_argument("--mlflow-port", type=int, default=14000)
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, export, LS database)")
-    p.add_argument("--hold", action="store_true", help="after the annotation, keep the servers up for a browser "
-                                                         "until the printed HOLD file is deleted (15 min at most)")
+    p.add_argument(
+        "--hold",
+        action="store_true",
+        help="after the annotation, keep the servers up for a browser "
+        "until the printed HOLD file is deleted (15 min at most)",
+    )
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ls-roundtrip-"))
     started = time.monotonic()

@@ -5,6 +5,7 @@ The relabel loop's integration test and ``devstack/label_studio_roundtrip.py`` s
 MLflow run with the artifacts ``register`` logs for real (``reports/label_issues.csv`` in the stage's columns,
 ``split.csv``, the ``data.landing_uri`` param), registered as a version with alias ``champion``.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,11 @@ CLASSES = ["곰팡이", "오염", "창틀,문틀수정"]
 NFD_CLASS = "곰팡이"  # its landing folder is NFD-decomposed; the reports name it in NFC, as ingest does
 # (path, given, suggested, flagged): three suspects, the rest clean
 # File names differ across classes (곰팡이/000.png, 오염/100.png, …), so a move never meets a namesake by chance.
-SUSPECTS = [("오염/101.png", "오염", "곰팡이"), ("창틀,문틀수정/200.png", "창틀,문틀수정", "오염"),
-            ("곰팡이/002.png", "곰팡이", "창틀,문틀수정")]
+SUSPECTS = [
+    ("오염/101.png", "오염", "곰팡이"),
+    ("창틀,문틀수정/200.png", "창틀,문틀수정", "오염"),
+    ("곰팡이/002.png", "곰팡이", "창틀,문틀수정"),
+]
 
 
 def png(seed: int, tint: int) -> bytes:
@@ -60,11 +64,20 @@ def report_rows(paths: list[str]) -> tuple[list[dict], list[dict]]:
     for rank, path in enumerate(ranked, 1):
         given = path.split("/", 1)[0]
         suggested = flagged.get(path, (given, given))[1]
-        issues.append({"rank": rank, "path": path, "split": "train", "given_class": given,
-                       "suggested_class": suggested, "label_quality": round(0.01 * rank, 6),
-                       "issue": path in flagged, "p_given": round(0.01 * rank, 6), "source": "oob:member_0"})
-        split.append({"path": path, "class_name": given, "sha256": f"sha-{rank}", "split": "train",
-                      "group": path})
+        issues.append(
+            {
+                "rank": rank,
+                "path": path,
+                "split": "train",
+                "given_class": given,
+                "suggested_class": suggested,
+                "label_quality": round(0.01 * rank, 6),
+                "issue": path in flagged,
+                "p_given": round(0.01 * rank, 6),
+                "source": "oob:member_0",
+            }
+        )
+        split.append({"path": path, "class_name": given, "sha256": f"sha-{rank}", "split": "train", "group": path})
     return issues, split
 
 

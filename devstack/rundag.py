@@ -1,7 +1,8 @@
 """``run-dag``: one DAG run with ``airflow dags test``, its full log in a file, a compact view on the console.
 
-    python -m devstack run-dag defect_training --conf '{"landing_uri": "s3://landing/elpv/", "profile": "cpu-demo"}'
+python -m devstack run-dag defect_training --conf '{"landing_uri": "s3://landing/elpv/", "profile": "cpu-demo"}'
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,13 @@ def run_dag(dag_id: str, conf: str) -> int:
     airflow = str(Path(sys.executable).parent / "airflow")
     print(f"running DAG {dag_id} with `airflow dags test` (full log: {log_fp})", flush=True)
     with open(log_fp, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([airflow, "dags", "test", dag_id, "--conf", conf], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            [airflow, "dags", "test", dag_id, "--conf", conf],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)

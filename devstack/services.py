@@ -11,6 +11,7 @@ Every listener binds to 127.0.0.1. Pids and logs live under ``<root>/run`` and `
 ``MLFLOW_PORT`` (5000); SeaweedFS's internal ports are derived from ``S3_PORT`` so that two
 stacks (the demo and the tests) can run side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,12 @@ class Stack:
 
     @classmethod
     def from_env(cls) -> Stack:
-        return cls(root=settings.local_root(),
-                   s3_port=_env_port("S3_PORT", 8333), mlflow_port=_env_port("MLFLOW_PORT", 5000),
-                   airflow_port=_env_port("AIRFLOW_PORT", 8080))
+        return cls(
+            root=settings.local_root(),
+            s3_port=_env_port("S3_PORT", 8333),
+            mlflow_port=_env_port("MLFLOW_PORT", 5000),
+            airflow_port=_env_port("AIRFLOW_PORT", 8080),
+        )
 
     @property
     def s3_url(self) -> str:
@@ -113,8 +117,16 @@ def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str]) -> None
     stack.pidfile(name).parent.mkdir(parents=True, exist_ok=True)
     log = open(stack.logfile(name), "ab")
     # A new session, so the service outlives `make` and `down` can stop its whole process group.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True, cwd=stack.root, umask=SERVICE_UMASK)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        cwd=stack.root,
+        umask=SERVICE_UMASK,
+    )
     stack.pidfile(name).write_text(str(proc.pid))
     log.close()
 
@@ -161,8 +173,12 @@ def _buckets_ready(stack: Stack) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     # A fresh session: boto3's default one keeps the first keys it saw, even after AWS_* change (a second stack).
-    s3 = boto3.session.Session().client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
-                                        config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
+    s3 = boto3.session.Session().client(
+        "s3",
+        endpoint_url=stack.s3_url,
+        region_name="us-east-1",
+        config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
+    )
     try:
         names = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     except (BotoCoreError, ClientError):
@@ -174,8 +190,10 @@ def _s3_env() -> dict[str, str]:
     env = dict(os.environ)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if not env.get(var):
-            raise ServiceError(f"{var} is not set; the embedded S3 server takes its admin credentials from it "
-                               "(the Makefile sets local defaults)")
+            raise ServiceError(
+                f"{var} is not set; the embedded S3 server takes its admin credentials from it "
+                "(the Makefile sets local defaults)"
+            )
     return env
 
 
@@ -214,31 +232,61 @@ def start_s3(stack: Stack) -> None:
     ports = {"master": base + 1, "volume": base + 2, "filer": base + 3, "admin": base + 4}
     for port in [base, *ports.values(), *(p + 10000 for p in ports.values()), base + 10000]:
         if port_busy(stack.host, port):
-            raise ServiceError(f"port {port} on {stack.host} is busy; SeaweedFS needs S3_PORT={base} and "
-                               f"{base + 1}-{base + 4} (+10000 for gRPC): stop what holds it or set S3_PORT")
+            raise ServiceError(
+                f"port {port} on {stack.host} is busy; SeaweedFS needs S3_PORT={base} and "
+                f"{base + 1}-{base + 4} (+10000 for gRPC): stop what holds it or set S3_PORT"
+            )
     data_dir = stack.root / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
     write_seaweedfs_security(stack)
-    cmd = [_bin("weed"), "mini", f"-dir={data_dir}", f"-ip={stack.host}", f"-ip.bind={stack.host}",
-           f"-bucket={','.join(BUCKETS)}", f"-s3.port={base}", f"-s3.port.grpc={base + 10000}",
-           f"-master.port={ports['master']}", f"-master.port.grpc={ports['master'] + 10000}",
-           f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume'] + 10000}",
-           f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer'] + 10000}",
-           f"-admin.port={base + 4}", f"-admin.port.grpc={base + 10004}",
-           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    cmd = [
+        _bin("weed"),
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={stack.host}",
+        f"-ip.bind={stack.host}",
+        f"-bucket={','.join(BUCKETS)}",
+        f"-s3.port={base}",
+        f"-s3.port.grpc={base + 10000}",
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={ports['master'] + 10000}",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={ports['volume'] + 10000}",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={ports['filer'] + 10000}",
+        f"-admin.port={base + 4}",
+        f"-admin.port.grpc={base + 10004}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]
     _logger.info("starting SeaweedFS S3 on %s", stack.s3_url)
     _spawn(stack, "seaweedfs", cmd, env)
     _wait(stack, "seaweedfs", lambda: s3_healthy(stack), timeout=90)
 
 
-def mlflow_server_args(backend_store_uri: str | None, host: str, port: int, artifacts: str = "s3://mlflow/"
-                       ) -> list[str]:
+def mlflow_server_args(
+    backend_store_uri: str | None, host: str, port: int, artifacts: str = "s3://mlflow/"
+) -> list[str]:
     """`mlflow server` arguments: MLflow's basic-auth app (devstack/accounts.py), one worker, artifacts proxied to
     an S3 prefix (compose runs the same). ``backend_store_uri`` None: MLflow reads ``MLFLOW_BACKEND_STORE_URI``
     (compose: a URL with a password never goes on a command line)."""
     backend = ["--backend-store-uri", backend_store_uri] if backend_store_uri else []
-    return ["server", "--app-name", "basic-auth", *backend, "--artifacts-destination", artifacts,
-            "--host", host, "--port", str(port), "--workers", "1"]
+    return [
+        "server",
+        "--app-name",
+        "basic-auth",
+        *backend,
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def external_s3() -> bool:
@@ -260,15 +308,22 @@ def check_external_s3() -> None:
     """The external S3 answers with our keys and has the buckets we use (landing, MLflow artifacts, DVC remote)."""
     from pipeline.adapters import storage
 
-    wanted = {storage.parse_s3_uri(os.environ.get(var, default))[0]: var for var, default in (
-        ("PIPELINE_LANDING_URI", "s3://landing/"), ("PIPELINE_MLFLOW_ARTIFACTS", "s3://mlflow/"),
-        ("PIPELINE_DVC_REMOTE", "s3://dvc/cache"))}
+    wanted = {
+        storage.parse_s3_uri(os.environ.get(var, default))[0]: var
+        for var, default in (
+            ("PIPELINE_LANDING_URI", "s3://landing/"),
+            ("PIPELINE_MLFLOW_ARTIFACTS", "s3://mlflow/"),
+            ("PIPELINE_DVC_REMOTE", "s3://dvc/cache"),
+        )
+    }
     for bucket, var in wanted.items():
         try:
             storage.check_bucket(bucket)
         except PipelineError as exc:
-            raise ServiceError(f"external S3 ({os.environ.get('AWS_ENDPOINT_URL') or 'AWS default endpoint'}): "
-                               f"{exc} — create it, or point {var} at a bucket you have") from None
+            raise ServiceError(
+                f"external S3 ({os.environ.get('AWS_ENDPOINT_URL') or 'AWS default endpoint'}): "
+                f"{exc} — create it, or point {var} at a bucket you have"
+            ) from None
 
 
 def mlflow_healthy(stack: Stack) -> bool:
@@ -280,15 +335,20 @@ def start_mlflow(stack: Stack) -> None:
         _logger.info("MLflow already healthy on %s", stack.mlflow_url)
         return
     if port_busy(stack.host, stack.mlflow_port):
-        raise ServiceError(f"port {stack.mlflow_port} on {stack.host} is busy; stop what holds it or set "
-                           "MLFLOW_PORT to another port")
+        raise ServiceError(
+            f"port {stack.mlflow_port} on {stack.host} is busy; stop what holds it or set MLFLOW_PORT to another port"
+        )
     env = dict(os.environ, **accounts.mlflow_server_env(stack.root))
     if not external_s3():
         env["MLFLOW_S3_ENDPOINT_URL"] = stack.s3_url
     elif os.environ.get("AWS_ENDPOINT_URL"):
         env["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
-    cmd = [_bin("mlflow"), *mlflow_server_args(f"sqlite:///{stack.root / 'mlflow.db'}", stack.host,
-                                               stack.mlflow_port, mlflow_artifacts_uri())]
+    cmd = [
+        _bin("mlflow"),
+        *mlflow_server_args(
+            f"sqlite:///{stack.root / 'mlflow.db'}", stack.host, stack.mlflow_port, mlflow_artifacts_uri()
+        ),
+    ]
     _logger.info("starting MLflow on %s", stack.mlflow_url)
     _spawn(stack, "mlflow", cmd, env)
     _wait(stack, "mlflow", lambda: mlflow_healthy(stack), timeout=180)
@@ -374,14 +434,18 @@ def start_airflow(stack: Stack) -> None:
         _logger.info("Airflow already healthy on http://%s:%d", stack.host, stack.airflow_port)
         return
     if port_busy(stack.host, stack.airflow_port):
-        raise ServiceError(f"port {stack.airflow_port} on {stack.host} is busy; stop what holds it or set "
-                           "AIRFLOW_PORT to another port")
+        raise ServiceError(
+            f"port {stack.airflow_port} on {stack.host} is busy; stop what holds it or set AIRFLOW_PORT to another port"
+        )
     airflow = _bin("airflow")
     commands = {name: [airflow, *args] for name, args in airflow_role_args(stack.host, stack.airflow_port).items()}
     # Task processes report to the api-server's execution API; its default URL is localhost:8080, which is
     # wrong for another AIRFLOW_PORT (and may resolve to ::1, where nothing listens).
-    env = dict(os.environ, AIRFLOW__CORE__EXECUTION_API_SERVER_URL=airflow_execution_url(stack),
-               **accounts.airflow_env(stack.root))
+    env = dict(
+        os.environ,
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=airflow_execution_url(stack),
+        **accounts.airflow_env(stack.root),
+    )
     if _airflow_db_file() is not None:  # the embedded SQLite DB: wait for locks instead of failing requests
         env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "devstack.airflow_sqlite.CONNECT_ARGS")
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
@@ -417,8 +481,10 @@ def up(stack: Stack, airflow: bool = True) -> dict[str, str]:
     created = accounts.ensure(stack.root)
     if external_s3():
         check_external_s3()
-        _logger.info("using the external S3 at %s (PIPELINE_S3=external)",
-                     os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint")
+        _logger.info(
+            "using the external S3 at %s (PIPELINE_S3=external)",
+            os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint",
+        )
     else:
         start_s3(stack)
     start_mlflow(stack)
@@ -454,8 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack.from_env()
         if args.action in ("up", "ui"):
             created = up(stack, airflow=not args.no_airflow)
-            s3 = (f"external {os.environ.get('AWS_ENDPOINT_URL') or '(AWS default endpoint)'}" if external_s3()
-                  else f"(SeaweedFS): {stack.s3_url}")
+            s3 = (
+                f"external {os.environ.get('AWS_ENDPOINT_URL') or '(AWS default endpoint)'}"
+                if external_s3()
+                else f"(SeaweedFS): {stack.s3_url}"
+            )
             print(f"S3 {s3}   MLflow: {stack.mlflow_url}   data: {stack.root}")
         if args.action == "ui":
             start_airflow(stack)

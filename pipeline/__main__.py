@@ -3,6 +3,7 @@
 A :class:`PipelineError` (bad params, unreachable S3/MLflow, failed validation) prints one
 ``error: ...`` line and exits with code 2 instead of a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validated", type=Path, default=paths.VALIDATED)
     p.add_argument("--split", type=Path, default=paths.SPLIT)
     p.add_argument("--report", type=Path, default=paths.SPLIT_REPORT)
-    p.add_argument("--exclusions", type=Path, default=paths.LABEL_EXCLUSIONS,
-                   help="images to leave out of train/val (written by stage label_exclusions; a missing file lists "
-                        "none unless data.exclude_label_issues is true)")
+    p.add_argument(
+        "--exclusions",
+        type=Path,
+        default=paths.LABEL_EXCLUSIONS,
+        help="images to leave out of train/val (written by stage label_exclusions; a missing file lists "
+        "none unless data.exclude_label_issues is true)",
+    )
 
     p = sub.add_parser("train", help="train one bag member, or one entry of `backbones`")
     _params(p)
@@ -95,19 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     default_model = "models:/<registry.model_name of PIPELINE_PROFILE, or PIPELINE_MODEL_NAME>@champion"
     p = sub.add_parser("predict", help="classify a folder or S3 prefix of photos into a CSV")
-    p.add_argument("--model", default=None,
-                   help=f"MLflow model URI or a local models/ folder (default {default_model})")
+    p.add_argument(
+        "--model", default=None, help=f"MLflow model URI or a local models/ folder (default {default_model})"
+    )
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix/ of images")
     p.add_argument("--out", type=Path, required=True, help="CSV: id,label,confidence,error,prob_<class>...")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average over the symmetries the model was trained with (default: as registered, model.tta)")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average over the symmetries the model was trained with (default: as registered, model.tta)",
+    )
 
     p = sub.add_parser("submission", help="write the DACON submission.csv for a test folder")
     p.add_argument("--model", default=None, help=f"MLflow model URI (default {default_model})")
     p.add_argument("--dacon-dir", type=Path, required=True, help="holds test/, test.csv, sample_submission.csv")
     p.add_argument("--out", type=Path, default=Path("submission.csv"))
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average over the symmetries the model was trained with (default: as registered, model.tta)")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average over the symmetries the model was trained with (default: as registered, model.tta)",
+    )
 
     p = sub.add_parser("workspace", help="create/refresh the DVC workspace for a profile")
     p.add_argument("--profile", default="cpu-demo")
@@ -118,16 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="apply a profile to this clone's params.yaml; DVC remote from the environment")
     p.add_argument("name", help="full (the committed recipe), or a profiles/<name>.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
-    p.add_argument("--no-lock", action="store_true",
-                   help="do not write dvc.lock from the newest version registered with these params")
+    p.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="do not write dvc.lock from the newest version registered with these params",
+    )
 
     p = sub.add_parser("reproduce", help="a workspace at a registered version's exact inputs, every hash checked")
     p.add_argument("--model", required=True, help="registered model name")
     p.add_argument("--version", required=True, help="the version to reproduce")
     p.add_argument("--dir", type=Path, default=None, help="workspace (default .local/reproduce/<model>-v<N>)")
     p.add_argument("--retrain", action="store_true", help="run the stages again and compare weighted F1")
-    p.add_argument("--tolerance", type=float, default=0.0,
-                   help="largest weighted-F1 difference --retrain accepts (default 0: bit for bit, as on a CPU)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest weighted-F1 difference --retrain accepts (default 0: bit for bit, as on a CPU)",
+    )
 
     p = sub.add_parser("audit", help="what differs between two registered versions")
     p.add_argument("--model", required=True, help="registered model name")
@@ -146,17 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--alias", default="champion", help="or the version this alias points at (default champion)")
     p.add_argument("--top", type=int, default=None, help="only the K highest-ranked flagged photos")
     p.add_argument("--out", type=Path, required=True, help="tasks JSON; the labeling config goes beside it")
-    p.add_argument("--url-expiry", type=int, default=7 * 24 * 3600,
-                   help="seconds the presigned image URLs stay valid (default and maximum: 7 days)")
-    p.add_argument("--predictions", default="", metavar="S3_PREFIX",
-                   help="also export the batch DAG's unsure photos under this prefix (e.g. s3://landing/incoming/)")
+    p.add_argument(
+        "--url-expiry",
+        type=int,
+        default=7 * 24 * 3600,
+        help="seconds the presigned image URLs stay valid (default and maximum: 7 days)",
+    )
+    p.add_argument(
+        "--predictions",
+        default="",
+        metavar="S3_PREFIX",
+        help="also export the batch DAG's unsure photos under this prefix (e.g. s3://landing/incoming/)",
+    )
     p.add_argument("--below", type=float, default=0.5, help="unsure = confidence below this (default 0.5)")
 
     p = sub.add_parser("relabel", help="apply a Label Studio export to the landing bucket (dry run by default)")
     p.add_argument("--from", dest="export", type=Path, required=True, help="Label Studio JSON export")
     p.add_argument("--apply", action="store_true", help="move the objects (default: print the plan only)")
-    p.add_argument("--landing-uri", default="", metavar="S3_URI",
-                   help="the landing prefix rows must name (default: data.landing_uri of ./params.yaml)")
+    p.add_argument(
+        "--landing-uri",
+        default="",
+        metavar="S3_URI",
+        help="the landing prefix rows must name (default: data.landing_uri of ./params.yaml)",
+    )
 
     p = sub.add_parser("summary", help="print the last run's outcome and machine-readable lines")
     p.add_argument("--dir", type=Path, default=None)
@@ -181,8 +214,9 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "validate":
         from pipeline.stages.validate import run_validate
 
-        report = run_validate(cfg, args.raw_dir, args.manifest, args.rejects, args.validated, args.quarantine,
-                              args.report, args.docs_dir)
+        report = run_validate(
+            cfg, args.raw_dir, args.manifest, args.rejects, args.validated, args.quarantine, args.report, args.docs_dir
+        )
         print(json.dumps({k: report[k] for k in ("validated", "quarantined", "fingerprint")}))
     elif cmd == "label_exclusions":
         from pipeline.stages.label_exclusions import run_label_exclusions
@@ -196,8 +230,16 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.stages.train import run_train
 
         if args.backbone:
-            run_train(cfg.for_backbone(args.backbone), args.split, args.raw_dir, 0, args.out_dir, args.cache_dir,
-                      args.ckpt_dir, name=f"backbone_{args.backbone}")
+            run_train(
+                cfg.for_backbone(args.backbone),
+                args.split,
+                args.raw_dir,
+                0,
+                args.out_dir,
+                args.cache_dir,
+                args.ckpt_dir,
+                name=f"backbone_{args.backbone}",
+            )
         else:
             run_train(cfg, args.split, args.raw_dir, args.member, args.out_dir, args.cache_dir, args.ckpt_dir)
     elif cmd == "evaluate":
@@ -207,13 +249,30 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "label_issues":
         from pipeline.stages.label_issues import run_label_issues
 
-        print(json.dumps(run_label_issues(cfg, args.split, args.raw_dir, args.models_dir, args.issues, args.metrics,
-                                          args.grid, args.cache_dir)))
+        print(
+            json.dumps(
+                run_label_issues(
+                    cfg, args.split, args.raw_dir, args.models_dir, args.issues, args.metrics, args.grid, args.cache_dir
+                )
+            )
+        )
     elif cmd == "register":
         from pipeline.stages.register import run_register
 
-        print(json.dumps(run_register(cfg, args.split, args.raw_dir, args.models_dir, args.metrics,
-                                      args.reports_dir, args.decision, params_fp=args.params)))
+        print(
+            json.dumps(
+                run_register(
+                    cfg,
+                    args.split,
+                    args.raw_dir,
+                    args.models_dir,
+                    args.metrics,
+                    args.reports_dir,
+                    args.decision,
+                    params_fp=args.params,
+                )
+            )
+        )
     elif cmd == "predict":
         from pipeline.commands.predict import run_predict
 
@@ -248,8 +307,21 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.top is not None and args.top < 1:
             raise PipelineError(f"--top must be at least 1, got {args.top}")
-        print(json.dumps(run_review_export(args.model, args.version, args.alias, args.top, args.out,
-                                           args.url_expiry, args.predictions, args.below), ensure_ascii=False))
+        print(
+            json.dumps(
+                run_review_export(
+                    args.model,
+                    args.version,
+                    args.alias,
+                    args.top,
+                    args.out,
+                    args.url_expiry,
+                    args.predictions,
+                    args.below,
+                ),
+                ensure_ascii=False,
+            )
+        )
     elif cmd == "relabel":
         from pipeline.commands.relabel import landing_uri_of, run_relabel
 
@@ -275,16 +347,14 @@ def reexec_with_tuned_malloc() -> None:
     """Replace this process with itself under :data:`MALLOC_TUNABLES` (glibc only; no-op once set)."""
     import platform
 
-    if ("GLIBC_TUNABLES" in os.environ or settings.malloc() != "tuned"
-            or platform.libc_ver()[0] != "glibc"):
+    if "GLIBC_TUNABLES" in os.environ or settings.malloc() != "tuned" or platform.libc_ver()[0] != "glibc":
         return
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
     os.execve(sys.executable, [sys.executable, "-m", "pipeline", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=settings.log_level(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).debug("malloc: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     for noisy in ("great_expectations", "botocore", "urllib3", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -14,6 +14,7 @@ auditor's read-only account sees everything. Every route is a GET; nothing here 
 
 Check it: ``airflow plugins`` lists ``defect_models``; ``tests/integration/test_operator_view.py``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,8 @@ CAN_READ_RUNS = [Depends(requires_access_dag("GET", DagAccessEntity.RUN))]
 # and a "show more" toggle need script (tests/security, the Chromium check).
 FILE_HEADERS = {
     "Content-Security-Policy": "sandbox allow-popups; default-src 'none'; script-src 'none'; "
-                               "style-src 'unsafe-inline' https:; font-src https:; img-src data: https:; "
-                               "connect-src 'none'; form-action 'none'; frame-ancestors 'none'",
+    "style-src 'unsafe-inline' https:; font-src https:; img-src data: https:; "
+    "connect-src 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -55,13 +56,17 @@ app = FastAPI(title="Defect models", dependencies=CAN_READ_RUNS)
 
 # --- reading Airflow's own records (this process is the api-server) ---------------------------------------------
 
+
 def _xcom(dag_id: str, run_id: str, task_id: str, key: str):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        row = session.execute(XComModel.get_many(run_id=run_id, key=key, task_ids=task_id, dag_ids=dag_id)
-                              .with_only_columns(XComModel.value)).first()
+        row = session.execute(
+            XComModel.get_many(run_id=run_id, key=key, task_ids=task_id, dag_ids=dag_id).with_only_columns(
+                XComModel.value
+            )
+        ).first()
     return None if row is None else XComModel.deserialize_value(row)
 
 
@@ -72,12 +77,19 @@ def _recent_training_runs(limit: int) -> list[dict]:
     from sqlalchemy import select
 
     with create_session() as session:
-        runs = session.scalars(select(DagRun).where(DagRun.dag_id == TRAINING_DAG)
-                               .order_by(DagRun.run_after.desc()).limit(limit)).all()
-        found = [{"run_id": r.run_id, "state": str(r.state), "run_after": r.run_after,
-                  "landing_uri": (r.conf or {}).get("landing_uri")  # started by hand, or by the data watch:
-                  or next(((e.extra or {}).get("landing_uri", "") for e in r.consumed_asset_events), "")}
-                 for r in runs]
+        runs = session.scalars(
+            select(DagRun).where(DagRun.dag_id == TRAINING_DAG).order_by(DagRun.run_after.desc()).limit(limit)
+        ).all()
+        found = [
+            {
+                "run_id": r.run_id,
+                "state": str(r.state),
+                "run_after": r.run_after,
+                "landing_uri": (r.conf or {}).get("landing_uri")  # started by hand, or by the data watch:
+                or next(((e.extra or {}).get("landing_uri", "") for e in r.consumed_asset_events), ""),
+            }
+            for r in runs
+        ]
     for run in found:
         run["report"] = _xcom(TRAINING_DAG, run["run_id"], "validate", orc.VALIDATION_KEY)
     return found
@@ -89,10 +101,13 @@ def _watch_events(limit: int = 5) -> list[dict]:
     from sqlalchemy import select
 
     with create_session() as session:
-        rows = session.execute(select(AssetEvent.timestamp, AssetEvent.extra, AssetEvent.source_run_id)
-                               .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
-                               .where(AssetModel.name == orc.LANDING_DATA.name)
-                               .order_by(AssetEvent.timestamp.desc()).limit(limit)).all()
+        rows = session.execute(
+            select(AssetEvent.timestamp, AssetEvent.extra, AssetEvent.source_run_id)
+            .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .where(AssetModel.name == orc.LANDING_DATA.name)
+            .order_by(AssetEvent.timestamp.desc())
+            .limit(limit)
+        ).all()
     return [{"timestamp": ts, "extra": extra or {}, "source_run_id": src} for ts, extra, src in rows]
 
 
@@ -104,22 +119,27 @@ def _watched_fingerprints() -> dict[str, str]:
     prefix = orc.fingerprint_key("watch", "")
     with create_session() as session:
         found = session.scalars(select(Variable).where(Variable.key.like(prefix + "%"))).all()
-        return {v.key[len(prefix):]: v.val for v in found}
+        return {v.key[len(prefix) :]: v.val for v in found}
 
 
 # --- pages --------------------------------------------------------------------------------------------------------
+
 
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
 def _page(title: str, body: str) -> HTMLResponse:
-    style = ("body{font-family:'Noto Sans CJK KR','NanumGothic',system-ui,sans-serif;margin:1.5rem;color:#222}"
-             "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
-             "text-align:left;vertical-align:top;word-break:keep-all}th{background:#f3f3f3}.promoted{color:#176c2c}"
-             ".rejected{color:#a61b1b}code{font-size:90%}.nw{white-space:nowrap}")
-    return HTMLResponse(f"<!doctype html><html lang='ko'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-                        f"<style>{style}</style></head><body><h1>{_e(title)}</h1>{body}</body></html>")
+    style = (
+        "body{font-family:'Noto Sans CJK KR','NanumGothic',system-ui,sans-serif;margin:1.5rem;color:#222}"
+        "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+        "text-align:left;vertical-align:top;word-break:keep-all}th{background:#f3f3f3}.promoted{color:#176c2c}"
+        ".rejected{color:#a61b1b}code{font-size:90%}.nw{white-space:nowrap}"
+    )
+    return HTMLResponse(
+        f"<!doctype html><html lang='ko'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{_e(title)}</h1>{body}</body></html>"
+    )
 
 
 def _airflow_run_link(dag_id: str, run_id: str) -> str:
@@ -144,14 +164,17 @@ def models_section(models: list[dict]) -> str:
             # One unbreakable "class F1" per entry, joined by " · ": a class name may hold a comma (창틀,문틀수정)
             classes = " · ".join(f"<span class='nw'>{_e(k)} {float(f):.2f}</span>" for k, f in per_class.items())
             here = [a for a, ver in m["aliases"].items() if ver == v["version"]]
-            rows.append(f"<tr><td><a href='{_e(v['url'])}' target='_blank'>v{_e(v['version'])}</a> "
-                        f"{_e(' '.join(here))}</td><td class='{_e(gate)}'>{_e(gate)}</td>"
-                        f"<td>{_e(t.get('weighted_f1', '–'))}</td><td>{_e(t.get('gate_reason', ''))}</td>"
-                        f"<td>{classes}</td><td>{_airflow_run_link(v['airflow_dag_id'], v['airflow_run_id'])}</td>"
-                        "</tr>")
-        parts.append(f"<h2>{_e(m['name'])}</h2><p>aliases: {aliases}</p><table><tr><th>version</th><th>gate</th>"
-                     "<th>weighted F1</th><th>reason</th><th>per-class F1</th><th>DAG run</th></tr>"
-                     + "".join(rows) + "</table>")
+            rows.append(
+                f"<tr><td><a href='{_e(v['url'])}' target='_blank'>v{_e(v['version'])}</a> "
+                f"{_e(' '.join(here))}</td><td class='{_e(gate)}'>{_e(gate)}</td>"
+                f"<td>{_e(t.get('weighted_f1', '–'))}</td><td>{_e(t.get('gate_reason', ''))}</td>"
+                f"<td>{classes}</td><td>{_airflow_run_link(v['airflow_dag_id'], v['airflow_run_id'])}</td>"
+                "</tr>"
+            )
+        parts.append(
+            f"<h2>{_e(m['name'])}</h2><p>aliases: {aliases}</p><table><tr><th>version</th><th>gate</th>"
+            "<th>weighted F1</th><th>reason</th><th>per-class F1</th><th>DAG run</th></tr>" + "".join(rows) + "</table>"
+        )
     return "".join(parts)
 
 
@@ -160,9 +183,11 @@ def quarantine_section(report: dict | None, dag_id: str, run_id: str) -> str:
         return "<p>This run's validate task wrote no quarantine report (it has not run, or ingest failed).</p>"
     counts = "".join(f"<tr><td>{_e(r)}</td><td>{n}</td></tr>" for r, n in report["by_reason"].items())
     link = f"validation/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
-    return (f"<p>{report['quarantined']} of {_e(report.get('files', '?'))} files quarantined "
-            f"(<a href='{_e(link)}'>the list</a>).</p>"
-            + (f"<table><tr><th>reason</th><th>files</th></tr>{counts}</table>" if counts else ""))
+    return (
+        f"<p>{report['quarantined']} of {_e(report.get('files', '?'))} files quarantined "
+        f"(<a href='{_e(link)}'>the list</a>).</p>"
+        + (f"<table><tr><th>reason</th><th>files</th></tr>{counts}</table>" if counts else "")
+    )
 
 
 def recent_runs_section(runs: list[dict]) -> str:
@@ -178,25 +203,40 @@ def recent_runs_section(runs: list[dict]) -> str:
         else:
             link = f"validation/{quote(TRAINING_DAG, safe='')}/{quote(run['run_id'], safe='')}"
             reasons = "; ".join(f"{_e(r)}: {n}" for r, n in report["by_reason"].items())
-            counts = (f"<a href='{_e(link)}'>{report['quarantined']} of {_e(report.get('files', '?'))}</a>"
-                      + (f" ({reasons})" if reasons else ""))
-        rows.append(f"<tr><td>{_airflow_run_link(TRAINING_DAG, run['run_id'])}</td><td>{_e(run['state'])}</td>"
-                    f"<td>{_e(run.get('landing_uri') or '–')}</td><td>{counts}</td></tr>")
-    return ("<table><tr><th>DAG run</th><th>state</th><th>landing prefix</th><th>quarantined (by reason)</th></tr>"
-            + "".join(rows) + "</table>")
+            counts = f"<a href='{_e(link)}'>{report['quarantined']} of {_e(report.get('files', '?'))}</a>" + (
+                f" ({reasons})" if reasons else ""
+            )
+        rows.append(
+            f"<tr><td>{_airflow_run_link(TRAINING_DAG, run['run_id'])}</td><td>{_e(run['state'])}</td>"
+            f"<td>{_e(run.get('landing_uri') or '–')}</td><td>{counts}</td></tr>"
+        )
+    return (
+        "<table><tr><th>DAG run</th><th>state</th><th>landing prefix</th><th>quarantined (by reason)</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def watch_section(events: list[dict], fingerprints: dict[str, str]) -> str:
-    rows = "".join(f"<tr><td>{_e(e['timestamp'])}</td><td>{_e(e['extra'].get('landing_uri', ''))}</td>"
-                   f"<td><code>{_e(str(e['extra'].get('fingerprint', ''))[:16])}</code></td>"
-                   f"<td>{_e(e['extra'].get('objects', ''))}</td></tr>" for e in events)
-    last = "".join(f"<tr><td>{_e(uri)}</td><td><code>{_e(fp[:16])}</code></td></tr>"
-                   for uri, fp in sorted(fingerprints.items()))
-    return ("<h3>Last events on the Asset <code>landing_data</code></h3>"
-            + (f"<table><tr><th>fired at (UTC)</th><th>prefix</th><th>fingerprint</th><th>objects</th></tr>{rows}"
-               "</table>" if rows else "<p>The data watch has not fired yet.</p>")
-            + "<h3>Last processed fingerprint per prefix</h3>"
-            + (f"<table><tr><th>prefix</th><th>fingerprint</th></tr>{last}</table>" if last else "<p>none</p>"))
+    rows = "".join(
+        f"<tr><td>{_e(e['timestamp'])}</td><td>{_e(e['extra'].get('landing_uri', ''))}</td>"
+        f"<td><code>{_e(str(e['extra'].get('fingerprint', ''))[:16])}</code></td>"
+        f"<td>{_e(e['extra'].get('objects', ''))}</td></tr>"
+        for e in events
+    )
+    last = "".join(
+        f"<tr><td>{_e(uri)}</td><td><code>{_e(fp[:16])}</code></td></tr>" for uri, fp in sorted(fingerprints.items())
+    )
+    return (
+        "<h3>Last events on the Asset <code>landing_data</code></h3>"
+        + (
+            f"<table><tr><th>fired at (UTC)</th><th>prefix</th><th>fingerprint</th><th>objects</th></tr>{rows}</table>"
+            if rows
+            else "<p>The data watch has not fired yet.</p>"
+        )
+        + "<h3>Last processed fingerprint per prefix</h3>"
+        + (f"<table><tr><th>prefix</th><th>fingerprint</th></tr>{last}</table>" if last else "<p>none</p>")
+    )
 
 
 @app.get("/", response_class=HTMLResponse)
@@ -207,9 +247,11 @@ def overview() -> HTMLResponse:
         models = models_section(tracking.registered_models_overview(MAX_VERSIONS))
     except Exception as exc:  # MLflow away: the Airflow half of the page still helps
         models = f"<p>MLflow registry unreachable: {_e(exc)}</p>"
-    body = (f"<h2>Registered models</h2>{models}<h2>Last {RECENT_RUNS} training runs: quarantine</h2>"
-            f"{recent_runs_section(_recent_training_runs(RECENT_RUNS))}"
-            f"<h2>Data watch</h2>{watch_section(_watch_events(), _watched_fingerprints())}")
+    body = (
+        f"<h2>Registered models</h2>{models}<h2>Last {RECENT_RUNS} training runs: quarantine</h2>"
+        f"{recent_runs_section(_recent_training_runs(RECENT_RUNS))}"
+        f"<h2>Data watch</h2>{watch_section(_watch_events(), _watched_fingerprints())}"
+    )
     return _page("Defect models", body)
 
 
@@ -229,13 +271,15 @@ def _validation_file(dag_id: str, run_id: str, rel: str | None) -> Path:
     if rel is not None and docs not in fp.parents:
         raise HTTPException(404, "not a Data Docs file")
     # The Data Docs are checked through their index page: GX rewrites the whole folder on every run.
-    check, want = ((fp, report["quarantine_sha256"]) if rel is None
-                   else (docs / "index.html", report["data_docs_sha256"]))
+    check, want = (
+        (fp, report["quarantine_sha256"]) if rel is None else (docs / "index.html", report["data_docs_sha256"])
+    )
     if fp.is_file() and check.is_file() and _sha256(check) == want:
         return fp
     if report.get("archived_in"):
-        return _archived(report["archived_in"], fp.name if rel is None else f"data_docs/{rel}",
-                         want if rel is None else None)
+        return _archived(
+            report["archived_in"], fp.name if rel is None else f"data_docs/{rel}", want if rel is None else None
+        )
     if not fp.is_file():
         raise HTTPException(404, f"{fp.name} is not in the workspace any more")
     raise HTTPException(410, "the workspace has moved on: a later run replaced this run's validation files")
@@ -274,8 +318,9 @@ def _archived(mlflow_run: str, rel: str, sha256: str | None) -> Path:
             try:
                 got = tracking.archived_validation_file(mlflow_run, rel, Path(tmp))
             except Exception as exc:  # noqa: BLE001 - MLflow away or the copy missing: say which, never guess
-                raise HTTPException(502, f"this run's copy in MLflow run {mlflow_run} could not be read: {exc}"
-                                    ) from None
+                raise HTTPException(
+                    502, f"this run's copy in MLflow run {mlflow_run} could not be read: {exc}"
+                ) from None
             fp.parent.mkdir(parents=True, exist_ok=True)
             os.replace(got, fp)
     if sha256 is not None and _sha256(fp) != sha256:
@@ -291,9 +336,14 @@ def validation(dag_id: str, run_id: str) -> HTMLResponse:
         try:
             fp = _validation_file(dag_id, run_id, None)
             rows = list(csv.DictReader(io.StringIO(fp.read_text(encoding="utf-8"))))
-            body += ("<table><tr><th>class</th><th>object</th><th>reason</th></tr>"
-                     + "".join(f"<tr><td>{_e(r['class_name'])}</td><td>{_e(r['source_key'])}</td>"
-                               f"<td>{_e(r['reason'])}</td></tr>" for r in rows) + "</table>")
+            body += (
+                "<table><tr><th>class</th><th>object</th><th>reason</th></tr>"
+                + "".join(
+                    f"<tr><td>{_e(r['class_name'])}</td><td>{_e(r['source_key'])}</td><td>{_e(r['reason'])}</td></tr>"
+                    for r in rows
+                )
+                + "</table>"
+            )
         except HTTPException as exc:
             body += f"<p>The list itself: {_e(exc.detail)}.</p>"
         if report.get("data_docs_sha256"):
@@ -317,15 +367,24 @@ def member(dag_id: str, run_id: str, role: str, name: str) -> RedirectResponse:
             child = tracking.nested_run(parent_id, role, name) if parent_id else None
             if child is not None:
                 return RedirectResponse(tracking.run_ui_url(child.info.run_id), status_code=307)
-    raise HTTPException(404, f"no MLflow run {name!r} ({role}) under run {run_id} of {dag_id} yet: register logs "
-                             "it, so it appears once register has run")
+    raise HTTPException(
+        404,
+        f"no MLflow run {name!r} ({role}) under run {run_id} of {dag_id} yet: register logs "
+        "it, so it appears once register has run",
+    )
 
 
 class DefectModelsPlugin(AirflowPlugin):
     name = "defect_models"
     fastapi_apps = [{"app": app, "url_prefix": orc.PLUGIN_PREFIX, "name": "Defect models"}]
-    external_views = [{"name": "Defect models", "href": orc.PLUGIN_PREFIX.lstrip("/") + "/",
-                       "destination": "nav", "url_route": "defect-models"}]
+    external_views = [
+        {
+            "name": "Defect models",
+            "href": orc.PLUGIN_PREFIX.lstrip("/") + "/",
+            "destination": "nav",
+            "url_route": "defect-models",
+        }
+    ]
     # The links are evaluated by the workers and read back by the api-server from XCom (see the module docstring);
     # listing them here only shows them in `airflow plugins` (their `operators` list is empty, so they attach to
     # no other operator).

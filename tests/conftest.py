@@ -1,5 +1,6 @@
 """Shared fixtures. Integration tests start their own real stack on other ports (S3 17333, MLflow 25000)
 under a temporary folder, so they never touch the demo's services or data, and stop it afterwards."""
+
 from __future__ import annotations
 
 import os
@@ -31,16 +32,25 @@ def stack_env(tmp_path_factory):
     accounts.ensure(local)
     env = {
         # Fresh random keys per test session: no credential literal in the repo.
-        "AWS_ACCESS_KEY_ID": f"test-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{TEST_S3_PORT}",
-        "S3_PORT": str(TEST_S3_PORT), "MLFLOW_PORT": str(TEST_MLFLOW_PORT), "AIRFLOW_PORT": str(TEST_AIRFLOW_PORT),
+        "AWS_ACCESS_KEY_ID": f"test-{secrets.token_hex(4)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{TEST_S3_PORT}",
+        "S3_PORT": str(TEST_S3_PORT),
+        "MLFLOW_PORT": str(TEST_MLFLOW_PORT),
+        "AIRFLOW_PORT": str(TEST_AIRFLOW_PORT),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{TEST_MLFLOW_PORT}",
-        "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": accounts.password("pipeline", local),
-        "PIPELINE_LOCAL": str(local), "PIPELINE_HOME": str(ROOT), "PIPELINE_WORKSPACE": str(local / "workspace"),
+        "MLFLOW_TRACKING_USERNAME": "pipeline",
+        "MLFLOW_TRACKING_PASSWORD": accounts.password("pipeline", local),
+        "PIPELINE_LOCAL": str(local),
+        "PIPELINE_HOME": str(ROOT),
+        "PIPELINE_WORKSPACE": str(local / "workspace"),
         "PIPELINE_DVC_REMOTE": "s3://dvc/test-cache",
-        "AIRFLOW_HOME": str(local / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW_HOME": str(local / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "GIT_PYTHON_REFRESH": "quiet",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "GIT_PYTHON_REFRESH": "quiet",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     return env
@@ -62,6 +72,7 @@ def stack(stack_env):
         os.environ.clear()
         os.environ.update(old)
         from pipeline.adapters import storage
+
         storage._CLIENTS.clear()
 
 
@@ -75,8 +86,13 @@ def s3(stack):
 # A recipe that really learns the tiny data (colour tells the classes apart): the bag member reaches weighted F1
 # 1.0 on val and test in about 10 s of CPU, so the champion is a real one that a crippled candidate must lose to.
 # The profile's one epoch at lr 7e-4 leaves a model at chance. The backbones are not under test: one epoch each.
-GOOD_TINY_RECIPE = ["train.epochs=20", "train.lr=0.01", "train.patience=100",
-                    "backbones.test_efficientnet.epochs=1", "backbones.test_resnet.epochs=1"]
+GOOD_TINY_RECIPE = [
+    "train.epochs=20",
+    "train.lr=0.01",
+    "train.patience=100",
+    "backbones.test_efficientnet.epochs=1",
+    "backbones.test_resnet.epochs=1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -109,8 +125,14 @@ def local_registry(tmp_path, monkeypatch):
 
 
 def run_cli(args: list[str], env: dict, cwd: Path | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], env={**os.environ, **env}, cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        env={**os.environ, **env},
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def have_binary(name: str) -> bool:
@@ -145,6 +167,7 @@ TIER_ORDER = ("unit", "security", "data", "dags", "integration", "faults", "cele
 
 def pytest_collection_modifyitems(items):
     """Cheap tiers first; the fault tier (it kills and restarts services) after the integration tier."""
+
     def tier(item) -> int:
         marks = {m.name for m in item.iter_markers()}
         return next((i for i, name in enumerate(TIER_ORDER) if name in marks), len(TIER_ORDER))

@@ -2,6 +2,7 @@
 or, when no password is set, the local stack's generated accounts file (``<PIPELINE_LOCAL>/accounts.json``, mode 600,
 written by devstack/accounts.py). Imports nothing heavy: devstack and the CLI read it before MLflow loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def use_local_account() -> str | None:
         return None
     name = os.environ.get("MLFLOW_TRACKING_USERNAME") or "pipeline"
     if name not in accounts:
-        raise PipelineError(f"MLFLOW_TRACKING_USERNAME={name!r} is not an account in {fp}; set "
-                            "MLFLOW_TRACKING_PASSWORD too, or use one of " + ", ".join(sorted(accounts)))
+        raise PipelineError(
+            f"MLFLOW_TRACKING_USERNAME={name!r} is not an account in {fp}; set "
+            "MLFLOW_TRACKING_PASSWORD too, or use one of " + ", ".join(sorted(accounts))
+        )
     os.environ["MLFLOW_TRACKING_USERNAME"] = name
     os.environ["MLFLOW_TRACKING_PASSWORD"] = accounts[name]
     return name

@@ -9,6 +9,7 @@ top, and everything heavy (torch, pandas, GX, MLflow) inside the functions.
 * :func:`fail_fast`: a non-transient :class:`~pipeline.core.errors.PipelineError` (bad data, bad params) fails
   the task at once, without retries; a transient one (S3 or MLflow away) is raised for Airflow to retry.
 """
+
 from __future__ import annotations
 
 import os
@@ -140,8 +141,13 @@ def open_tracking_run(ws: str, dag_id: str, run_id: str) -> str:
     from pipeline.adapters import tracking
 
     cfg = workspace_params(ws)
-    tags = {"airflow_dag_id": dag_id, "airflow_run_id": run_id, "profile": cfg.profile,
-            "landing_uri": cfg.data.landing_uri, "git_commit": tracking.git_commit(None)}
+    tags = {
+        "airflow_dag_id": dag_id,
+        "airflow_run_id": run_id,
+        "profile": cfg.profile,
+        "landing_uri": cfg.data.landing_uri,
+        "git_commit": tracking.git_commit(None),
+    }
     return tracking.open_pipeline_run(cfg.registry.experiment, cfg.to_dict(), f"airflow-{run_id}", tags)
 
 
@@ -221,6 +227,7 @@ def _define_links() -> dict:
 
     class ModelVersionLink(BaseOperatorLink):
         """``register`` → the MLflow model version its decision names (promoted or rejected)."""
+
         name = "MLflow model version"
 
         def get_link(self, operator, *, ti_key) -> str:
@@ -233,6 +240,7 @@ def _define_links() -> dict:
 
     class ParentRunLink(BaseOperatorLink):
         """``start_tracking``/``finish_tracking`` → the DAG run's MLflow parent run (start_tracking's id)."""
+
         name = "MLflow run"
 
         def get_link(self, operator, *, ti_key) -> str:
@@ -244,6 +252,7 @@ def _define_links() -> dict:
     class MemberRunLink(BaseOperatorLink):
         """``backbone``/``train`` → that model's nested run. ``register`` logs it after this task ends, so the
         link names it (DAG run, role, run name) and the plugin finds it under this DAG run's parent run."""
+
         name = "MLflow member run"
 
         def get_link(self, operator, *, ti_key) -> str:
@@ -254,6 +263,7 @@ def _define_links() -> dict:
 
     class QuarantineLink(BaseOperatorLink):
         """``validate`` → this run's quarantine list and counts (from the XCom validate wrote)."""
+
         name = "Quarantine"
 
         def get_link(self, operator, *, ti_key) -> str:
@@ -263,6 +273,7 @@ def _define_links() -> dict:
 
     class DataDocsLink(BaseOperatorLink):
         """``validate`` → this run's Great Expectations Data Docs."""
+
         name = "Data Docs"
 
         def get_link(self, operator, *, ti_key) -> str:
@@ -271,8 +282,13 @@ def _define_links() -> dict:
                 return ""
             return plugin_url(f"/validation{_run_path(ti_key)}/data_docs/index.html")
 
-    return {"version": ModelVersionLink, "run": ParentRunLink, "member": MemberRunLink,
-            "quarantine": QuarantineLink, "data_docs": DataDocsLink}
+    return {
+        "version": ModelVersionLink,
+        "run": ParentRunLink,
+        "member": MemberRunLink,
+        "quarantine": QuarantineLink,
+        "data_docs": DataDocsLink,
+    }
 
 
 def member_run_name(task_id: str, op_kwargs: dict) -> tuple[str, str]:
@@ -303,9 +319,15 @@ def linked_task(*links: str, **task_kwargs):
     if links not in _OPERATORS:
         classes = _links()
         name = "LinkedTask_" + "_".join(links)
-        _OPERATORS[links] = type(name, (_PythonDecoratedOperator,), {
-            "operator_extra_links": tuple(classes[k]() for k in links), "custom_operator_name": "@task",
-            "__module__": __name__})
+        _OPERATORS[links] = type(
+            name,
+            (_PythonDecoratedOperator,),
+            {
+                "operator_extra_links": tuple(classes[k]() for k in links),
+                "custom_operator_name": "@task",
+                "__module__": __name__,
+            },
+        )
         globals()[name] = _OPERATORS[links]  # importable by name, like any operator class
     return task_decorator_factory(decorated_operator_class=_OPERATORS[links], **task_kwargs)
 
@@ -353,11 +375,15 @@ def validation_summary(ws: str) -> dict | None:
         rows = list(csv.DictReader(fh))
     report_fp = root / paths.VALIDATION_REPORT
     report = json.loads(report_fp.read_text(encoding="utf-8")) if report_fp.exists() else {}
-    return {"quarantine": str(qfp), "data_docs": str(docs.parent), "quarantined": len(rows),
-            "files": report.get("files"),
-            "by_reason": dict(Counter(reason_kind(r["reason"]) for r in rows).most_common()),
-            "quarantine_sha256": hashlib.sha256(qfp.read_bytes()).hexdigest(),
-            "data_docs_sha256": hashlib.sha256(docs.read_bytes()).hexdigest() if docs.exists() else ""}
+    return {
+        "quarantine": str(qfp),
+        "data_docs": str(docs.parent),
+        "quarantined": len(rows),
+        "files": report.get("files"),
+        "by_reason": dict(Counter(reason_kind(r["reason"]) for r in rows).most_common()),
+        "quarantine_sha256": hashlib.sha256(qfp.read_bytes()).hexdigest(),
+        "data_docs_sha256": hashlib.sha256(docs.read_bytes()).hexdigest() if docs.exists() else "",
+    }
 
 
 def reason_kind(reason: str) -> str:

@@ -9,6 +9,7 @@ shows exactly the profile, ``dvc exp run -S key=value`` still has the last word,
 profile it carries (a ``profile`` key the recipe never has). An orchestrated workspace gets the same values
 (:func:`merged_params`), so its ``dvc.lock`` and a clone's agree for the same profile and data.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,11 +34,15 @@ def recipe_text(home: Path) -> str:
         return fp.read_text(encoding="utf-8")
     proc = subprocess.run(["git", "-C", str(home), "show", "HEAD:params.yaml"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ConfigError(f"{fp} has profile {applied!r} applied and {home} has no git history to restore the "
-                          "recipe from; restore the committed params.yaml (`git checkout params.yaml`)")
+        raise ConfigError(
+            f"{fp} has profile {applied!r} applied and {home} has no git history to restore the "
+            "recipe from; restore the committed params.yaml (`git checkout params.yaml`)"
+        )
     if "profile" in (yaml.safe_load(proc.stdout) or {}):
-        raise ConfigError(f"the params.yaml committed in {home} carries a profile; commit the full recipe instead "
-                          "(`python -m pipeline profile full`, then commit params.yaml)")
+        raise ConfigError(
+            f"the params.yaml committed in {home} carries a profile; commit the full recipe instead "
+            "(`python -m pipeline profile full`, then commit params.yaml)"
+        )
     return proc.stdout
 
 
@@ -83,8 +88,11 @@ def apply_profile(home: Path, profile: str, overrides: dict | None = None) -> li
     recipe = yaml.safe_load(text) or {}
     merged = merged_params(home, profile, overrides or {})
     flat_recipe, flat_new = flatten(recipe), flatten({k: v for k, v in merged.items() if k != "profile"})
-    changes = [f"{k}: {flat_recipe[k]!r} -> {v!r}" if k in flat_recipe else f"{k}: (absent) -> {v!r}"
-               for k, v in flat_new.items() if flat_recipe.get(k, object()) != v]
+    changes = [
+        f"{k}: {flat_recipe[k]!r} -> {v!r}" if k in flat_recipe else f"{k}: (absent) -> {v!r}"
+        for k, v in flat_new.items()
+        if flat_recipe.get(k, object()) != v
+    ]
     changes += [f"{k}: {v!r} -> (absent)" for k, v in flat_recipe.items() if k not in flat_new]
     fp = home / "params.yaml"
     if profile in ("", "full") and not overrides:
@@ -95,8 +103,12 @@ def apply_profile(home: Path, profile: str, overrides: dict | None = None) -> li
     rt.width, rt.preserve_quotes = 4096, True  # lines and quotes as written: the diff shows only the profile
     doc = rt.load(text)
     _update_doc(doc, {k: v for k, v in merged.items() if k != "profile"})
-    doc.insert(0, "profile", merged["profile"],
-               comment="applied by `python -m pipeline profile`; `python -m pipeline profile full` restores the recipe")
+    doc.insert(
+        0,
+        "profile",
+        merged["profile"],
+        comment="applied by `python -m pipeline profile`; `python -m pipeline profile full` restores the recipe",
+    )
     buf = io.StringIO()
     rt.dump(doc, buf)
     tmp = fp.with_name(f".{fp.name}.tmp")
@@ -122,8 +134,7 @@ def _update_doc(doc, new: dict, top: bool = True) -> None:
         return v
 
     for key, value in new.items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict) and value \
-                and not (top and key in REPLACED_WHOLE):
+        if isinstance(value, dict) and isinstance(doc.get(key), dict) and value and not (top and key in REPLACED_WHOLE):
             _update_doc(doc[key], value, top=False)
         elif key not in doc or doc[key] != value:
             doc[key] = plain(value)
@@ -133,8 +144,19 @@ def _update_doc(doc, new: dict, top: bool = True) -> None:
 # (`registry.f1_floor`, `min_delta`, `confidence`, `min_test_images`: the service account's promotion rule) or the
 # experiment, not where data comes from (`data.landing_uri` is its own Param), not the decode guards
 # (`validate.max_pixels`, `max_bytes`, `allowed_formats`). Committed profiles may change anything.
-TRIGGER_SETTABLE = ("model.", "train.", "bag.", "backbones.", "label_issues.", "split.", "data.exclude_label_issues",
-                    "data.expected_classes", "data.strict_classes", "validate.min_side", "registry.model_name")
+TRIGGER_SETTABLE = (
+    "model.",
+    "train.",
+    "bag.",
+    "backbones.",
+    "label_issues.",
+    "split.",
+    "data.exclude_label_issues",
+    "data.expected_classes",
+    "data.strict_classes",
+    "validate.min_side",
+    "registry.model_name",
+)
 
 
 def _dotted(node: dict, prefix: str = "") -> list[str]:
@@ -150,8 +172,10 @@ def check_trigger_set(overrides: dict) -> dict:
     naming the first key that is not."""
     for key in _dotted(overrides):
         if not any(key == allowed or key.startswith(allowed) for allowed in TRIGGER_SETTABLE):
-            raise ConfigError(f"set: {key} cannot be changed from a trigger (allowed: "
-                              f"{', '.join(a.rstrip('.') for a in TRIGGER_SETTABLE)}); change it in a profile")
+            raise ConfigError(
+                f"set: {key} cannot be changed from a trigger (allowed: "
+                f"{', '.join(a.rstrip('.') for a in TRIGGER_SETTABLE)}); change it in a profile"
+            )
     return overrides
 
 

@@ -13,6 +13,7 @@ existed has no such artifact and serves its raw confidence.
 The pipeline itself never unpickles a logged model (its ``python_model.pkl`` could be anyone's code):
 :func:`load_bag_files` rebuilds the bag from the files alone, as :meth:`BagModel.load_context` does.
 """
+
 from __future__ import annotations
 
 import base64
@@ -104,8 +105,7 @@ def read_temperature(calibration_fp: Path) -> float:
     """The temperature in ``calibration.json``; 1 (no change) when it is missing or not a positive number."""
     t = json.loads(calibration_fp.read_text(encoding="utf-8")).get("temperature", 1.0)
     if not isinstance(t, (int, float)) or not t > 0:
-        _logger.warning("calibration file %s holds no usable temperature (%r); confidences stay raw",
-                        calibration_fp, t)
+        _logger.warning("calibration file %s holds no usable temperature (%r); confidences stay raw", calibration_fp, t)
         return 1.0
     return float(t)
 

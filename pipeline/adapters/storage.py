@@ -5,6 +5,7 @@ Endpoint and credentials come from the standard variables ``AWS_ENDPOINT_URL``,
 holds a default secret. Every boto3 failure that a user can cause (endpoint down, wrong keys,
 missing bucket) becomes a :class:`StorageError` with one line naming the endpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,11 @@ def client():
 
     Cached per (endpoint, key id): building a client costs ~20 ms, more than a small object's transfer.
     """
-    key = (os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"),
-           os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    key = (
+        os.environ.get("AWS_ENDPOINT_URL"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+    )
     if key not in _CLIENTS:
         _CLIENTS[key] = _new_client()
     return _CLIENTS[key]
@@ -61,11 +65,18 @@ def _new_client():
     import boto3
     from botocore.config import Config
 
-    cfg = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=16,
-                 s3={"addressing_style": "path"}, signature_version="s3v4")  # v4 presigned URLs too, not v2
+    cfg = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=16,
+        s3={"addressing_style": "path"},
+        signature_version="s3v4",
+    )  # v4 presigned URLs too, not v2
     # A fresh session: boto3's default session caches the credentials it saw first, even after the env changes.
-    return boto3.session.Session().client("s3", config=cfg,
-                                          region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return boto3.session.Session().client(
+        "s3", config=cfg, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    )
 
 
 @contextmanager
@@ -76,16 +87,21 @@ def storage_errors(what: str) -> Iterator[None]:
     try:
         yield
     except EndpointConnectionError:
-        raise StorageError(f"{what}: cannot reach the S3 endpoint {endpoint()} (is it running? "
-                           f"`make services-up` starts the embedded one)") from None
+        raise StorageError(
+            f"{what}: cannot reach the S3 endpoint {endpoint()} (is it running? "
+            f"`make services-up` starts the embedded one)"
+        ) from None
     except NoCredentialsError:
-        raise StorageError(f"{what}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                           f"for {endpoint()}") from None
+        raise StorageError(
+            f"{what}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for {endpoint()}"
+        ) from None
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-            raise StorageError(f"{what}: the S3 endpoint {endpoint()} refused the credentials in "
-                               f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({code})") from None
+            raise StorageError(
+                f"{what}: the S3 endpoint {endpoint()} refused the credentials in "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({code})"
+            ) from None
         if code in ("NoSuchBucket", "404"):
             raise StorageError(f"{what}: bucket does not exist on {endpoint()} ({code})") from None
         raise StorageError(f"{what}: S3 error {code} from {endpoint()}: {exc}") from None
@@ -165,8 +181,13 @@ def copy(bucket: str, src_key: str, dst_key: str, if_etag: str) -> ObjectInfo:
     """Server-side copy of ``src_key`` to ``dst_key`` in one bucket, only while the source's ETag is ``if_etag``
     (a source replaced between our check and the copy makes the copy fail); returns the new object."""
     with storage_errors(f"copying s3://{bucket}/{src_key} to {dst_key}"):
-        client().copy_object(Bucket=bucket, Key=dst_key, CopySource={"Bucket": bucket, "Key": src_key},
-                             CopySourceIfMatch=f'"{if_etag}"', MetadataDirective="COPY")
+        client().copy_object(
+            Bucket=bucket,
+            Key=dst_key,
+            CopySource={"Bucket": bucket, "Key": src_key},
+            CopySourceIfMatch=f'"{if_etag}"',
+            MetadataDirective="COPY",
+        )
     info = head(bucket, dst_key)
     if info is None:
         raise StorageError(f"copy to s3://{bucket}/{dst_key} reported success but the object is not there")
@@ -181,5 +202,6 @@ def delete(bucket: str, key: str) -> None:
 def presigned_get_url(bucket: str, key: str, expires_s: int) -> str:
     """A GET URL for one object that works without credentials until it expires (SigV4: at most 7 days)."""
     with storage_errors(f"signing a URL for s3://{bucket}/{key}"):
-        return client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                               ExpiresIn=int(expires_s))
+        return client().generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(expires_s)
+        )

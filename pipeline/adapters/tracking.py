@@ -5,6 +5,7 @@ server on 127.0.0.1:5000), the account from MLflow's own ``MLFLOW_TRACKING_USERN
 or, when no password is set, from the local stack's accounts file (:func:`use_local_account`). The training core
 never imports this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,8 @@ class NotInRegistry(PipelineError):
 def is_missing(exc: MlflowException) -> bool:
     """The registry's own "no such thing": a missing resource, or an alias it reports as not found."""
     return exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-        exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in exc.message)
+        exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in exc.message
+    )
 
 
 @contextmanager
@@ -64,8 +66,9 @@ def registry_errors(what: str):
             raise PipelineError(f"{what}: the MLflow server refused account {account()} ({first})") from None
         raise TrackingError(f"cannot read {what} at {mlflow.get_tracking_uri()}: {first}") from None
     except (OSError, ConnectionError) as exc:
-        raise TrackingError(f"cannot read {what}: cannot reach the MLflow server at {mlflow.get_tracking_uri()} "
-                            f"({type(exc).__name__})") from None
+        raise TrackingError(
+            f"cannot read {what}: cannot reach the MLflow server at {mlflow.get_tracking_uri()} ({type(exc).__name__})"
+        ) from None
 
 
 def connect(experiment: str) -> MlflowClient:
@@ -83,11 +86,15 @@ def connect_registry() -> MlflowClient:
         client.search_experiments(max_results=1)
     except Exception as exc:
         if refused(exc) == 401:
-            raise PipelineError(f"the MLflow server at {uri} refused account {account()} (HTTP 401): set "
-                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or run where "
-                                "PIPELINE_LOCAL holds the stack's accounts.json)") from None
-        raise TrackingError(f"cannot reach the MLflow server at {uri} ({type(exc).__name__}); is it running? "
-                            "`make services-up` starts the embedded one; MLFLOW_TRACKING_URI selects another") from None
+            raise PipelineError(
+                f"the MLflow server at {uri} refused account {account()} (HTTP 401): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or run where "
+                "PIPELINE_LOCAL holds the stack's accounts.json)"
+            ) from None
+        raise TrackingError(
+            f"cannot reach the MLflow server at {uri} ({type(exc).__name__}); is it running? "
+            "`make services-up` starts the embedded one; MLFLOW_TRACKING_URI selects another"
+        ) from None
     return client
 
 
@@ -127,9 +134,11 @@ def claim_model(client: MlflowClient, name: str, experiment: str) -> None:
             client.set_registered_model_tag(name, OWNER_TAG, experiment)
             return
     if owner != experiment:
-        raise PipelineError(f"registered model {name!r} belongs to {owner or 'no pipeline'} (tag {OWNER_TAG}), not "
-                            f"to experiment {experiment!r}: registry.model_name must name a new model or one of "
-                            "this pipeline's own")
+        raise PipelineError(
+            f"registered model {name!r} belongs to {owner or 'no pipeline'} (tag {OWNER_TAG}), not "
+            f"to experiment {experiment!r}: registry.model_name must name a new model or one of "
+            "this pipeline's own"
+        )
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str):
@@ -178,21 +187,31 @@ def champion_label_issues(name: str) -> ChampionReport | None:
     try:
         listed = {a.path for a in client.list_artifacts(run_id, "reports")}
     except Exception as exc:
-        raise TrackingError(f"cannot list the artifacts of {name} v{version} (run {run_id}) at "
-                            f"{mlflow.get_tracking_uri()} ({type(exc).__name__})") from None
+        raise TrackingError(
+            f"cannot list the artifacts of {name} v{version} (run {run_id}) at "
+            f"{mlflow.get_tracking_uri()} ({type(exc).__name__})"
+        ) from None
     if LABEL_ISSUES_ARTIFACT not in listed:
-        _logger.warning("%s v%s (run %s) has no %s (registered before the label_issues stage): nothing to exclude",
-                        name, version, run_id, LABEL_ISSUES_ARTIFACT)
+        _logger.warning(
+            "%s v%s (run %s) has no %s (registered before the label_issues stage): nothing to exclude",
+            name,
+            version,
+            run_id,
+            LABEL_ISSUES_ARTIFACT,
+        )
         return ChampionReport(version, run_id, [], [])
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for artifact in (LABEL_ISSUES_ARTIFACT, SPLIT_ARTIFACT):
             try:
-                files[artifact] = Path(mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=artifact, dst_path=tmp))
+                files[artifact] = Path(
+                    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
+                )
             except Exception as exc:
-                raise TrackingError(f"cannot download {artifact} of {name} v{version} (run {run_id}) from "
-                                    f"{mlflow.get_tracking_uri()} ({type(exc).__name__})") from None
+                raise TrackingError(
+                    f"cannot download {artifact} of {name} v{version} (run {run_id}) from "
+                    f"{mlflow.get_tracking_uri()} ({type(exc).__name__})"
+                ) from None
         return ChampionReport(version, run_id, read_csv(files[LABEL_ISSUES_ARTIFACT]), read_csv(files[SPLIT_ARTIFACT]))
 
 
@@ -229,8 +248,11 @@ def _param_value(v) -> str:
 
 
 def _finite(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _log_params(client: MlflowClient, run_id: str, cfg_dict: dict) -> None:
@@ -238,7 +260,7 @@ def _log_params(client: MlflowClient, run_id: str, cfg_dict: dict) -> None:
 
     params = [Param(k, v) for k, v in config_params(cfg_dict).items()]
     for i in range(0, len(params), 90):  # the server caps one batch at 100 params
-        client.log_batch(run_id, params=params[i:i + 90])
+        client.log_batch(run_id, params=params[i : i + 90])
 
 
 def open_pipeline_run(experiment: str, cfg_dict: dict, run_name: str, tags: dict[str, str]) -> str:
@@ -261,11 +283,23 @@ def close_pipeline_run(run_id: str, status: str, tags: dict[str, str]) -> None:
     client.set_terminated(run_id, status=status)
 
 
-def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_dirs: list[Path],
-                  artifact_paths: list[Path], dataset_frame, dataset_source: str, lineage: dict[str, str],
-                  input_example, model_name: str, backbone_dirs: dict[str, Path] | None = None,
-                  parent_run_id: str | None = None, calibration_fp: Path | None = None,
-                  artifact_texts: dict[str, str] | None = None) -> tuple[str, str]:
+def log_candidate(
+    *,
+    cfg_dict: dict,
+    candidate_id: str,
+    metrics: dict,
+    member_dirs: list[Path],
+    artifact_paths: list[Path],
+    dataset_frame,
+    dataset_source: str,
+    lineage: dict[str, str],
+    input_example,
+    model_name: str,
+    backbone_dirs: dict[str, Path] | None = None,
+    parent_run_id: str | None = None,
+    calibration_fp: Path | None = None,
+    artifact_texts: dict[str, str] | None = None,
+) -> tuple[str, str]:
     """Log into the execution's parent run (``parent_run_id``, or a new one): config, metrics, artifacts
     (``artifact_texts``: artifact path -> exact text, e.g. the stored ``lineage/dvc.lock``), lineage, a nested run
     per backbone and per bag member; register the bag (with ``calibration_fp`` as its ``calibration`` artifact, so
@@ -274,8 +308,11 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
 
     from pipeline.adapters.serving import CALIBRATION_ARTIFACT, BagModel
 
-    start = (mlflow.start_run(run_id=parent_run_id) if parent_run_id
-             else mlflow.start_run(run_name=f"pipeline-{candidate_id[:8]}"))
+    start = (
+        mlflow.start_run(run_id=parent_run_id)
+        if parent_run_id
+        else mlflow.start_run(run_name=f"pipeline-{candidate_id[:8]}")
+    )
     with start as run:
         mlflow.set_tag("candidate_id", candidate_id)
         _log_params(MlflowClient(), run.info.run_id, cfg_dict)
@@ -290,27 +327,33 @@ def log_candidate(*, cfg_dict: dict, candidate_id: str, metrics: dict, member_di
                 mlflow.log_artifact(str(path))
         for artifact_file, text in (artifact_texts or {}).items():
             mlflow.log_text(text, artifact_file)
-        dataset = mlflow.data.from_pandas(dataset_frame, source=dataset_source, name="split",
-                                          targets="class_name")
+        dataset = mlflow.data.from_pandas(dataset_frame, source=dataset_source, name="split", targets="class_name")
         mlflow.log_input(dataset, context="training", tags=lineage)
         for name, d in (backbone_dirs or {}).items():
             _log_trained(d, f"backbone-{name}", "backbone", metrics.get("backbones", {}).get(name, {}))
         for d in member_dirs:
             _log_trained(d, d.name, "bag_member", metrics.get("members", {}).get(d.name, {}))
-        output = input_example.assign(label=["x"] * len(input_example), confidence=[0.5] * len(input_example),
-                                      error=[""] * len(input_example))[["label", "confidence", "error"]]
+        output = input_example.assign(
+            label=["x"] * len(input_example), confidence=[0.5] * len(input_example), error=[""] * len(input_example)
+        )[["label", "confidence", "error"]]
         artifacts = {d.name: str(d) for d in member_dirs}
         if calibration_fp is not None and calibration_fp.exists():
             artifacts[CALIBRATION_ARTIFACT] = str(calibration_fp)
         with tempfile.TemporaryDirectory() as code_root:
             info = mlflow.pyfunc.log_model(
-                name="bag", python_model=BagModel(), artifacts=artifacts,
-                code_paths=[str(model_code(Path(code_root)))], signature=infer_signature(input_example, output, params={"tta": True}),
-                input_example=input_example, pip_requirements=_requirements())
+                name="bag",
+                python_model=BagModel(),
+                artifacts=artifacts,
+                code_paths=[str(model_code(Path(code_root)))],
+                signature=infer_signature(input_example, output, params={"tta": True}),
+                input_example=input_example,
+                pip_requirements=_requirements(),
+            )
         # The version is created with its candidate tag in one request: a retry after a crash finds it by that
         # tag and finishes it, instead of registering a second version of the same files.
-        registered = mlflow.register_model(info.model_uri, model_name, await_registration_for=120,
-                                           tags={"candidate_id": candidate_id})
+        registered = mlflow.register_model(
+            info.model_uri, model_name, await_registration_for=120, tags={"candidate_id": candidate_id}
+        )
         return run.info.run_id, str(registered.version)
 
 
@@ -345,8 +388,21 @@ def _log_trained(model_dir: Path, run_name: str, role: str, test_scores: dict) -
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "timm", "pillow", "numpy", "pandas",
-                                            "mlflow", "scikit-learn", "PyYAML", "tqdm")]
+    return [
+        f"{p}=={version(p)}"
+        for p in (
+            "torch",
+            "torchvision",
+            "timm",
+            "pillow",
+            "numpy",
+            "pandas",
+            "mlflow",
+            "scikit-learn",
+            "PyYAML",
+            "tqdm",
+        )
+    ]
 
 
 def log_files(client: MlflowClient, run_id: str, files: list[Path], artifact_path: str) -> None:
@@ -372,11 +428,15 @@ def archived_validation_file(run_id: str, rel: str, dst: Path) -> Path:
     """``validation/<rel>`` of parent run ``run_id`` (see :func:`archive_validation`) into folder ``dst``."""
     connect_registry()
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{VALIDATION_ARTIFACTS}/{rel}",
-                                                        dst_path=str(dst)))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{VALIDATION_ARTIFACTS}/{rel}", dst_path=str(dst)
+            )
+        )
     except MlflowException as exc:
-        raise TrackingError(f"run {run_id}: {VALIDATION_ARTIFACTS}/{rel}: {exc.message.splitlines()[0][:300]}"
-                            ) from None
+        raise TrackingError(
+            f"run {run_id}: {VALIDATION_ARTIFACTS}/{rel}: {exc.message.splitlines()[0][:300]}"
+        ) from None
 
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
@@ -405,7 +465,7 @@ def resolve_model_uri(uri: str) -> tuple[str, str, str]:
     """``models:/name@alias`` or ``models:/name/N`` → (name, version, run_id); other URIs → ("", "", "")."""
     if not uri.startswith("models:/"):
         return "", "", ""
-    ref = uri[len("models:/"):].strip("/")
+    ref = uri[len("models:/") :].strip("/")
     client = connect_registry()
     with registry_errors(f"model {uri}"):
         if "@" in ref:
@@ -417,8 +477,9 @@ def resolve_model_uri(uri: str) -> tuple[str, str, str]:
     return v.name, str(v.version), v.run_id or ""
 
 
-def finish_version(client: MlflowClient, name: str, version: str, tags: dict[str, str], description: str,
-                   promote: bool) -> str | None:
+def finish_version(
+    client: MlflowClient, name: str, version: str, tags: dict[str, str], description: str, promote: bool
+) -> str | None:
     """Tag and describe ``version``, then switch aliases. Returns the previous champion's version, if any."""
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
@@ -441,11 +502,25 @@ def git_commit(home: str | None) -> str:
 
     home = home or str(settings.home())
     try:
-        sha = subprocess.run(["git", "-C", home, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", home, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)params.yaml", ":(exclude)dvc.lock"],
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", home, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                home,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)params.yaml",
+                ":(exclude)dvc.lock",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
@@ -474,8 +549,10 @@ def download_artifact(run_id: str, path: str, dst: Path) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
     except Exception as exc:
-        raise PipelineError(f"run {run_id} has no artifact {path} ({type(exc).__name__}); the version was "
-                            "registered before lineage was stored, or its artifacts were deleted") from None
+        raise PipelineError(
+            f"run {run_id} has no artifact {path} ({type(exc).__name__}); the version was "
+            "registered before lineage was stored, or its artifacts were deleted"
+        ) from None
 
 
 # --- the operator's view: links into the MLflow UI (Airflow extra links, the "Defect models" page) -------------
@@ -505,16 +582,22 @@ def runs_of_dag_run(dag_id: str, run_id: str) -> list:
     """MLflow parent runs that ``start_tracking`` opened for one Airflow DAG run (tags, newest first)."""
     client = connect_registry()
     filt = f"tags.airflow_dag_id = {_literal(dag_id)} and tags.airflow_run_id = {_literal(run_id)}"
-    return client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string=filt,
-                              order_by=["attributes.start_time DESC"], max_results=5)
+    return client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=filt,
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
 
 
 def nested_run(parent_run_id: str, role: str, run_name: str):
     """The nested run ``run_name`` with tag ``role`` under ``parent_run_id``, or None (not logged yet)."""
     client = connect_registry()
     parent = client.get_run(parent_run_id)
-    filt = (f"tags.mlflow.parentRunId = {_literal(parent_run_id)} and tags.role = {_literal(role)} "
-            f"and attributes.run_name = {_literal(run_name)}")
+    filt = (
+        f"tags.mlflow.parentRunId = {_literal(parent_run_id)} and tags.role = {_literal(role)} "
+        f"and attributes.run_name = {_literal(run_name)}"
+    )
     found = client.search_runs([parent.info.experiment_id], filter_string=filt, max_results=1)
     return found[0] if found else None
 
@@ -524,18 +607,25 @@ def registered_models_overview(max_versions: int) -> list[dict]:
     client = connect_registry()
     out = []
     for model in client.search_registered_models(order_by=["name ASC"]):
-        versions = sorted(client.search_model_versions(f"name = {_literal(model.name)}"),
-                          key=lambda v: -int(v.version))[:max_versions]
+        versions = sorted(
+            client.search_model_versions(f"name = {_literal(model.name)}"), key=lambda v: -int(v.version)
+        )[:max_versions]
         rows = []
         for v in versions:
             try:
                 run_tags = client.get_run(v.run_id).data.tags if v.run_id else {}
             except MlflowException:
                 run_tags = {}
-            rows.append({"version": v.version, "tags": dict(v.tags), "run_id": v.run_id,
-                         "airflow_dag_id": run_tags.get("airflow_dag_id", ""),
-                         "airflow_run_id": run_tags.get("airflow_run_id", ""),
-                         "url": version_ui_url(model.name, v.version)})
+            rows.append(
+                {
+                    "version": v.version,
+                    "tags": dict(v.tags),
+                    "run_id": v.run_id,
+                    "airflow_dag_id": run_tags.get("airflow_dag_id", ""),
+                    "airflow_run_id": run_tags.get("airflow_run_id", ""),
+                    "url": version_ui_url(model.name, v.version),
+                }
+            )
         aliases = client.get_registered_model(model.name).aliases  # a search result may leave them out
         out.append({"name": model.name, "aliases": dict(aliases or {}), "versions": rows})
     return out

@@ -3,6 +3,7 @@
 Pure functions plus one loop; the Airflow DAG ``defect_data_watch`` wires them to an S3 hook, an Airflow
 Variable (the durable "last processed" fingerprint) and an Asset outlet.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,12 @@ def listing_fingerprint(objects: list[ObjectInfo]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def wait_until_stable(list_fn: Callable[[], list[ObjectInfo]], settle_seconds: float, max_checks: int,
-                      sleep: Callable[[float], None] = time.sleep) -> tuple[str, int] | None:
+def wait_until_stable(
+    list_fn: Callable[[], list[ObjectInfo]],
+    settle_seconds: float,
+    max_checks: int,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[str, int] | None:
     """Fingerprint, wait ``settle_seconds``, fingerprint again; ``(fingerprint, count)`` once two agree.
 
     Returns None when the prefix kept changing for ``max_checks`` windows (an upload still in progress).
@@ -35,14 +40,16 @@ def wait_until_stable(list_fn: Callable[[], list[ObjectInfo]], settle_seconds: f
         now = listing_fingerprint(objects)
         if now == before:
             return now, sum(1 for o in objects if not o.key.endswith("/"))
-        _logger.info("landing prefix still changing (%s -> %s); waiting %.0fs more", before[:12], now[:12],
-                     settle_seconds)
+        _logger.info(
+            "landing prefix still changing (%s -> %s); waiting %.0fs more", before[:12], now[:12], settle_seconds
+        )
         before = now
     return None
 
 
-def stable_listing(uri: str, s3_client, settle_seconds: float, max_checks: int,
-                   exclude: Callable[[str], bool] | None = None) -> dict | None:
+def stable_listing(
+    uri: str, s3_client, settle_seconds: float, max_checks: int, exclude: Callable[[str], bool] | None = None
+) -> dict | None:
     """What the watch DAGs' first task returns: ``{"fingerprint", "objects"}`` once the prefix is stable, else None.
 
     ``exclude(key relative to the prefix)`` drops objects that must not count as new data (our own outputs).
@@ -53,7 +60,7 @@ def stable_listing(uri: str, s3_client, settle_seconds: float, max_checks: int,
 
     def listing() -> list[ObjectInfo]:
         objects = storage.list_objects(uri, s3_client)
-        return [o for o in objects if not (exclude and exclude(o.key[len(prefix):]))]
+        return [o for o in objects if not (exclude and exclude(o.key[len(prefix) :]))]
 
     found = wait_until_stable(listing, settle_seconds, max_checks)
     return None if found is None else {"fingerprint": found[0], "objects": found[1]}

@@ -9,6 +9,7 @@ and the cache pushed to the same remote (``store``, the S3 bucket ``dvc``). So a
 what Airflow trained for the same lock, and ``python -m pipeline reproduce`` rebuilds a workspace from the lock
 stored with a registered version.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -65,8 +66,9 @@ def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.setdefault("GIT_PYTHON_REFRESH", "quiet")
     env.setdefault("DVC_NO_ANALYTICS", "1")  # no usage reports from servers (DVC sends them by default)
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=ws, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args], cwd=ws, env=env, capture_output=True, text=True
+    )
     if check and proc.returncode != 0:
         raise PipelineError(f"`dvc {' '.join(args)}` failed in {ws}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return proc
@@ -102,8 +104,9 @@ def configure_clone_remote(root: Path) -> str:
     return f"{remote_url()} at {os.environ.get('AWS_ENDPOINT_URL') or 'the AWS default endpoint'}"
 
 
-def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, home: Path | None = None,
-                      git: bool = False) -> Path:
+def prepare_workspace(
+    ws: Path, profile: str, overrides: dict | None = None, home: Path | None = None, git: bool = False
+) -> Path:
     """Create or refresh the workspace; idempotent (unchanged inputs leave every file untouched).
 
     ``git``: also make it a Git repository with a first commit, so `dvc exp run` / `dvc exp show` work there
@@ -124,9 +127,14 @@ def prepare_workspace(ws: Path, profile: str, overrides: dict | None = None, hom
 
 def _git_baseline(ws: Path) -> None:
     """`git init` + commit of the pipeline files (DVC git-ignores the data and models it tracks)."""
+
     def run(*args: str) -> None:
-        proc = subprocess.run(["git", "-c", "user.name=pipeline", "-c", "user.email=pipeline@localhost", *args],
-                              cwd=ws, capture_output=True, text=True)
+        proc = subprocess.run(
+            ["git", "-c", "user.name=pipeline", "-c", "user.email=pipeline@localhost", *args],
+            cwd=ws,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise PipelineError(f"`git {' '.join(args)}` failed in {ws}: {(proc.stdout + proc.stderr)[-1000:]}")
 
@@ -144,8 +152,13 @@ def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None, for
     ``extra_env`` reaches the stage's command (DVC passes its environment on), e.g. the MLflow parent run id;
     ``force`` runs it even when DVC finds it up to date (``reproduce --retrain``).
     """
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", **(extra_env or {}))
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+        DVC_NO_ANALYTICS="1",
+        **(extra_env or {}),
+    )
     cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", *(["--force"] if force else []), stage]
     _logger.info("running %s in %s", " ".join(cmd), ws)
     proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -158,7 +171,7 @@ def run_stage(ws: Path, stage: str, extra_env: dict[str, str] | None = None, for
     if proc.wait() != 0:
         starts = [i for i, t in enumerate(tail) if t.startswith(("error:", "error (transient):"))]
         if starts:
-            body = [t for t in tail[starts[-1]:] if not t.startswith("ERROR: failed to reproduce")]
+            body = [t for t in tail[starts[-1] :] if not t.startswith("ERROR: failed to reproduce")]
             head, _, message = "\n".join(body).partition(": ")
             raise StageFailed(f"stage {stage} failed: {message}", transient=head == "error (transient)")
         # DVC itself failed (lock held, missing output...): worth one more try.
@@ -181,8 +194,10 @@ def dvc_md5(path: Path) -> str:
 
     if path.is_file():
         return md5(path)
-    entries = sorted(({"md5": md5(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*")
-                      if p.is_file()), key=lambda e: e["relpath"])
+    entries = sorted(
+        ({"md5": md5(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()),
+        key=lambda e: e["relpath"],
+    )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
@@ -202,8 +217,12 @@ def lock_out_md5s(lock_fp: Path, outs: dict[str, tuple[str, str]]) -> dict[str, 
     if not lock_fp.exists():
         return {}
     stages = (yaml.safe_load(lock_fp.read_text(encoding="utf-8")) or {}).get("stages", {})
-    return {tag: o.get("md5", "") for tag, (stage, path) in outs.items()
-            for o in stages.get(stage, {}).get("outs", []) if o.get("path") == path}
+    return {
+        tag: o.get("md5", "")
+        for tag, (stage, path) in outs.items()
+        for o in stages.get(stage, {}).get("outs", [])
+        if o.get("path") == path
+    }
 
 
 def lineage_files(lock_fp: Path, params_fp: Path) -> dict[str, str]:
@@ -215,8 +234,10 @@ def lineage_files(lock_fp: Path, params_fp: Path) -> dict[str, str]:
         return {}
     lock = yaml.safe_load(lock_fp.read_text(encoding="utf-8")) or {}
     lock.get("stages", {}).pop("register", None)
-    return {"lineage/dvc.lock": yaml.safe_dump(lock, allow_unicode=True, sort_keys=False),
-            "lineage/params.yaml": params_fp.read_text(encoding="utf-8")}
+    return {
+        "lineage/dvc.lock": yaml.safe_dump(lock, allow_unicode=True, sort_keys=False),
+        "lineage/params.yaml": params_fp.read_text(encoding="utf-8"),
+    }
 
 
 def export_code(home: Path, commit: str, ws: Path) -> str:
@@ -235,8 +256,11 @@ def export_code(home: Path, commit: str, ws: Path) -> str:
         shutil.copy2(home / "dvc.yaml", ws / "dvc.yaml")
         why = "had uncommitted code" if commit.endswith("-dirty") else "is not in this repository"
         return f"the working tree of {home} (git commit {commit or '?'} {why})"
-    archive = subprocess.run(["git", "-C", str(home), "archive", "--format=tar", sha, "pipeline", "dvc.yaml"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(home), "archive", "--format=tar", sha, "pipeline", "dvc.yaml"],
+        capture_output=True,
+        check=True,
+    ).stdout
     if (ws / "pipeline").exists():
         shutil.rmtree(ws / "pipeline")
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:

@@ -7,6 +7,7 @@
 per-class metrics, gate decisions. ``rollback`` moves ``champion`` back to an earlier version in one alias write,
 keeps the version it replaces as ``previous_champion``, and records who and why as tags.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -48,11 +49,31 @@ def diff_versions(client, name: str, a: str, b: str) -> list[tuple[str, str, str
     """Rows ``(field, value in a, value in b)`` for every field that differs."""
     va, vb = _version(client, name, a), _version(client, name, b)
     rows: list[tuple[str, str, str]] = []
-    tag_keys = ["data_fingerprint", "dvc_data_md5", "dvc_split_md5", "git_commit", "params_hash", "profile",
-                "dvc_lock_sha256", "params_sha256", "weights_sha256",
-                "weighted_f1", "macro_f1", "gate", "gate_reason", "gate_candidate_wf1", "champion_f1_rescored",
-                "gate_delta_wf1", "gate_delta_ci_low", "gate_delta_ci_high", "gate_p_improve", "gate_n_test",
-                "calibration_temperature", "calibration_ece_test_before", "calibration_ece_test_after"]
+    tag_keys = [
+        "data_fingerprint",
+        "dvc_data_md5",
+        "dvc_split_md5",
+        "git_commit",
+        "params_hash",
+        "profile",
+        "dvc_lock_sha256",
+        "params_sha256",
+        "weights_sha256",
+        "weighted_f1",
+        "macro_f1",
+        "gate",
+        "gate_reason",
+        "gate_candidate_wf1",
+        "champion_f1_rescored",
+        "gate_delta_wf1",
+        "gate_delta_ci_low",
+        "gate_delta_ci_high",
+        "gate_p_improve",
+        "gate_n_test",
+        "calibration_temperature",
+        "calibration_ece_test_before",
+        "calibration_ece_test_after",
+    ]
     for key in tag_keys:
         x, y = va.tags.get(key, ""), vb.tags.get(key, "")
         if x != y:
@@ -87,8 +108,11 @@ def print_diff(name: str, a: str, b: str) -> int:
     if not rows:
         print("(no differences)")
     va, vb = _version(client, name, a), _version(client, name, b)
-    same = [k for k in ("data_fingerprint", "dvc_data_md5", "dvc_split_md5", "git_commit", "params_hash")
-            if va.tags.get(k) and va.tags.get(k) == vb.tags.get(k)]
+    same = [
+        k
+        for k in ("data_fingerprint", "dvc_data_md5", "dvc_split_md5", "git_commit", "params_hash")
+        if va.tags.get(k) and va.tags.get(k) == vb.tags.get(k)
+    ]
     if same:
         print("unchanged: " + ", ".join(f"{k}={va.tags[k][:12]}" for k in same))
     return 0
@@ -103,12 +127,19 @@ def rollback(name: str, to: str, reason: str) -> dict[str, str]:
     if current is not None and current.version == target.version:
         raise PipelineError(f"version {to} is already the champion of {name!r}")
     if not target.tags.get("gate"):  # logged and registered by hand, not by the pipeline's register stage
-        raise PipelineError(f"version {to} of {name!r} was not registered by the pipeline's gate (no 'gate' tag): "
-                            f"rollback moves 'champion' only to versions the register stage wrote")
+        raise PipelineError(
+            f"version {to} of {name!r} was not registered by the pipeline's gate (no 'gate' tag): "
+            f"rollback moves 'champion' only to versions the register stage wrote"
+        )
     who = settings.user() or getpass.getuser()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tags = {"rollback_by": who, "rollback_account": credentials.account(), "rollback_reason": reason,
-            "rollback_at": stamp, "rollback_from": current.version if current else ""}
+    tags = {
+        "rollback_by": who,
+        "rollback_account": credentials.account(),
+        "rollback_reason": reason,
+        "rollback_at": stamp,
+        "rollback_from": current.version if current else "",
+    }
     try:
         for key, value in tags.items():
             client.set_model_version_tag(name, target.version, key, value)
@@ -119,8 +150,15 @@ def rollback(name: str, to: str, reason: str) -> dict[str, str]:
         status = credentials.refused(exc)
         if status is None:
             raise
-        raise PipelineError(f"MLflow refused the rollback for account {credentials.account()} (HTTP {status}): "
-                            f"moving 'champion' of {name!r} needs the engineer or pipeline role; the champion "
-                            f"is still version {current.version if current else '(none)'}") from None
-    return {"model_name": name, "champion": target.version, "previous_champion": current.version if current else "",
-            "by": who, "reason": reason}
+        raise PipelineError(
+            f"MLflow refused the rollback for account {credentials.account()} (HTTP {status}): "
+            f"moving 'champion' of {name!r} needs the engineer or pipeline role; the champion "
+            f"is still version {current.version if current else '(none)'}"
+        ) from None
+    return {
+        "model_name": name,
+        "champion": target.version,
+        "previous_champion": current.version if current else "",
+        "by": who,
+        "reason": reason,
+    }

@@ -13,6 +13,7 @@ trained with (``model.tta``, recorded per member as ``tta_variants``), as evalua
 registered bag ships (``pipeline.core.calibration``), after any TTA; a local ``models/`` folder has none and
 gives the raw averages. Labels are the same either way.
 """
+
 from __future__ import annotations
 
 import csv
@@ -88,8 +89,11 @@ class Item:
 def _local_items(folder: Path) -> list[Item]:
     if not folder.exists():
         raise PipelineError(f"input folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     return [Item(p.relative_to(folder).as_posix(), p.read_bytes) for p in files if not is_output_key(p.name)]
 
 
@@ -104,7 +108,7 @@ def s3_items(uri: str, s3_client=None) -> list[Item]:
     bucket, prefix = storage.parse_s3_uri(uri)
     items = []
     for obj in storage.list_objects(uri, s3_client):
-        rel = obj.key[len(prefix):]
+        rel = obj.key[len(prefix) :]
         if not rel or obj.key.endswith("/") or is_output_key(rel):
             continue
         if obj.size > MAX_BYTES:
@@ -117,6 +121,7 @@ def s3_items(uri: str, s3_client=None) -> list[Item]:
 def _too_large(size: int) -> Callable[[], bytes]:
     def read() -> bytes:
         raise ValueError(f"file is {size} bytes, over the {MAX_BYTES}-byte limit")
+
     return read
 
 
@@ -152,8 +157,9 @@ def _decoded(items: list[Item]) -> Iterator[tuple[Item, object, str]]:
             yield item, None, str(exc) or type(exc).__name__
 
 
-def batches(items: list[Item], batch_size: int = 32, max_pixels: int = BATCH_PIXELS
-            ) -> Iterator[list[tuple[Item, object, str]]]:
+def batches(
+    items: list[Item], batch_size: int = 32, max_pixels: int = BATCH_PIXELS
+) -> Iterator[list[tuple[Item, object, str]]]:
     """Decoded items in batches of at most ``batch_size`` photos and ``max_pixels`` decoded pixels (a batch holds
     at least one photo)."""
     batch, pixels = [], 0
@@ -168,14 +174,14 @@ def batches(items: list[Item], batch_size: int = 32, max_pixels: int = BATCH_PIX
         yield batch
 
 
-def predict_items(model: LoadedModel, items: list[Item], tta: bool | None = None, batch_size: int = 32,
-                  max_pixels: int = BATCH_PIXELS) -> Iterator[dict]:
+def predict_items(
+    model: LoadedModel, items: list[Item], tta: bool | None = None, batch_size: int = 32, max_pixels: int = BATCH_PIXELS
+) -> Iterator[dict]:
     """One row per item, in order: id, label, confidence, error, prob_<class>...; bad rows never stop the batch."""
     names = model.predictor.class_names
     for chunk in batches(items, batch_size, max_pixels):
         ok = [i for i, (_, im, _) in enumerate(chunk) if im is not None]
-        probs = (predict_images(model.predictor, [chunk[i][1] for i in ok], tta) if ok
-                 else np.zeros((0, len(names))))
+        probs = predict_images(model.predictor, [chunk[i][1] for i in ok], tta) if ok else np.zeros((0, len(names)))
         # Probabilities and confidence are calibrated (the bag's temperature); the label is the raw argmax.
         by_row = dict(zip(ok, zip(probs, model.predictor.calibrated(probs))))
         for i, (item, _, error) in enumerate(chunk):
@@ -202,8 +208,13 @@ def run_predict(model_uri: str, source: str, out: Path, tta: bool | None = None)
     write_csv(out, rows, list(rows[0]))
     failed = sum(1 for r in rows if r["error"])
     _logger.info("predict: %d rows (%d with errors) -> %s", len(rows), failed, out)
-    return {"rows": len(rows), "errors": failed, "out": str(out), "model_uri": model_uri,
-            "model_version": model.version}
+    return {
+        "rows": len(rows),
+        "errors": failed,
+        "out": str(out),
+        "model_uri": model_uri,
+        "model_version": model.version,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ DACON
@@ -215,8 +226,9 @@ def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool | None 
 
     for name in ("test.csv", "sample_submission.csv"):
         if not (dacon_dir / name).exists():
-            raise PipelineError(f"{dacon_dir / name} is missing; --dacon-dir must hold test/, test.csv and "
-                                "sample_submission.csv")
+            raise PipelineError(
+                f"{dacon_dir / name} is missing; --dacon-dir must hold test/, test.csv and sample_submission.csv"
+            )
     test = read_csv(dacon_dir / "test.csv")
     sample = read_csv(dacon_dir / "sample_submission.csv")
     if not test or not {"id", "img_path"} <= set(test[0]):
@@ -225,10 +237,12 @@ def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool | None 
         raise PipelineError(f"{dacon_dir / 'sample_submission.csv'} needs the header id,label")
     test_ids, sample_ids = [r["id"] for r in test], [r["id"] for r in sample]
     if test_ids != sample_ids:
-        bad = next((i for i, (a, b) in enumerate(zip(test_ids, sample_ids)) if a != b), min(len(test_ids),
-                                                                                              len(sample_ids)))
-        raise PipelineError(f"test.csv and sample_submission.csv disagree at row {bad + 2} "
-                            f"({len(test_ids)} vs {len(sample_ids)} ids)")
+        bad = next(
+            (i for i, (a, b) in enumerate(zip(test_ids, sample_ids)) if a != b), min(len(test_ids), len(sample_ids))
+        )
+        raise PipelineError(
+            f"test.csv and sample_submission.csv disagree at row {bad + 2} ({len(test_ids)} vs {len(sample_ids)} ids)"
+        )
     root = dacon_dir.resolve()
     items = []
     for r in test:
@@ -241,8 +255,10 @@ def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool | None 
     failed = [r for r in rows if r["error"]]
     if failed:
         listed = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:5])
-        raise PipelineError(f"{len(failed)} test image(s) could not be classified, so no submission was written "
-                            f"(a submission needs every id): {listed}")
+        raise PipelineError(
+            f"{len(failed)} test image(s) could not be classified, so no submission was written "
+            f"(a submission needs every id): {listed}"
+        )
     write_csv(out, rows, ["id", "label"])
     return {"rows": len(rows), "out": str(out), "model_uri": model_uri, "model_version": model.version}
 
@@ -250,8 +266,9 @@ def run_submission(model_uri: str, dacon_dir: Path, out: Path, tta: bool | None 
 # ------------------------------------------------------------------------------------------ batch (DAG)
 
 
-def run_batch(incoming_uri: str, model_uri: str, s3_client=None, run_label: str = "manual",
-              tta: bool | None = None) -> dict:
+def run_batch(
+    incoming_uri: str, model_uri: str, s3_client=None, run_label: str = "manual", tta: bool | None = None
+) -> dict:
     """Classify photos under ``incoming_uri`` that have no result yet; write results next to them.
 
     Each photo ``k`` gets ``k.prediction.json`` (label, confidence, probabilities, model name/version);
@@ -268,17 +285,37 @@ def run_batch(incoming_uri: str, model_uri: str, s3_client=None, run_label: str 
         return {"classified": 0, "errors": 0, "model_version": "", "results": ""}
     model = load_model(model_uri)
     rows = list(predict_items(model, todo, tta))
-    provenance = {"model_uri": model_uri, "model_name": model.name, "model_version": model.version,
-                  "model_run_id": model.run_id, "run": run_label}
+    provenance = {
+        "model_uri": model_uri,
+        "model_name": model.name,
+        "model_version": model.version,
+        "model_run_id": model.run_id,
+        "run": run_label,
+    }
     for row in rows:
         record = {**row, **provenance}
-        storage.put_bytes(bucket, f"{prefix}{row['id']}{SIDECAR_SUFFIX}",
-                          json.dumps(record, ensure_ascii=False, indent=1).encode("utf-8"), s3_client)
+        storage.put_bytes(
+            bucket,
+            f"{prefix}{row['id']}{SIDECAR_SUFFIX}",
+            json.dumps(record, ensure_ascii=False, indent=1).encode("utf-8"),
+            s3_client,
+        )
     safe_label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_label)
     results_key = f"{prefix}{RESULTS_DIR}{safe_label}.csv"
     storage.put_bytes(bucket, results_key, rows_to_csv_bytes([{**r, **provenance} for r in rows]), s3_client)
     failed = sum(1 for r in rows if r["error"])
-    _logger.info("batch: classified %d photos (%d errors) with %s version %s -> s3://%s/%s", len(rows), failed,
-                 model.name, model.version, bucket, results_key)
-    return {"classified": len(rows), "errors": failed, "model_version": model.version,
-            "results": f"s3://{bucket}/{results_key}"}
+    _logger.info(
+        "batch: classified %d photos (%d errors) with %s version %s -> s3://%s/%s",
+        len(rows),
+        failed,
+        model.name,
+        model.version,
+        bucket,
+        results_key,
+    )
+    return {
+        "classified": len(rows),
+        "errors": failed,
+        "model_version": model.version,
+        "results": f"s3://{bucket}/{results_key}",
+    }

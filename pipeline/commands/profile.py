@@ -11,6 +11,7 @@ tracks every value and ``git diff params.yaml`` shows the profile. The remote ``
 ``dvc.lock`` gets the one stored with the newest version registered on exactly these params (by Airflow or
 another clone), so ``dvc pull`` fetches what was trained and ``dvc repro`` reruns only what differs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,10 @@ def print_profile(name: str, assignments: list[str], take_lock: bool = True) -> 
     if not (root / ".dvc").is_dir():
         raise PipelineError(f"{root} is not the clone's root (no .dvc/ folder); run this where dvc.yaml is")
     changes = apply_profile(root, name, parse_set(assignments))
-    print(f"params.yaml: profile {name}" + (f", {len(changes)} values differ from the committed recipe:"
-                                              if changes else " = the committed recipe"))
+    print(
+        f"params.yaml: profile {name}"
+        + (f", {len(changes)} values differ from the committed recipe:" if changes else " = the committed recipe")
+    )
     for line in changes:
         print(f"  {line}")
     print(f"DVC remote store: {configure_clone_remote(root)}")
@@ -52,8 +55,10 @@ def lock_from_registry(root: Path) -> str:
         return f"not looked up ({exc})"
     found = [v for v in found if v.tags.get("dvc_lock_sha256")]
     if not found:
-        return (f"none yet: no version of {cfg.registry.model_name} was trained on these params; `dvc repro` "
-                "makes one (skip `dvc pull`)")
+        return (
+            f"none yet: no version of {cfg.registry.model_name} was trained on these params; `dvc repro` "
+            "makes one (skip `dvc pull`)"
+        )
     v = found[0]
     lock_text, _ = fetch_lineage(v.run_id, dict(v.tags), f"{v.name} v{v.version}")
     (root / "dvc.lock").write_text(lock_text, encoding="utf-8")

@@ -30,6 +30,7 @@ With ``--apply`` every reviewed row (moved, kept, refused) is written as one JSO
 lines of what was done). Running the same export again is safe: a move that was copied but not yet deleted is
 finished, one already done is reported as done.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ REQUIRED = ("landing_bucket", "landing_prefix", "landing_key", "etag")
 @dataclass
 class Row:
     """One task of the export and what relabel makes of it."""
+
     task: str  # Label Studio's task id (or the position in the export)
     action: str = ""  # move | keep | unreviewed | moved | resumed | done | refused
     reason: str = ""
@@ -113,7 +115,7 @@ def parse_task(task, position: int) -> Row:
     elif not row.key.startswith(prefix):
         return _refuse(row, f"landing key is not under the landing prefix {prefix!r}")
     else:
-        parsed = safe_relative_key(row.key[len(prefix):])
+        parsed = safe_relative_key(row.key[len(prefix) :])
     if isinstance(parsed, str):
         return _refuse(row, f"landing key is not <class>/<file> under the prefix: {parsed}")
     row.given = "" if row.source else parsed[0]
@@ -162,7 +164,7 @@ def class_folders(bucket: str, prefix: str) -> dict[str, str]:
 
     folders: dict[str, str] = {}
     for obj in storage.list_objects(f"s3://{bucket}/{prefix}"):
-        parts = obj.key[len(prefix):].split("/")
+        parts = obj.key[len(prefix) :].split("/")
         if len(parts) == 2 and parts[0] and parts[1]:
             folders.setdefault(unicodedata.normalize("NFC", parts[0]), parts[0])
     return folders
@@ -225,8 +227,7 @@ def apply_move(row: Row) -> Row:
             raise
         if not _is_copy_of(row.bucket, copied, storage.ObjectInfo(row.key, row.etag, row.size)):
             storage.delete(row.bucket, row.target)
-            return _refuse(row, f"the copy at {row.target} does not match the source (ETag {copied.etag}); "
-                                "undone")
+            return _refuse(row, f"the copy at {row.target} does not match the source (ETag {copied.etag}); undone")
         row.action = "moved"
     storage.delete(row.bucket, row.key)
     if row.source == "prediction":  # the batch DAG's result for a photo that is no longer there
@@ -250,8 +251,12 @@ class MoveLog:
     def add(self, row: Row) -> None:
         from pipeline.adapters import storage
 
-        record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "export": self.export,
-                  **{k: v for k, v in asdict(row).items() if k != "meta"}, **row.meta}
+        record = {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "export": self.export,
+            **{k: v for k, v in asdict(row).items() if k != "meta"},
+            **row.meta,
+        }
         self.lines.append(json.dumps(record, ensure_ascii=False))
         storage.put_bytes(self.bucket, self.key, ("\n".join(self.lines) + "\n").encode("utf-8"))
 

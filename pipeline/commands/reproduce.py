@@ -18,6 +18,7 @@ list, and ``register`` is never run) and prints the new weighted F1
 beside the registered one. On the CPU the test and demo profiles retrain bit for bit (same weights, same F1);
 on a GPU, cuDNN and bf16 kernels are not deterministic, so pass ``--tolerance`` (see docs/ARCHITECTURE.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -75,15 +76,19 @@ def run_reproduce(name: str, version: str, ws: Path | None, retrain: bool, toler
 def fetch_lineage(run_id: str, tags: dict, label: str) -> tuple[str, str]:
     """The stored lock and params file, refused unless their SHA-256 equals the version's tags."""
     if "dvc_lock_sha256" not in tags:
-        raise PipelineError(f"{label} has no dvc_lock_sha256 tag: it was registered outside `dvc repro` or before "
-                            "lineage was stored with versions, so there is no lock to reproduce it from")
+        raise PipelineError(
+            f"{label} has no dvc_lock_sha256 tag: it was registered outside `dvc repro` or before "
+            "lineage was stored with versions, so there is no lock to reproduce it from"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         texts = {}
         for fname, tag in (("dvc.lock", "dvc_lock_sha256"), ("params.yaml", "params_sha256")):
             fp = tracking.download_artifact(run_id, f"lineage/{fname}", Path(tmp))
             if sha256_file(fp) != tags.get(tag):
-                raise PipelineError(f"{label}: lineage/{fname} of run {run_id} has SHA-256 {sha256_file(fp)[:16]}…, "
-                                    f"tag {tag} says {tags.get(tag, '(none)')[:16]}…: the stored file was altered")
+                raise PipelineError(
+                    f"{label}: lineage/{fname} of run {run_id} has SHA-256 {sha256_file(fp)[:16]}…, "
+                    f"tag {tag} says {tags.get(tag, '(none)')[:16]}…: the stored file was altered"
+                )
             texts[fname] = fp.read_text(encoding="utf-8")
     return texts["dvc.lock"], texts["params.yaml"]
 
@@ -115,9 +120,11 @@ def pull(ws: Path, stages: list[str], label: str, lock: dict) -> None:
         raise PipelineError(f"{label}: `dvc pull` failed in {ws}: {out.strip().splitlines()[-1]}")
     workspace.dvc(ws, "checkout", *stages, check=False)  # what did arrive, so the rest can be named
     where = locate(ws, lock, missing)
-    raise PipelineError(f"{label}: the DVC remote {workspace.remote_url()} lacks {len(missing)} object(s) of "
-                        f"{', '.join(where[:4]) or 'its outputs'}{' …' if len(where) > 4 else ''} (md5 "
-                        f"{', '.join(m[:12] for m in missing[:4])}); `dvc push` them from the workspace that trained it")
+    raise PipelineError(
+        f"{label}: the DVC remote {workspace.remote_url()} lacks {len(missing)} object(s) of "
+        f"{', '.join(where[:4]) or 'its outputs'}{' …' if len(where) > 4 else ''} (md5 "
+        f"{', '.join(m[:12] for m in missing[:4])}); `dvc push` them from the workspace that trained it"
+    )
 
 
 def locate(ws: Path, lock: dict, md5s: list[str]) -> list[str]:
@@ -137,11 +144,16 @@ def locate(ws: Path, lock: dict, md5s: list[str]) -> list[str]:
 def lineage_checks(tags: dict, ws: Path) -> list[Check]:
     """The stored files (checked by :func:`fetch_lineage`) and the params hash of the config they give."""
     cfg = load_config(ws / "params.yaml")
-    return [Check(True, "dvc.lock", f"sha256 {tags['dvc_lock_sha256'][:16]}… = tag dvc_lock_sha256"),
-            Check(True, "params.yaml", f"sha256 {tags['params_sha256'][:16]}… = tag params_sha256"),
-            Check(cfg.params_hash() == tags.get("params_hash"), "params hash",
-                  f"{cfg.params_hash()} {'=' if cfg.params_hash() == tags.get('params_hash') else '≠'} tag "
-                  f"params_hash {tags.get('params_hash')}")]
+    return [
+        Check(True, "dvc.lock", f"sha256 {tags['dvc_lock_sha256'][:16]}… = tag dvc_lock_sha256"),
+        Check(True, "params.yaml", f"sha256 {tags['params_sha256'][:16]}… = tag params_sha256"),
+        Check(
+            cfg.params_hash() == tags.get("params_hash"),
+            "params hash",
+            f"{cfg.params_hash()} {'=' if cfg.params_hash() == tags.get('params_hash') else '≠'} tag "
+            f"params_hash {tags.get('params_hash')}",
+        ),
+    ]
 
 
 def _dotted(params: dict, key: str):
@@ -175,8 +187,15 @@ def file_checks(ws: Path, lock: dict) -> list[Check]:
             entries[item["path"]] = item["md5"]
     code = {p: m for p, m in entries.items() if p.startswith("pipeline/")}
     bad_code = [p for p, m in sorted(code.items()) if not (ws / p).is_file() or workspace.dvc_md5(ws / p) != m]
-    checks = [Check(not bad_code, "code", f"{bad_code[0]} differs from the code dvc.lock recorded" if bad_code
-                    else f"{len(code)} files under pipeline/, md5 = dvc.lock")]
+    checks = [
+        Check(
+            not bad_code,
+            "code",
+            f"{bad_code[0]} differs from the code dvc.lock recorded"
+            if bad_code
+            else f"{len(code)} files under pipeline/, md5 = dvc.lock",
+        )
+    ]
     for path, md5 in sorted(entries.items()):
         if path in code:
             continue
@@ -184,8 +203,15 @@ def file_checks(ws: Path, lock: dict) -> list[Check]:
             checks.append(Check(False, path, f"missing (dvc.lock md5 {md5})"))
             continue
         got = workspace.dvc_md5(ws / path)
-        checks.append(Check(got == md5, path, f"md5 {_short(md5)} = dvc.lock" if got == md5 else
-                            f"md5 {_short(got)} ≠ dvc.lock {_short(md5)}" + _inside(ws, path, md5)))
+        checks.append(
+            Check(
+                got == md5,
+                path,
+                f"md5 {_short(md5)} = dvc.lock"
+                if got == md5
+                else f"md5 {_short(got)} ≠ dvc.lock {_short(md5)}" + _inside(ws, path, md5),
+            )
+        )
     return checks
 
 
@@ -202,27 +228,43 @@ def _short(md5: str) -> str:
 
 def tag_checks(ws: Path, lock: dict, tags: dict) -> list[Check]:
     """The version's lineage tags against the pulled files."""
+
     def out_md5(stage: str, path: str) -> str:
         return next((o["md5"] for o in lock.get(stage, {}).get("outs", []) if o["path"] == path), "")
 
     validation = json.loads((ws / "reports/validation.json").read_text(encoding="utf-8"))
     metrics = json.loads((ws / "metrics/eval.json").read_text(encoding="utf-8"))
-    pairs = [("dvc_data_md5", out_md5("ingest", "data/raw")), ("dvc_split_md5", out_md5("split", "data/split.csv")),
-             ("data_fingerprint", validation["fingerprint"]), ("weighted_f1", f"{metrics['weighted_f1']:.6f}")]
+    pairs = [
+        ("dvc_data_md5", out_md5("ingest", "data/raw")),
+        ("dvc_split_md5", out_md5("split", "data/split.csv")),
+        ("data_fingerprint", validation["fingerprint"]),
+        ("weighted_f1", f"{metrics['weighted_f1']:.6f}"),
+    ]
     checks = []
     for tag, got in pairs:
         want = tags.get(tag, "")
-        checks.append(Check(bool(want) and want == got, f"tag {tag}",
-                            f"{want[:16]}{'…' if len(want) > 16 else ''} = the workspace's" if want == got
-                            else f"{want or '(missing)'} ≠ {got} in the workspace"))
+        checks.append(
+            Check(
+                bool(want) and want == got,
+                f"tag {tag}",
+                f"{want[:16]}{'…' if len(want) > 16 else ''} = the workspace's"
+                if want == got
+                else f"{want or '(missing)'} ≠ {got} in the workspace",
+            )
+        )
     weights = json.loads(tags.get("weights_sha256", "{}"))
     if not weights:
         checks.append(Check(False, "tag weights_sha256", "missing: the version does not name its weights"))
     for member, sha in sorted(weights.items()):
         fp = ws / "models" / member / "model.pt"
         got = sha256_file(fp) if fp.is_file() else "(missing)"
-        checks.append(Check(got == sha, f"models/{member}/model.pt",
-                            f"sha256 {got[:16]}… {'=' if got == sha else '≠'} tag weights_sha256 {sha[:16]}…"))
+        checks.append(
+            Check(
+                got == sha,
+                f"models/{member}/model.pt",
+                f"sha256 {got[:16]}… {'=' if got == sha else '≠'} tag weights_sha256 {sha[:16]}…",
+            )
+        )
     return checks
 
 
@@ -274,6 +316,8 @@ def retrain_and_compare(ws: Path, lock: dict, tags: dict, label: str, tolerance:
         got = sha256_file(ws / "models" / member / "model.pt")
         print(f"weights {member}: {'bit-identical' if got == sha else 'differ'} (sha256 {got[:16]}…)")
     if abs(after - before) > tolerance:
-        raise PipelineError(f"{label}: retrained weighted F1 {after:.6f} differs from the registered {before:.6f} by "
-                            f"{abs(after - before):.6f} > --tolerance {tolerance}")
+        raise PipelineError(
+            f"{label}: retrained weighted F1 {after:.6f} differs from the registered {before:.6f} by "
+            f"{abs(after - before):.6f} > --tolerance {tolerance}"
+        )
     return 0

@@ -23,6 +23,7 @@ no given class (``source: prediction``), the predicted class as the pre-annotati
 into the chosen class folder of the landing prefix (new labelled data) and deletes its sidecar. The prefix must be
 in the landing bucket (a move is a copy inside one bucket).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,10 +54,12 @@ def labeling_config(classes: list[str]) -> str:
     The choices come first, in one wrapping row, and the photo is at most 600 px wide: Label Studio scales a photo
     up to 750 px by default, which pushed the choices below the fold of a 1000 px window (seen in a browser)."""
     choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in classes)
-    return ('<View>\n  <Header value="given: $given_class | model suggests: $suggested_class"/>\n'
-            f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="true">\n'
-            f"{choices}\n  </Choices>\n"
-            f'  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true" maxWidth="600px"/>\n</View>\n')
+    return (
+        '<View>\n  <Header value="given: $given_class | model suggests: $suggested_class"/>\n'
+        f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="true">\n'
+        f"{choices}\n  </Choices>\n"
+        f'  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true" maxWidth="600px"/>\n</View>\n'
+    )
 
 
 def landing_index(objects, prefix: str) -> dict[str, object]:
@@ -65,7 +68,7 @@ def landing_index(objects, prefix: str) -> dict[str, object]:
 
     index = {}
     for obj in sorted(objects, key=lambda o: o.key):
-        parsed = safe_relative_key(obj.key[len(prefix):])
+        parsed = safe_relative_key(obj.key[len(prefix) :])
         if not isinstance(parsed, str):
             index.setdefault("/".join(parsed), obj)  # ingest keeps the first of two NFC-equal keys too
     return index
@@ -77,28 +80,62 @@ def suspects(rows: list[dict[str, str]], top: int | None) -> list[dict[str, str]
     return flagged[:top] if top is not None else flagged
 
 
-def build_task(row: dict[str, str], obj, bucket: str, prefix: str, url: str, sha256: str,
-               model: str, version: str) -> dict:
+def build_task(
+    row: dict[str, str], obj, bucket: str, prefix: str, url: str, sha256: str, model: str, version: str
+) -> dict:
     """One Label Studio task: the photo, what relabel checks, and the suggestion as a pre-annotation."""
-    data = {"image": url, "landing_bucket": bucket, "landing_prefix": prefix, "landing_key": obj.key,
-            "etag": obj.etag, "sha256": sha256, "path": row["path"], "given_class": row["given_class"],
-            "suggested_class": row["suggested_class"], "rank": int(row["rank"]),
-            "label_quality": float(row["label_quality"]), "model": model, "model_version": version}
-    prediction = {"model_version": f"{model} v{version}",
-                  "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                              "value": {"choices": [row["suggested_class"]]}}]}
+    data = {
+        "image": url,
+        "landing_bucket": bucket,
+        "landing_prefix": prefix,
+        "landing_key": obj.key,
+        "etag": obj.etag,
+        "sha256": sha256,
+        "path": row["path"],
+        "given_class": row["given_class"],
+        "suggested_class": row["suggested_class"],
+        "rank": int(row["rank"]),
+        "label_quality": float(row["label_quality"]),
+        "model": model,
+        "model_version": version,
+    }
+    prediction = {
+        "model_version": f"{model} v{version}",
+        "result": [
+            {
+                "from_name": FROM_NAME,
+                "to_name": TO_NAME,
+                "type": "choices",
+                "value": {"choices": [row["suggested_class"]]},
+            }
+        ],
+    }
     return {"data": data, "predictions": [prediction]}
 
 
 def prediction_task(record: dict, obj, bucket: str, prefix: str, url: str, model: str, version: str) -> dict:
     """One task for an unsure batch prediction: no given class, the predicted one as the pre-annotation."""
-    data = {"image": url, "landing_bucket": bucket, "landing_prefix": prefix, "landing_key": obj.key,
-            "etag": obj.etag, "source": "prediction", "given_class": "", "suggested_class": record["label"],
-            "confidence": float(record["confidence"]), "model": model, "model_version": version,
-            "predicted_by": f"{record.get('model_name', '')} v{record.get('model_version', '')}"}
-    prediction = {"model_version": data["predicted_by"], "score": data["confidence"],
-                  "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                              "value": {"choices": [record["label"]]}}]}
+    data = {
+        "image": url,
+        "landing_bucket": bucket,
+        "landing_prefix": prefix,
+        "landing_key": obj.key,
+        "etag": obj.etag,
+        "source": "prediction",
+        "given_class": "",
+        "suggested_class": record["label"],
+        "confidence": float(record["confidence"]),
+        "model": model,
+        "model_version": version,
+        "predicted_by": f"{record.get('model_name', '')} v{record.get('model_version', '')}",
+    }
+    prediction = {
+        "model_version": data["predicted_by"],
+        "score": data["confidence"],
+        "result": [
+            {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": [record["label"]]}}
+        ],
+    }
     return {"data": data, "predictions": [prediction]}
 
 
@@ -113,8 +150,12 @@ def unsure_predictions(predictions_uri: str, below: float) -> list[tuple[dict, o
     for key in sorted(k for k in objects if k.endswith(SIDECAR_SUFFIX)):
         photo = objects.get(key[: -len(SIDECAR_SUFFIX)])
         record = json.loads(storage.get_bytes(f"s3://{bucket}/{key}"))
-        if photo is not None and not record.get("error") and record.get("label") \
-                and float(record.get("confidence", 1.0)) < below:
+        if (
+            photo is not None
+            and not record.get("error")
+            and record.get("label")
+            and float(record.get("confidence", 1.0)) < below
+        ):
             out.append((record, photo))
     return sorted(out, key=lambda item: float(item[0]["confidence"]))
 
@@ -130,13 +171,22 @@ def resolve_version(model: str, version: str | None, alias: str) -> object:
     return found
 
 
-def run_review_export(model: str, version: str | None, alias: str, top: int | None, out: Path,
-                      url_expiry: int = MAX_URL_EXPIRY, predictions_uri: str = "", below: float = 0.5) -> dict:
+def run_review_export(
+    model: str,
+    version: str | None,
+    alias: str,
+    top: int | None,
+    out: Path,
+    url_expiry: int = MAX_URL_EXPIRY,
+    predictions_uri: str = "",
+    below: float = 0.5,
+) -> dict:
     from pipeline.adapters import storage, tracking
 
     if not 0 < url_expiry <= MAX_URL_EXPIRY:
-        raise PipelineError(f"--url-expiry must be 1..{MAX_URL_EXPIRY} seconds (a presigned URL lives 7 days at "
-                            f"most), got {url_expiry}")
+        raise PipelineError(
+            f"--url-expiry must be 1..{MAX_URL_EXPIRY} seconds (a presigned URL lives 7 days at most), got {url_expiry}"
+        )
     mv = resolve_version(model, version, alias)
     landing_uri = tracking.run_params(mv.run_id).get("data.landing_uri", "")
     if not landing_uri:
@@ -159,8 +209,10 @@ def run_review_export(model: str, version: str | None, alias: str, top: int | No
     unsure = []
     if predictions_uri:
         if storage.parse_s3_uri(predictions_uri)[0] != bucket:
-            raise PipelineError(f"--predictions {predictions_uri} must be in the landing bucket {bucket!r} "
-                                f"({landing_uri}): relabel moves photos inside one bucket")
+            raise PipelineError(
+                f"--predictions {predictions_uri} must be in the landing bucket {bucket!r} "
+                f"({landing_uri}): relabel moves photos inside one bucket"
+            )
         unsure = unsure_predictions(predictions_uri, below)
         for record, obj in unsure:
             url = storage.presigned_get_url(bucket, obj.key, url_expiry)
@@ -169,6 +221,15 @@ def run_review_export(model: str, version: str | None, alias: str, top: int | No
         _logger.warning("%d suspect(s) no longer under %s, left out: %s", len(gone), landing_uri, gone[:5])
     write_text_atomic(out, json.dumps(tasks, ensure_ascii=False, indent=1) + "\n")
     write_text_atomic(config_path(out), labeling_config(classes))
-    return {"tasks": len(tasks), "suspects": len(tasks) - len(unsure), "unsure_predictions": len(unsure),
-            "gone": len(gone), "out": str(out), "label_config": str(config_path(out)),
-            "model": model, "version": str(mv.version), "landing_uri": landing_uri, "classes": len(classes)}
+    return {
+        "tasks": len(tasks),
+        "suspects": len(tasks) - len(unsure),
+        "unsure_predictions": len(unsure),
+        "gone": len(gone),
+        "out": str(out),
+        "label_config": str(config_path(out)),
+        "model": model,
+        "version": str(mv.version),
+        "landing_uri": landing_uri,
+        "classes": len(classes),
+    }

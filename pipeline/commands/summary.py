@@ -1,4 +1,5 @@
 """The end-of-run summary ``make demo`` prints, ending with machine-readable ``KEY=value`` lines."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def print_summary(ws: Path | None = None) -> int:
     print()
     print("=" * 72)
     print(f"registered model : {d['model_name']} version {d['model_version']}")
-    print(f"test weighted F1 : {d['weighted_f1']:.4f}   macro F1 {metrics['macro_f1']:.4f}   "
-          f"accuracy {metrics['accuracy']:.4f}   ({metrics['n_test']} held-out images)")
+    print(
+        f"test weighted F1 : {d['weighted_f1']:.4f}   macro F1 {metrics['macro_f1']:.4f}   "
+        f"accuracy {metrics['accuracy']:.4f}   ({metrics['n_test']} held-out images)"
+    )
     print(f"gate             : {d['gate']} ({d['reason']})")
     print(f"MLflow UI        : {mlflow_url}/#/models/{d['model_name']}")
     print("Airflow UI       : `make ui`, then http://127.0.0.1:8080")

@@ -11,6 +11,7 @@ averaged probabilities), with one number that every serving path can apply after
     cal = calibrate(val_probs, val_labels)          # {"temperature": 1.42, "ece_before": 0.08, ...}
     served = temperature_scale(test_probs, cal["temperature"])
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,12 @@ def fit_temperature(probs: np.ndarray, labels: list[int] | np.ndarray) -> float:
             lo = a
     t = float(np.exp((lo + hi) / 2))
     if i in (0, len(grid) - 1):  # e.g. a val split the bag gets all right: NLL falls on towards T = 0
-        _logger.warning("calibration: temperature %.3f is at the edge of the search range; the %d validation "
-                        "images cannot pin it down (too few, or all predicted right)", t, len(labels))
+        _logger.warning(
+            "calibration: temperature %.3f is at the edge of the search range; the %d validation "
+            "images cannot pin it down (too few, or all predicted right)",
+            t,
+            len(labels),
+        )
     return t
 
 
@@ -83,9 +88,12 @@ def reliability_bins(probs: np.ndarray, labels: list[int] | np.ndarray, n_bins: 
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
         accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / count
-    return {"edges": np.linspace(0, 1, n_bins + 1).tolist(), "count": count.astype(int).tolist(),
-            "confidence": [None if np.isnan(v) else float(v) for v in mean_conf],
-            "accuracy": [None if np.isnan(v) else float(v) for v in accuracy]}
+    return {
+        "edges": np.linspace(0, 1, n_bins + 1).tolist(),
+        "count": count.astype(int).tolist(),
+        "confidence": [None if np.isnan(v) else float(v) for v in mean_conf],
+        "accuracy": [None if np.isnan(v) else float(v) for v in accuracy],
+    }
 
 
 def expected_calibration_error(probs: np.ndarray, labels: list[int] | np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -94,22 +102,33 @@ def expected_calibration_error(probs: np.ndarray, labels: list[int] | np.ndarray
     total = sum(bins["count"])
     if total == 0:
         return float("nan")
-    return float(sum(n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n)
-                 / total)
+    return float(
+        sum(n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n) / total
+    )
 
 
-def calibrate(val_probs: np.ndarray, val_labels: list[int], test_probs: np.ndarray | None = None,
-              test_labels: list[int] | None = None) -> dict:
+def calibrate(
+    val_probs: np.ndarray,
+    val_labels: list[int],
+    test_probs: np.ndarray | None = None,
+    test_labels: list[int] | None = None,
+) -> dict:
     """Fit ``T`` on the validation split; ECE before/after on it and, held out, on the test split.
 
     With fewer than :data:`MIN_VAL_IMAGES` validation images ``T`` stays 1 and ``note`` says why.
     """
-    out: dict = {"fitted_on": "val", "n_val": len(val_labels), "bins": ECE_BINS,
-                 "method": "temperature scaling of log(mean member probability), NLL on the val split"}
+    out: dict = {
+        "fitted_on": "val",
+        "n_val": len(val_labels),
+        "bins": ECE_BINS,
+        "method": "temperature scaling of log(mean member probability), NLL on the val split",
+    }
     if len(val_labels) < MIN_VAL_IMAGES:
         t = 1.0
-        out["note"] = (f"not fitted: {len(val_labels)} validation images < {MIN_VAL_IMAGES}; confidences are the "
-                       "bag's raw averages")
+        out["note"] = (
+            f"not fitted: {len(val_labels)} validation images < {MIN_VAL_IMAGES}; confidences are the "
+            "bag's raw averages"
+        )
         _logger.warning("calibration %s", out["note"])
     else:
         t = fit_temperature(val_probs, val_labels)
@@ -124,6 +143,8 @@ def calibrate(val_probs: np.ndarray, val_labels: list[int], test_probs: np.ndarr
         scaled = temperature_scale(probs, t)
         out[f"ece_{split}_before"] = expected_calibration_error(probs, labels)
         out[f"ece_{split}_after"] = expected_calibration_error(scaled, labels)
-        out[f"reliability_{split}"] = {"before": reliability_bins(probs, labels),
-                                       "after": reliability_bins(scaled, labels)}
+        out[f"reliability_{split}"] = {
+            "before": reliability_bins(probs, labels),
+            "after": reliability_bins(scaled, labels),
+        }
     return out

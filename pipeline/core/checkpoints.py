@@ -4,6 +4,7 @@ Every ``.pt`` this project reads goes through :func:`load`. A file that is trunc
 checksum was recorded, or holds Python objects besides tensors (a pickle that could run code) is refused with
 a :class:`CheckpointError` naming the file and the reason; it is never half-loaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,22 +44,29 @@ def load(source: Path | bytes, what: str = "checkpoint", expected_sha256: str | 
     if expected_sha256:
         actual = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else sha256_file(Path(source))
         if actual != expected_sha256:
-            raise CheckpointError(f"{what} {name} is corrupt or was altered: its SHA-256 is {actual[:16]}…, "
-                                  f"{expected_sha256[:16]}… was recorded when it was written; refusing to load it")
+            raise CheckpointError(
+                f"{what} {name} is corrupt or was altered: its SHA-256 is {actual[:16]}…, "
+                f"{expected_sha256[:16]}… was recorded when it was written; refusing to load it"
+            )
     try:
-        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
-                          weights_only=True)
+        return torch.load(
+            io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True
+        )
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{what} {name} holds Python objects besides tensors, which could run code when "
-                                  f"loaded; refusing it (weights_only=True: {first[:200]})") from None
-        raise CheckpointError(f"{what} {name} cannot be read ({first[:200]}): truncated or not a PyTorch "
-                              "file; refusing to load it") from None
+            raise CheckpointError(
+                f"{what} {name} holds Python objects besides tensors, which could run code when "
+                f"loaded; refusing it (weights_only=True: {first[:200]})"
+            ) from None
+        raise CheckpointError(
+            f"{what} {name} cannot be read ({first[:200]}): truncated or not a PyTorch file; refusing to load it"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{what} {name} cannot be read ({first[:200]}): truncated or not a PyTorch "
-                              "file; refusing to load it") from None
+        raise CheckpointError(
+            f"{what} {name} cannot be read ({first[:200]}): truncated or not a PyTorch file; refusing to load it"
+        ) from None
 
 
 def load_state_into(model: torch.nn.Module, state: dict, what: str) -> None:

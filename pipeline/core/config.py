@@ -5,6 +5,7 @@ dotted key that holds it and what was expected, e.g.::
 
     ConfigError: params.yaml: train.lr must be a number > 0, got 'fast'
 """
+
 from __future__ import annotations
 
 import copy
@@ -156,9 +157,13 @@ class Config:
         if name not in self.backbones:
             raise ConfigError(f"backbones.{name} is not listed (listed: {', '.join(self.backbones) or 'none'})")
         spec: BackboneSpec = self.backbones[name]
-        model = dataclasses.replace(self.model, backbone=name, img_size=spec.img_size or self.model.img_size,
-                                    weights=spec.weights or self.model.weights,
-                                    freeze=spec.freeze or self.model.freeze)
+        model = dataclasses.replace(
+            self.model,
+            backbone=name,
+            img_size=spec.img_size or self.model.img_size,
+            weights=spec.weights or self.model.weights,
+            freeze=spec.freeze or self.model.freeze,
+        )
         train = dataclasses.replace(self.train, epochs=spec.epochs or self.train.epochs)
         return dataclasses.replace(self, model=model, train=train, bag=BagConfig(seeds=(0,), bootstrap=False))
 
@@ -171,22 +176,49 @@ class Config:
 
 
 _SECTIONS = {
-    "data": DataConfig, "validate": ValidateConfig, "split": SplitConfig, "model": ModelConfig,
-    "train": TrainConfig, "bag": BagConfig, "registry": RegistryConfig, "label_issues": LabelIssuesConfig,
+    "data": DataConfig,
+    "validate": ValidateConfig,
+    "split": SplitConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "bag": BagConfig,
+    "registry": RegistryConfig,
+    "label_issues": LabelIssuesConfig,
 }
 _CHOICES = {
     "model.freeze": None,  # checked by _check_freeze
     "train.amp": ("bf16", "none"),
     "train.device": DEVICE_CHOICES,
     # what cleanlab 2.9's find_label_issues / get_label_quality_scores accept
-    "label_issues.filter_by": ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
-                               "predicted_neq_given", "low_normalized_margin", "low_self_confidence"),
+    "label_issues.filter_by": (
+        "prune_by_noise_rate",
+        "prune_by_class",
+        "both",
+        "confident_learning",
+        "predicted_neq_given",
+        "low_normalized_margin",
+        "low_self_confidence",
+    ),
     "label_issues.ranked_by": ("self_confidence", "normalized_margin", "confidence_weighted_entropy"),
 }
-_POSITIVE = {"label_issues.grid_per_class", "train.epochs", "train.batch_size", "train.lr", "model.img_size", "validate.min_side",
-             "validate.max_pixels", "validate.max_bytes"}
-_FRACTIONS = {"split.val_fraction", "split.test_fraction", "validate.max_quarantine_share",
-              "train.cutmix_prob", "train.label_smoothing", "registry.confidence"}
+_POSITIVE = {
+    "label_issues.grid_per_class",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "model.img_size",
+    "validate.min_side",
+    "validate.max_pixels",
+    "validate.max_bytes",
+}
+_FRACTIONS = {
+    "split.val_fraction",
+    "split.test_fraction",
+    "validate.max_quarantine_share",
+    "train.cutmix_prob",
+    "train.label_smoothing",
+    "registry.confidence",
+}
 
 
 _TIMM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -237,8 +269,13 @@ def _build(section: str, cls: type, raw: Any) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{key} is required")
             continue
-        default = (f.default if f.default is not dataclasses.MISSING
-                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else f.default_factory()
+            if f.default_factory is not dataclasses.MISSING
+            else ""
+        )
         kwargs[name] = _coerce(key, raw[name], default)
     return cls(**kwargs)
 
@@ -278,15 +315,19 @@ def _check(cfg: Config) -> None:
     if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
         raise ConfigError("split.val_fraction + split.test_fraction must be < 1")
     if cfg.split.min_class_for_split < MIN_SPLIT_GROUPS:
-        raise ConfigError(f"split.min_class_for_split must be >= {MIN_SPLIT_GROUPS} (one test, one val and a train "
-                          f"majority of duplicate groups), got {cfg.split.min_class_for_split!r}")
+        raise ConfigError(
+            f"split.min_class_for_split must be >= {MIN_SPLIT_GROUPS} (one test, one val and a train "
+            f"majority of duplicate groups), got {cfg.split.min_class_for_split!r}"
+        )
     for key in ("train.amp", "train.device", "label_issues.filter_by", "label_issues.ranked_by"):
         if flat[key] not in _CHOICES[key]:
             raise ConfigError(f"{key} must be one of {_CHOICES[key]}, got {flat[key]!r}")
     _check_freeze("model.freeze", cfg.model.freeze)
     flips = ("d4", "both", "h", "v", "none")
-    for cls_, flip in [("train.flip_default", cfg.train.flip_default),
-                       *((f"train.flip_policy.{c}", f) for c, f in cfg.train.flip_policy.items())]:
+    for cls_, flip in [
+        ("train.flip_default", cfg.train.flip_default),
+        *((f"train.flip_policy.{c}", f) for c, f in cfg.train.flip_policy.items()),
+    ]:
         if flip not in flips:
             raise ConfigError(f"{cls_} must be one of {flips}, got {flip!r}")
     if not cfg.bag.seeds:
@@ -317,9 +358,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     parts = {name: _build(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
     data = parts["data"]
     parts["data"] = dataclasses.replace(
-        data, expected_classes=tuple(unicodedata.normalize("NFC", c) for c in data.expected_classes))
-    cfg = Config(profile=str(raw.get("profile", "full")), backbones=_build_backbones(raw.get("backbones")),
-                 **parts)
+        data, expected_classes=tuple(unicodedata.normalize("NFC", c) for c in data.expected_classes)
+    )
+    cfg = Config(profile=str(raw.get("profile", "full")), backbones=_build_backbones(raw.get("backbones")), **parts)
     _check(cfg)
     return cfg
 

@@ -11,6 +11,7 @@ Flips draw from the dataset's own numpy generator. In the main process the train
 each DataLoader worker reseeds its copy from the seed torch hands that worker (:func:`seed_worker`), so workers,
 epochs and DDP ranks draw different flips, and a rerun draws the same ones.
 """
+
 from __future__ import annotations
 
 import functools
@@ -113,8 +114,14 @@ def tta_variants(flips: list[str]) -> list[int]:
 class CachedImageDataset(Dataset):
     """Items are ``(uint8 CHW tensor, label)``; a random symmetry the class allows (``VARIANTS``) when training."""
 
-    def __init__(self, images: np.ndarray, labels: list[int], indices: list[int] | None = None,
-                 flips: list[str] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: list[int],
+        indices: list[int] | None = None,
+        flips: list[str] | None = None,
+        seed: int = 0,
+    ):
         self.images = images
         self.labels = labels
         self.indices = list(range(len(labels))) if indices is None else list(indices)
@@ -183,8 +190,9 @@ def fold_of_groups(labels: list[int], groups: list[str], k: int) -> list[int]:
     return [fold_of[(y, g)] for y, g in zip(labels, groups)]
 
 
-def member_indices(labels: list[int], groups: list[str], seeds: tuple[int, ...] | list[int], seed: int,
-                   bootstrap: bool, folds: bool) -> list[int]:
+def member_indices(
+    labels: list[int], groups: list[str], seeds: tuple[int, ...] | list[int], seed: int, bootstrap: bool, folds: bool
+) -> list[int]:
     """The train-split indices bag member ``seed`` trains on (``bag.folds``, ``bag.bootstrap`` or all of them).
 
     ``folds``: member ``seeds.index(seed)`` leaves out its own fold of ``len(seeds)`` (:func:`fold_of_groups`),
@@ -192,8 +200,10 @@ def member_indices(labels: list[int], groups: list[str], seeds: tuple[int, ...] 
     """
     if folds and len(seeds) > 1:
         if seed not in seeds:
-            raise ConfigError(f"member {seed} is not one of bag.seeds {list(seeds)}: with bag.folds its fold is its "
-                             "position in that list")
+            raise ConfigError(
+                f"member {seed} is not one of bag.seeds {list(seeds)}: with bag.folds its fold is its "
+                "position in that list"
+            )
         held_out = list(seeds).index(seed)
         return [i for i, f in enumerate(fold_of_groups(labels, groups, len(seeds))) if f != held_out]
     if bootstrap:
@@ -234,11 +244,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
         for i in self.sampler:
             batch.append(int(i))
             if len(batch) == self.batch_size:
-                yield batch[self.rank::self.world_size]
+                yield batch[self.rank :: self.world_size]
                 batch = []
         keep = len(batch) - len(batch) % self.world_size
         if keep and not self.drop_last:
-            yield batch[:keep][self.rank::self.world_size]
+            yield batch[:keep][self.rank :: self.world_size]
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.sampler), self.batch_size)
@@ -260,8 +270,16 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
         reseed([info.seed, rank])
 
 
-def train_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, seed: int, num_workers: int,
-                 pin_memory: bool, rank: int = 0, world_size: int = 1) -> DataLoader:
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: Sampler | None,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """One epoch's training loader: ``sampler`` (or a shuffle seeded with ``seed``), batches of ``batch_size``.
 
     ``world_size`` > 1 (DDP): ``batch_size`` is the global batch; this rank gets its ``batch_size //
@@ -270,16 +288,22 @@ def train_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, see
     """
     gen = torch.Generator().manual_seed(seed)
     drop_last = len(dataset) > batch_size
-    workers = {"num_workers": num_workers, "generator": gen, "pin_memory": pin_memory,
-               "worker_init_fn": functools.partial(seed_worker, rank=rank) if num_workers else None}
+    workers = {
+        "num_workers": num_workers,
+        "generator": gen,
+        "pin_memory": pin_memory,
+        "worker_init_fn": functools.partial(seed_worker, rank=rank) if num_workers else None,
+    }
     if world_size == 1:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None,
-                          drop_last=drop_last, **workers)
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=drop_last, **workers
+        )
     # The same generator object as the single-process loader's: the DataLoader draws its worker base seed
     # from it before the shuffle does, so the shuffle order comes out identical.
     order = sampler if sampler is not None else RandomSampler(dataset, generator=gen)
-    return DataLoader(dataset, batch_sampler=ShardedBatchSampler(order, batch_size, drop_last, rank, world_size),
-                      **workers)
+    return DataLoader(
+        dataset, batch_sampler=ShardedBatchSampler(order, batch_size, drop_last, rank, world_size), **workers
+    )
 
 
 def normalize_batch(x: torch.Tensor, mean: tuple, std: tuple, channels_last: bool) -> torch.Tensor:

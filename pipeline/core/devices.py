@@ -5,6 +5,7 @@
 ``cpu`` or ``cuda``. Asking for ``cuda`` where torch sees none is an error naming the key, never a silent fallback:
 a run meant for a GPU that quietly trains on a CPU would take days.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -29,8 +30,10 @@ def resolve_device(choice: str = "auto", key: str = "train.device") -> torch.dev
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key} is cuda, but torch {torch.__version__} sees no CUDA device here "
-                          f"(built for CUDA {torch.version.cuda or 'none'}); set {key} to auto or cpu")
+        raise ConfigError(
+            f"{key} is cuda, but torch {torch.__version__} sees no CUDA device here "
+            f"(built for CUDA {torch.version.cuda or 'none'}); set {key} to auto or cpu"
+        )
     return torch.device(choice)
 
 

@@ -5,6 +5,7 @@ NCCL on GPUs (one per LOCAL_RANK), gloo on CPU; which of the two follows ``train
 GPU exists. Single-process training uses :class:`Dist` with world 1, whose
 methods are then no-ops. Kept apart from the training loop as timm keeps ``timm/utils/distributed.py``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -149,8 +150,9 @@ def _convert_gloo_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Like timm's ``convert_sync_batchnorm``, with :class:`GlooSyncBatchNorm` (shares params and buffers)."""
     out = module
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats)
+        out = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean, out.running_var = module.running_mean, module.running_var

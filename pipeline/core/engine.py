@@ -3,6 +3,7 @@
 ``train_one_epoch`` and ``validate`` are what the train stage (``pipeline.stages.train``) calls each epoch;
 both run on the batch's device and under bf16 autocast when ``train.amp`` says so.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,8 +80,7 @@ def train_one_epoch(model, loader, criterion, optimizer, mixup, cfg, device, mea
         dist.all_reduce(sums)
         total, seen = sums[0], int(sums[1].item())
     elapsed = time.perf_counter() - start
-    return {"train_loss": total.item() / max(seen, 1), "train_img_s": seen / max(elapsed, 1e-9),
-            "train_images": seen}
+    return {"train_loss": total.item() / max(seen, 1), "train_img_s": seen / max(elapsed, 1e-9), "train_images": seen}
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def predict_logits(model, images: np.ndarray, cfg: Config, device, mean, std, ba
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(images[i : i + batch_size])).permute(0, 3, 1, 2)
         x = normalize_batch(x.to(device), mean, std, cfg.train.channels_last)
         with autocast(device, cfg.train.amp):
             out.append(model(x).float().cpu().numpy())
@@ -109,12 +109,20 @@ def validate(model, inputs, labels, cfg, device, mean, std, cached: bool = False
 
         probs = tail_probs(model, arrays, views, list(range(len(views))), device, cfg.train.channels_last)
     else:
-        probs = sum(torch.softmax(torch.from_numpy(predict_logits(
-            model, apply_variant(np.asarray(arrays), v, "hwc"), cfg, device, mean, std)), 1).numpy()
-            for v in views)
+        probs = sum(
+            torch.softmax(
+                torch.from_numpy(
+                    predict_logits(model, apply_variant(np.asarray(arrays), v, "hwc"), cfg, device, mean, std)
+                ),
+                1,
+            ).numpy()
+            for v in views
+        )
     pred = probs.argmax(1)
-    return {"val_weighted_f1": float(f1_score(labels, pred, average="weighted", zero_division=0)),
-            "val_accuracy": float((pred == np.asarray(labels)).mean())}
+    return {
+        "val_weighted_f1": float(f1_score(labels, pred, average="weighted", zero_division=0)),
+        "val_accuracy": float((pred == np.asarray(labels)).mean()),
+    }
 
 
 def none_if_nan(x: float) -> float | None:

@@ -14,6 +14,7 @@ feed layers that train in float32.
     feats = build_features(split.prefix, images, shas, variants, cache_dir, mean, std)   # N × V × C × H × W
     logits = split.tail(torch.from_numpy(feats[:, 0]).float())   # == model(images) up to float16 rounding
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,7 @@ class _Tail(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        for block in list(m.blocks)[self.first_block:]:
+        for block in list(m.blocks)[self.first_block :]:
             x = block(x)
         return m.forward_head(m.bn2(m.conv_head(x)))
 
@@ -85,12 +86,19 @@ def prefix_key(prefix: nn.Module, backbone: str, size: int, mean: tuple, std: tu
 
 
 @torch.no_grad()
-def _compute(prefix: nn.Module, images: np.ndarray, variants: list[int], mean: tuple, std: tuple,
-             channels_last: bool, batch_size: int) -> np.ndarray:
+def _compute(
+    prefix: nn.Module,
+    images: np.ndarray,
+    variants: list[int],
+    mean: tuple,
+    std: tuple,
+    channels_last: bool,
+    batch_size: int,
+) -> np.ndarray:
     device = next(prefix.parameters()).device
     out = None
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
         per_variant = []
         for v in variants:
             xv = normalize_batch(apply_variant(x, v).to(device), mean, std, channels_last)
@@ -98,13 +106,22 @@ def _compute(prefix: nn.Module, images: np.ndarray, variants: list[int], mean: t
         batch = np.stack(per_variant, axis=1)  # B × V × C × H × W
         if out is None:
             out = np.empty((len(images), *batch.shape[1:]), dtype=STORE_DTYPE)
-        out[i:i + len(batch)] = batch
+        out[i : i + len(batch)] = batch
     return out
 
 
-def build_features(prefix: nn.Module, images: np.ndarray, shas: list[str], variants: list[int], key: str,
-                   cache_dir: Path | None, mean: tuple, std: tuple, channels_last: bool = False,
-                   batch_size: int = 32) -> np.ndarray:
+def build_features(
+    prefix: nn.Module,
+    images: np.ndarray,
+    shas: list[str],
+    variants: list[int],
+    key: str,
+    cache_dir: Path | None,
+    mean: tuple,
+    std: tuple,
+    channels_last: bool = False,
+    batch_size: int = 32,
+) -> np.ndarray:
     """N × V × C × H × W float16 maps of ``prefix`` for ``images`` (N × H × W × 3 uint8) under ``variants``.
 
     Images whose ``cache_dir/<key>/<sha>.npy`` exists are read; the rest are computed in batches and written
@@ -119,8 +136,14 @@ def build_features(prefix: nn.Module, images: np.ndarray, shas: list[str], varia
     if folder is not None and fresh is not None:
         for j, i in enumerate(todo):
             save_npy_atomic(folder / f"{shas[i]}.npy", fresh[j])
-    _logger.info("frozen layers: %d of %d images computed (x%d symmetries), %d from the cache %s", len(todo),
-                 len(shas), len(variants), len(shas) - len(todo), folder or "(none)")
+    _logger.info(
+        "frozen layers: %d of %d images computed (x%d symmetries), %d from the cache %s",
+        len(todo),
+        len(shas),
+        len(variants),
+        len(shas) - len(todo),
+        folder or "(none)",
+    )
     if fresh is not None and len(todo) == len(shas):
         return fresh
     shape = fresh.shape[1:] if fresh is not None else np.load(folder / f"{shas[0]}.npy", mmap_mode="r").shape
@@ -134,8 +157,15 @@ def build_features(prefix: nn.Module, images: np.ndarray, shas: list[str], varia
 class FeatureDataset(Dataset):
     """Items are ``(float16 C×H×W map, label)``: a random symmetry the class allows, drawn from the cache."""
 
-    def __init__(self, features: np.ndarray, variants: list[int], labels: list[int], indices: list[int],
-                 allowed: list[tuple[int, ...]], seed: int = 0):
+    def __init__(
+        self,
+        features: np.ndarray,
+        variants: list[int],
+        labels: list[int],
+        indices: list[int],
+        allowed: list[tuple[int, ...]],
+        seed: int = 0,
+    ):
         self.features = features  # N × V × C × H × W, V in the order of ``variants``
         self.slot = {v: k for k, v in enumerate(variants)}
         self.labels = labels
@@ -161,15 +191,22 @@ class FeatureDataset(Dataset):
 
 
 @torch.no_grad()
-def tail_probs(tail: nn.Module, features: np.ndarray, variants: list[int], slots: list[int], device,
-               channels_last: bool, batch_size: int = 128) -> np.ndarray:
+def tail_probs(
+    tail: nn.Module,
+    features: np.ndarray,
+    variants: list[int],
+    slots: list[int],
+    device,
+    channels_last: bool,
+    batch_size: int = 128,
+) -> np.ndarray:
     """Softmax of ``tail`` averaged over the cached symmetries ``slots`` (indices into ``variants``)."""
     tail.eval()
     total = None
     for k in slots:
         out = []
         for i in range(0, len(features), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(features[i:i + batch_size, k])).to(device).float()
+            x = torch.from_numpy(np.ascontiguousarray(features[i : i + batch_size, k])).to(device).float()
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(torch.softmax(tail(x).float(), dim=1).cpu().numpy())

@@ -12,6 +12,7 @@ changes matplotlib's global settings and needs ``distutils``, which Python 3.12 
 
 matplotlib is imported inside the functions: the core must import on a bare GPU box without it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,7 @@ def hangul_family() -> str | None:
     installed = {f.name for f in font_manager.fontManager.ttflist}
     family = next((f for f in SYSTEM_HANGUL_FAMILIES if f in installed), None)
     if family is None:
-        _logger.warning("no Hangul font found (pip install %s): Korean labels will draw as boxes",
-                        FONT_DISTRIBUTION)
+        _logger.warning("no Hangul font found (pip install %s): Korean labels will draw as boxes", FONT_DISTRIBUTION)
     return family
 
 
@@ -73,8 +73,10 @@ def hangul_figure(figsize: tuple[float, float], ncols: int = 1) -> Iterator[tupl
     from matplotlib.figure import Figure
 
     family = hangul_family()
-    settings = {"font.family": [family, FALLBACK_FAMILY] if family else [FALLBACK_FAMILY],
-                "axes.unicode_minus": False}  # NanumGothic has no U+2212: a hyphen keeps tick labels in one font
+    settings = {
+        "font.family": [family, FALLBACK_FAMILY] if family else [FALLBACK_FAMILY],
+        "axes.unicode_minus": False,
+    }  # NanumGothic has no U+2212: a hyphen keeps tick labels in one font
     with matplotlib.rc_context(settings):
         fig = Figure(figsize=figsize)
         FigureCanvasAgg(fig)
@@ -111,8 +113,9 @@ def _save(fig, png_fp: Path) -> None:
     fig.savefig(png_fp, dpi=100, bbox_inches="tight")  # rotated tick labels and outside legends stay in
 
 
-def plot_gate_comparison(names: list[str], f1: dict[str, list[float]], confusion: dict[str, np.ndarray],
-                         title: str, png_fp: Path) -> None:
+def plot_gate_comparison(
+    names: list[str], f1: dict[str, list[float]], confusion: dict[str, np.ndarray], title: str, png_fp: Path
+) -> None:
     """What the gate compared: per-class F1 of each model side by side, then each model's confusion matrix.
 
     ``f1`` and ``confusion`` are keyed by model label (e.g. ``"champion v3"``, ``"candidate v4"``), in drawing
@@ -125,8 +128,9 @@ def plot_gate_comparison(names: list[str], f1: dict[str, list[float]], confusion
         height = 0.8 / len(models)
         for k, model in enumerate(models):
             ys = np.arange(n) + (k - (len(models) - 1) / 2) * height
-            ax.barh(ys, f1[model], height=height, label=model,
-                    color="#1f77b4" if k == len(models) - 1 else "#9e9e9e")  # the candidate (last) in blue
+            ax.barh(
+                ys, f1[model], height=height, label=model, color="#1f77b4" if k == len(models) - 1 else "#9e9e9e"
+            )  # the candidate (last) in blue
             for y, v in zip(ys, f1[model]):
                 ax.text(min(v, 1.0) + 0.01, y, f"{v:.2f}", va="center", fontsize=7)
         ax.set_yticks(range(n), names)
@@ -153,8 +157,10 @@ def plot_reliability(panels: dict[str, dict], temperature: float, png_fp: Path) 
         axes = axes if isinstance(axes, list) else [axes]
         for ax, (title, panel) in zip(axes, panels.items()):
             ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1, label="perfect")
-            for key, colour, name in (("before", "#d62728", "before"),
-                                      ("after", "#1f77b4", f"after T={temperature:.2f}")):
+            for key, colour, name in (
+                ("before", "#d62728", "before"),
+                ("after", "#1f77b4", f"after T={temperature:.2f}"),
+            ):
                 bins = panel[key]
                 pts = [(c, a, n) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n]
                 if pts:
@@ -163,8 +169,9 @@ def plot_reliability(panels: dict[str, dict], temperature: float, png_fp: Path) 
                     # marker area and label = images in the bin: a wild point may rest on one image
                     ax.scatter(xs, ys, s=[12 + 240 * k / max(ns) for k in ns], color=colour, alpha=0.3)
                     for x, y, k in pts:
-                        ax.annotate(str(k), (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6,
-                                    color=colour)
+                        ax.annotate(
+                            str(k), (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6, color=colour
+                        )
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
             ax.set_xlabel("confidence (mean of the bin)")

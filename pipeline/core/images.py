@@ -3,6 +3,7 @@
 Every image the product accepts (RGB, RGBA, palette, CMYK, 16-bit, greyscale) is normalised to
 8-bit RGB the same way everywhere, so a model sees in serving exactly what it saw in training.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,7 +29,7 @@ def _reason(exc: Exception) -> str:
         start = text.find(quote + "/")
         if start >= 0:
             end = text.find(quote, start + 1)
-            text = text[:start] + "[file]" + text[end + 1:] if end > start else text[:start] + "[file]"
+            text = text[:start] + "[file]" + text[end + 1 :] if end > start else text[:start] + "[file]"
     # Some messages quote bytes of the file itself (chunk names, modes): nothing that opens a tag or an entity
     # reaches GX Data Docs, which print these reasons unescaped; and no unbounded text.
     text = "".join("?" if c in "<>&" or not c.isprintable() else c for c in text)[:200]
@@ -85,8 +86,10 @@ def decode_rgb(data: bytes | str, max_pixels: int | None = None) -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             with Image.open(src, formats=IMAGE_FORMATS) as im:
                 if max_pixels is not None and im.width * im.height > max_pixels:
-                    raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
-                                     f"{im.width * im.height} pixels > {max_pixels}")
+                    raise ValueError(
+                        f"decompression bomb guard: {im.width}x{im.height} = "
+                        f"{im.width * im.height} pixels > {max_pixels}"
+                    )
                 im.load()
                 return to_rgb(im)
     except ValueError:
@@ -108,8 +111,10 @@ def check_decode(path: str, max_pixels: int) -> str:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit decides
             with Image.open(path, formats=IMAGE_FORMATS) as im:
                 if im.width * im.height > max_pixels:
-                    raise ValueError(f"decompression bomb guard: {im.width}x{im.height} = "
-                                     f"{im.width * im.height} pixels > {max_pixels}")
+                    raise ValueError(
+                        f"decompression bomb guard: {im.width}x{im.height} = "
+                        f"{im.width * im.height} pixels > {max_pixels}"
+                    )
                 im.load()
                 grey = im.convert("L") if im.mode in ("L", "RGB", "RGBA", "P", "CMYK", "LA", "PA") else to_rgb(im)
                 return dhash(grey)

@@ -12,6 +12,7 @@ NCHW). On a CPU it always runs fp32 NCHW, exactly as before GPUs were supported,
 :meth:`BagPredictor.calibrated` applies the bag's temperature (``pipeline.core.calibration``) for the confidence
 users see. Labels always come from the raw probabilities: the temperature never changes them.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,9 @@ def load_member(member_dir: Path, device: torch.device = CPU) -> Member:
         apply_freeze(model, freeze)
         member.frozen = split_frozen(model, freeze)
         if member.frozen is not None:
-            member.frozen_id = prefix_key(member.frozen.prefix, meta["backbone"], meta["img_size"], meta["mean"],
-                                          meta["std"], [])
+            member.frozen_id = prefix_key(
+                member.frozen.prefix, meta["backbone"], meta["img_size"], meta["mean"], meta["std"], []
+            )
     return member.to(device)
 
 
@@ -123,8 +125,9 @@ class BagPredictor:
         x0 = batch.permute(0, 3, 1, 2).to(m.device, non_blocking=True)
         total = None
         for v in self.views(m):
-            x = normalize_batch(apply_variant(x0, v), tuple(m.meta["mean"]), tuple(m.meta["std"]),
-                                channels_last=m.channels_last)
+            x = normalize_batch(
+                apply_variant(x0, v), tuple(m.meta["mean"]), tuple(m.meta["std"]), channels_last=m.channels_last
+            )
             with autocast(m.device, m.amp):
                 p = torch.softmax(m.model(x).float(), dim=1)
             total = p if total is None else total + p
@@ -134,8 +137,11 @@ class BagPredictor:
         """Members that compute alike up to their tails (same frozen layers, size, views, device): one group."""
         groups: dict[object, list[int]] = {}
         for i, m in enumerate(self.members):
-            key = ((m.frozen_id, m.meta["img_size"], tuple(self.views(m)), str(m.device), m.channels_last, m.amp)
-                   if m.frozen_id else i)
+            key = (
+                (m.frozen_id, m.meta["img_size"], tuple(self.views(m)), str(m.device), m.channels_last, m.amp)
+                if m.frozen_id
+                else i
+            )
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
@@ -147,8 +153,12 @@ class BagPredictor:
         x0 = batch.permute(0, 3, 1, 2).to(lead.device, non_blocking=True)
         totals: list = [None] * len(group)
         for v in self.views(lead):
-            x = normalize_batch(apply_variant(x0, v), tuple(lead.meta["mean"]), tuple(lead.meta["std"]),
-                                channels_last=lead.channels_last)
+            x = normalize_batch(
+                apply_variant(x0, v),
+                tuple(lead.meta["mean"]),
+                tuple(lead.meta["std"]),
+                channels_last=lead.channels_last,
+            )
             with autocast(lead.device, lead.amp):
                 features = lead.frozen.prefix(x)
                 for k, m in enumerate(group):
@@ -157,8 +167,13 @@ class BagPredictor:
         return [t / len(self.views(lead)) for t in totals]
 
     @torch.no_grad()
-    def member_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64,
-                            shas: list[str] | None = None, feature_dir: Path | None = None) -> list[np.ndarray]:
+    def member_proba_arrays(
+        self,
+        images: dict[int, np.ndarray],
+        batch_size: int = 64,
+        shas: list[str] | None = None,
+        feature_dir: Path | None = None,
+    ) -> list[np.ndarray]:
         """Each member's probabilities (N × classes) for ``images`` (img_size -> N×H×W×3 uint8).
 
         Members whose frozen layers are the same weights (a bag fine-tuned from one pretrained backbone with
@@ -176,22 +191,34 @@ class BagPredictor:
                 from pipeline.core.features import build_features, tail_probs
 
                 meta, views = lead.meta, self.views(lead)
-                key = prefix_key(lead.frozen.prefix, meta["backbone"], meta["img_size"], meta["mean"], meta["std"],
-                                 views)
-                feats = build_features(lead.frozen.prefix, arr, shas, views, key, feature_dir, tuple(meta["mean"]),
-                                       tuple(meta["std"]), lead.channels_last)
+                key = prefix_key(
+                    lead.frozen.prefix, meta["backbone"], meta["img_size"], meta["mean"], meta["std"], views
+                )
+                feats = build_features(
+                    lead.frozen.prefix,
+                    arr,
+                    shas,
+                    views,
+                    key,
+                    feature_dir,
+                    tuple(meta["mean"]),
+                    tuple(meta["std"]),
+                    lead.channels_last,
+                )
                 for idx, m in zip(group, members):
-                    out[idx] = tail_probs(m.frozen.tail, feats, views, list(range(len(views))), m.device,
-                                          m.channels_last).astype(np.float32)
+                    out[idx] = tail_probs(
+                        m.frozen.tail, feats, views, list(range(len(views))), m.device, m.channels_last
+                    ).astype(np.float32)
                 continue
             parts: list[list[np.ndarray]] = [[] for _ in group]
             for i in range(0, len(arr), batch_size):
-                batch = torch.from_numpy(np.array(arr[i:i + batch_size]))
+                batch = torch.from_numpy(np.array(arr[i : i + batch_size]))
                 for k, p in enumerate(self._group_probs(members, batch)):
                     parts[k].append(p.cpu().numpy())
             for k, idx in enumerate(group):
-                out[idx] = (np.concatenate(parts[k]) if parts[k]
-                            else np.zeros((0, len(self.class_names)), dtype=np.float32))
+                out[idx] = (
+                    np.concatenate(parts[k]) if parts[k] else np.zeros((0, len(self.class_names)), dtype=np.float32)
+                )
         return out
 
     def predict_proba_arrays(self, images: dict[int, np.ndarray], batch_size: int = 64) -> np.ndarray:
@@ -202,6 +229,8 @@ class BagPredictor:
         return {m.meta["img_size"] for m in self.members}
 
     def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
-        arrays = {s: np.stack([resize_uint8(to_rgb(im), s) for im in images]) if images
-                  else np.zeros((0, s, s, 3), np.uint8) for s in self.sizes()}
+        arrays = {
+            s: np.stack([resize_uint8(to_rgb(im), s) for im in images]) if images else np.zeros((0, s, s, 3), np.uint8)
+            for s in self.sizes()
+        }
         return self.predict_proba_arrays(arrays)

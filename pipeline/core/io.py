@@ -4,6 +4,7 @@ JSON that DVC reads as metrics must be ASCII (``ensure_ascii=True``): DVC's text
 bytes "binary" and refuses it (see ../shared/FACTS.md). :func:`write_json` writes escaped JSON, which every
 JSON reader turns back into the same Korean text.
 """
+
 from __future__ import annotations
 
 import csv

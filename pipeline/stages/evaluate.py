@@ -12,6 +12,7 @@ Calibration: the bag's temperature is fitted on the validation split (``pipeline
 model, so its ``confidence`` is calibrated) and a reliability diagram ``reliability.png``. Labels, and so every
 F1 here, do not depend on it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,20 +39,30 @@ CALIBRATION_METRICS = ("temperature", "ece_val_before", "ece_val_after", "ece_te
 
 
 def score(y_true: list[int], y_pred: list[int] | np.ndarray) -> dict[str, float]:
-    return {"weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "accuracy": float(accuracy_score(y_true, y_pred))}
+    return {
+        "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+    }
 
 
-def split_arrays(raw_dir: Path, split: SplitData, which: str, sizes: set[int],
-                 cache_dir: Path | None) -> tuple[dict, list[int]]:
+def split_arrays(
+    raw_dir: Path, split: SplitData, which: str, sizes: set[int], cache_dir: Path | None
+) -> tuple[dict, list[int]]:
     """One split's decoded images per input size (from the shared image cache) and its labels."""
     arrays = {s: build_cache(raw_dir, split.paths[which], split.sha256[which], s, cache_dir) for s in sizes}
     return arrays, split.labels[which]
 
 
-def calibrate_bag(bag: BagPredictor, raw_dir: Path, split: SplitData, test_probs: np.ndarray, y_test: list[int],
-                  cache_dir: Path | None, reports_dir: Path) -> dict:
+def calibrate_bag(
+    bag: BagPredictor,
+    raw_dir: Path,
+    split: SplitData,
+    test_probs: np.ndarray,
+    y_test: list[int],
+    cache_dir: Path | None,
+    reports_dir: Path,
+) -> dict:
     """Fit the bag's temperature on val; write calibration.json and reliability.png; return the summary."""
     val_arrays, y_val = split_arrays(raw_dir, split, "val", bag.sizes(), cache_dir)
     n_classes = len(bag.class_names)
@@ -59,26 +70,48 @@ def calibrate_bag(bag: BagPredictor, raw_dir: Path, split: SplitData, test_probs
     cal = calibrate(val_probs, y_val, test_probs, y_test)
     write_json(reports_dir / "calibration.json", cal)
     where = {"val": ", T not fitted: too few" if "note" in cal else ", T fitted here", "test": ", held out"}
-    panels = {f"{name} ({cal[f'n_{name}']} images{where[name]})": {
-        "before": cal[f"reliability_{name}"]["before"], "after": cal[f"reliability_{name}"]["after"],
-        "ece_before": cal[f"ece_{name}_before"], "ece_after": cal[f"ece_{name}_after"]}
-        for name in ("val", "test") if cal.get(f"n_{name}")}
+    panels = {
+        f"{name} ({cal[f'n_{name}']} images{where[name]})": {
+            "before": cal[f"reliability_{name}"]["before"],
+            "after": cal[f"reliability_{name}"]["after"],
+            "ece_before": cal[f"ece_{name}_before"],
+            "ece_after": cal[f"ece_{name}_after"],
+        }
+        for name in ("val", "test")
+        if cal.get(f"n_{name}")
+    }
     if panels:
         plot_reliability(panels, cal["temperature"], reports_dir / "reliability.png")
     summary = {k: cal.get(k) for k in CALIBRATION_METRICS}  # None: that split is empty
-    _logger.info("evaluate: temperature %.3f fitted on %d val images; ECE before -> after: %s", cal["temperature"],
-                 len(y_val), ", ".join(f"{split} {cal[f'ece_{split}_before']:.4f} -> {cal[f'ece_{split}_after']:.4f}"
-                                       for split in ("val", "test") if f"ece_{split}_before" in cal) or "none")
+    _logger.info(
+        "evaluate: temperature %.3f fitted on %d val images; ECE before -> after: %s",
+        cal["temperature"],
+        len(y_val),
+        ", ".join(
+            f"{split} {cal[f'ece_{split}_before']:.4f} -> {cal[f'ece_{split}_after']:.4f}"
+            for split in ("val", "test")
+            if f"ece_{split}_before" in cal
+        )
+        or "none",
+    )
     return summary
 
 
-def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
-                 reports_dir: Path, cache_dir: Path | None = None) -> dict:
+def run_evaluate(
+    cfg: Config,
+    split_fp: Path,
+    raw_dir: Path,
+    models_dir: Path,
+    metrics_fp: Path,
+    reports_dir: Path,
+    cache_dir: Path | None = None,
+) -> dict:
     device = resolve_device(cfg.train.device, "train.device")
     _logger.info("evaluate: scoring on %s", device)
     bag = BagPredictor.from_dirs(member_dirs(cfg.bag.seeds, models_dir), device)
-    singles = {name: BagPredictor.from_dirs([d], device)
-               for name, d in backbone_dirs(cfg.backbones, models_dir).items()}
+    singles = {
+        name: BagPredictor.from_dirs([d], device) for name, d in backbone_dirs(cfg.backbones, models_dir).items()
+    }
     sizes = bag.sizes().union(*(b.sizes() for b in singles.values()))
     split = load_split(split_fp)
     arrays, y_true = split_arrays(raw_dir, split, "test", sizes, cache_dir)
@@ -94,20 +127,30 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
         pred = single.predict_proba_arrays(arrays).argmax(1)
         backbones[name] = score(y_true, pred)
         f = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)[2]
-        backbone_reports[name] = {**backbones[name], "img_size": single.members[0].meta["img_size"],
-                                  "weights_source": single.members[0].meta["weights_source"],
-                                  "train_seconds": single.members[0].meta["train_seconds"],
-                                  "per_class_f1": {c: float(f[i]) for i, c in enumerate(bag.class_names)},
-                                  "confusion": confusion_matrix(y_true, pred, labels=labels).tolist()}
+        backbone_reports[name] = {
+            **backbones[name],
+            "img_size": single.members[0].meta["img_size"],
+            "weights_source": single.members[0].meta["weights_source"],
+            "train_seconds": single.members[0].meta["train_seconds"],
+            "per_class_f1": {c: float(f[i]) for i, c in enumerate(bag.class_names)},
+            "confusion": confusion_matrix(y_true, pred, labels=labels).tolist(),
+        }
     probs = np.mean(member_probs, axis=0)  # = bag.predict_proba_arrays(arrays)
     y_pred = probs.argmax(1)
     reports_dir.mkdir(parents=True, exist_ok=True)
     calibration = calibrate_bag(bag, raw_dir, split, probs, y_true, cache_dir, reports_dir)
-    metrics = {**score(y_true, y_pred), "n_test": len(y_true), "members": members, "backbones": backbones,
-               "calibration": calibration}
+    metrics = {
+        **score(y_true, y_pred),
+        "n_test": len(y_true),
+        "members": members,
+        "backbones": backbones,
+        "calibration": calibration,
+    }
     p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    per_class = [{"class_name": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                  "support": int(n[i])} for i, c in enumerate(bag.class_names)]
+    per_class = [
+        {"class_name": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i])}
+        for i, c in enumerate(bag.class_names)
+    ]
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     write_json(metrics_fp, metrics)  # a DVC metrics file: escaped JSON, whatever names it holds
     write_text_atomic(reports_dir / "per_class.json", json.dumps(per_class, indent=2, ensure_ascii=False) + "\n")
@@ -116,12 +159,18 @@ def run_evaluate(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     writer.writerow(["actual", "predicted"])  # dvc plots confusion-matrix input
     writer.writerows((bag.class_names[t], bag.class_names[q]) for t, q in zip(y_true, y_pred))
     write_text_atomic(reports_dir / "predictions.csv", buf.getvalue())
-    write_text_atomic(reports_dir / "confusion.json",
-                      json.dumps({"labels": bag.class_names, "matrix": cm.tolist()}, ensure_ascii=False) + "\n")
+    write_text_atomic(
+        reports_dir / "confusion.json",
+        json.dumps({"labels": bag.class_names, "matrix": cm.tolist()}, ensure_ascii=False) + "\n",
+    )
     plot_confusion(cm, bag.class_names, reports_dir / "confusion.png")
     write_text_atomic(reports_dir / "backbones.json", json.dumps(backbone_reports, indent=2, ensure_ascii=False) + "\n")
     for name, b in backbones.items():
         _logger.info("evaluate: backbone %s weighted F1 %.4f, macro F1 %.4f", name, b["weighted_f1"], b["macro_f1"])
-    _logger.info("evaluate: bag weighted F1 %.4f, macro F1 %.4f on %d test images", metrics["weighted_f1"],
-                 metrics["macro_f1"], len(y_true))
+    _logger.info(
+        "evaluate: bag weighted F1 %.4f, macro F1 %.4f on %d test images",
+        metrics["weighted_f1"],
+        metrics["macro_f1"],
+        len(y_true),
+    )
     return metrics

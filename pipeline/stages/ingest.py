@@ -7,6 +7,7 @@ Only new or changed objects (by ETag and size) are downloaded; files whose objec
 deleted. Class folder names are NFC-normalised (DACON archives arrive NFD-decomposed). Unsafe keys
 are refused and listed with a reason in the rejects file, which validation folds into the quarantine.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,19 @@ from pipeline.core.io import read_csv, sha256_file, write_csv
 
 _logger = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ["path", "class_name", "sha256", "bytes", "width", "height", "mode", "format",
-                   "header_error", "source_key", "etag"]
+MANIFEST_FIELDS = [
+    "path",
+    "class_name",
+    "sha256",
+    "bytes",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "header_error",
+    "source_key",
+    "etag",
+]
 REJECT_FIELDS = ["source_key", "reason"]
 
 
@@ -61,9 +73,19 @@ def fingerprint(rows: list[dict[str, str]]) -> str:
 
 
 def _describe(path: Path, rel: str, class_name: str, obj: storage.ObjectInfo) -> dict[str, str]:
-    row = {"path": rel, "class_name": class_name, "sha256": sha256_file(path), "bytes": str(path.stat().st_size),
-           "width": "", "height": "", "mode": "", "format": "", "header_error": "", "source_key": obj.key,
-           "etag": obj.etag}
+    row = {
+        "path": rel,
+        "class_name": class_name,
+        "sha256": sha256_file(path),
+        "bytes": str(path.stat().st_size),
+        "width": "",
+        "height": "",
+        "mode": "",
+        "format": "",
+        "header_error": "",
+        "source_key": obj.key,
+        "etag": obj.etag,
+    }
     try:
         info = read_header(str(path))
         row.update(width=str(info.width), height=str(info.height), mode=info.mode, format=info.format)
@@ -85,7 +107,7 @@ def run_ingest(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path) 
     for obj in sorted(objects, key=lambda o: o.key):
         if obj.key.endswith("/") and obj.size == 0:
             continue  # a folder marker, not a file
-        parsed = safe_relative_key(obj.key[len(prefix):])
+        parsed = safe_relative_key(obj.key[len(prefix) :])
         if isinstance(parsed, str):
             rejects.append({"source_key": obj.key, "reason": parsed})
             continue
@@ -120,8 +142,14 @@ def run_ingest(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path) 
     removed = _remove_vanished(raw_dir, {r["path"] for r in rows})
     write_csv(manifest_fp, rows, MANIFEST_FIELDS)
     write_csv(rejects_fp, rejects, REJECT_FIELDS)
-    summary = {"objects": len(objects), "files": len(rows), "downloaded": downloaded, "removed": removed,
-               "rejected": len(rejects), "fingerprint": fingerprint(rows)}
+    summary = {
+        "objects": len(objects),
+        "files": len(rows),
+        "downloaded": downloaded,
+        "removed": removed,
+        "rejected": len(rejects),
+        "fingerprint": fingerprint(rows),
+    }
     _logger.info("ingest %s: %s", cfg.data.landing_uri, summary)
     return summary
 

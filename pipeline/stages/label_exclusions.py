@@ -14,6 +14,7 @@ champion yet: the same empty file, and a log line. A registry that cannot be rea
 Like ``ingest``, the stage asks the outside world every run (``always_changed`` in dvc.yaml); ``split`` reruns
 only when the file's content changes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,9 @@ _logger = logging.getLogger(__name__)
 FIELDS = ["path", "sha256", "given_class", "suggested_class", "label_quality", "source_version", "source_run"]
 
 
-def exclusion_rows(issues: list[dict[str, str]], split_rows: list[dict[str, str]], source_version: str,
-                   source_run: str) -> list[dict[str, str]]:
+def exclusion_rows(
+    issues: list[dict[str, str]], split_rows: list[dict[str, str]], source_version: str, source_run: str
+) -> list[dict[str, str]]:
     """The flagged *train* rows of a ``label_issues.csv`` with each image's sha256 from the split it was scored on.
 
     Flagged val images stay: val picks the best epoch and fits the temperature, and a yardstick that drops
@@ -41,9 +43,17 @@ def exclusion_rows(issues: list[dict[str, str]], split_rows: list[dict[str, str]
     for r in issues:
         if str(r.get("issue", "")).strip().lower() != "true" or r.get("split", "train") != "train":
             continue
-        out.append({"path": r["path"], "sha256": sha.get(r["path"], ""), "given_class": r["given_class"],
-                    "suggested_class": r["suggested_class"], "label_quality": r["label_quality"],
-                    "source_version": source_version, "source_run": source_run})
+        out.append(
+            {
+                "path": r["path"],
+                "sha256": sha.get(r["path"], ""),
+                "given_class": r["given_class"],
+                "suggested_class": r["suggested_class"],
+                "label_quality": r["label_quality"],
+                "source_version": source_version,
+                "source_run": source_run,
+            }
+        )
     return sorted(out, key=lambda e: e["path"])
 
 
@@ -63,7 +73,12 @@ def run_label_exclusions(cfg: Config, out_fp: Path) -> dict:
     rows = exclusion_rows(report.issues, report.split_rows, report.version, report.run_id)
     write_csv(out_fp, rows, FIELDS)
     no_sha = sum(1 for r in rows if not r["sha256"])
-    _logger.info("label_exclusions: %d images flagged by %s v%s (run %s) leave train/val%s",
-                 len(rows), cfg.registry.model_name, report.version, report.run_id,
-                 f"; {no_sha} without a sha256 in its split.csv will not match" if no_sha else "")
+    _logger.info(
+        "label_exclusions: %d images flagged by %s v%s (run %s) leave train/val%s",
+        len(rows),
+        cfg.registry.model_name,
+        report.version,
+        report.run_id,
+        f"; {no_sha} without a sha256 in its split.csv will not match" if no_sha else "",
+    )
     return {"enabled": True, "champion_version": report.version, "n_excluded": len(rows)}

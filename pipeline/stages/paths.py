@@ -3,6 +3,7 @@
 The one source of these paths for Python: the CLI defaults (``python -m pipeline <stage>``), the DAG, the summary.
 ``dvc.yaml`` spells them again (DVC reads no Python); ``tests/unit/test_layout.py`` proves the two agree.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,5 +38,8 @@ def member_dirs(seeds, models_dir: Path) -> list[Path]:
 
 def backbone_dirs(names, models_dir: Path) -> dict[str, Path]:
     """The ``backbone`` stage's outputs that exist (a workstation may run the bag without them)."""
-    return {name: models_dir / "backbones" / name for name in names
-            if (models_dir / "backbones" / name / "model.pt").exists()}
+    return {
+        name: models_dir / "backbones" / name
+        for name in names
+        if (models_dir / "backbones" / name / "model.pt").exists()
+    }

@@ -12,6 +12,7 @@ the champion fails the stage (transient, retried): it never means "no champion".
 registered with alias ``challenger``. Re-running for the same model files creates no second version (versions
 carry a ``candidate_id`` tag = hash of the member files).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -91,24 +92,35 @@ def score_version(name: str, version: str, frame: pd.DataFrame, device_choice: s
     return [str(x) for x in predict_frame(predictor, frame)["label"].tolist()]
 
 
-def draw_comparison(truth: list[str], predictions: dict[str, list[str]], decision: GateDecision,
-                    png_fp: Path) -> None:
+def draw_comparison(truth: list[str], predictions: dict[str, list[str]], decision: GateDecision, png_fp: Path) -> None:
     """The gate's picture: per-class F1 of each model side by side and both confusion matrices."""
     names = sorted({*truth, *(x for labels in predictions.values() for x in labels)} - {""})
-    f1 = {who: precision_recall_fscore_support(truth, pred, labels=names, zero_division=0)[2].tolist()
-          for who, pred in predictions.items()}
+    f1 = {
+        who: precision_recall_fscore_support(truth, pred, labels=names, zero_division=0)[2].tolist()
+        for who, pred in predictions.items()
+    }
     confusion = {who: confusion_matrix(truth, pred, labels=names) for who, pred in predictions.items()}
     s = decision.stats
-    title = (f"{decision.label}: no champion yet, weighted F1 {decision.candidate_f1:.4f} on {decision.n_test} "
-             "test images" if s is None else
-             f"{decision.label}: ΔwF1 = candidate - champion = {s.delta:+.4f}, {CI_LEVEL:.0%} CI [{s.ci_low:+.4f}, "
-             f"{s.ci_high:+.4f}], P(ΔwF1 > {s.min_delta:g}) = {s.p_improve:.4f}, n = {s.n} test images")
+    title = (
+        f"{decision.label}: no champion yet, weighted F1 {decision.candidate_f1:.4f} on {decision.n_test} test images"
+        if s is None
+        else f"{decision.label}: ΔwF1 = candidate - champion = {s.delta:+.4f}, {CI_LEVEL:.0%} CI [{s.ci_low:+.4f}, "
+        f"{s.ci_high:+.4f}], P(ΔwF1 > {s.min_delta:g}) = {s.p_improve:.4f}, n = {s.n} test images"
+    )
     plot_gate_comparison(names, f1, confusion, title, png_fp)
 
 
-def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, metrics_fp: Path,
-                 reports_dir: Path, decision_fp: Path, lock_fp: Path = Path("dvc.lock"),
-                 params_fp: Path = paths.PARAMS) -> dict:
+def run_register(
+    cfg: Config,
+    split_fp: Path,
+    raw_dir: Path,
+    models_dir: Path,
+    metrics_fp: Path,
+    reports_dir: Path,
+    decision_fp: Path,
+    lock_fp: Path = Path("dvc.lock"),
+    params_fp: Path = paths.PARAMS,
+) -> dict:
     dirs = member_dirs(cfg.bag.seeds, models_dir)
     cid = candidate_id(dirs, metrics_fp)
     metrics = json.loads(metrics_fp.read_text())
@@ -117,34 +129,64 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     existing = tracking.version_by_candidate(client, name, cid)
     if existing is not None and existing.tags.get("gate"):
         _logger.info("version %s already holds these model files; not registering again", existing.version)
-        return _write_decision(decision_fp, name, existing.version, existing.run_id, metrics["weighted_f1"],
-                               existing.tags["gate"], existing.tags)
+        return _write_decision(
+            decision_fp,
+            name,
+            existing.version,
+            existing.run_id,
+            metrics["weighted_f1"],
+            existing.tags["gate"],
+            existing.tags,
+        )
     validation = json.loads((reports_dir / "validation.json").read_text(encoding="utf-8"))
     stored = workspace.lineage_files(lock_fp, params_fp)
-    dvc_md5s = workspace.lock_out_md5s(lock_fp, {"dvc_data_md5": ("ingest", paths.RAW_DIR.as_posix()),
-                                                 "dvc_split_md5": ("split", paths.SPLIT.as_posix())})
-    lineage = {"data_fingerprint": validation["fingerprint"], **dvc_md5s,
-               "git_commit": tracking.git_commit(None), "params_hash": cfg.params_hash(),
-               **({"dvc_lock_sha256": text_sha256(stored["lineage/dvc.lock"]),
-                   "params_sha256": text_sha256(stored["lineage/params.yaml"])} if stored else {})}
+    dvc_md5s = workspace.lock_out_md5s(
+        lock_fp,
+        {"dvc_data_md5": ("ingest", paths.RAW_DIR.as_posix()), "dvc_split_md5": ("split", paths.SPLIT.as_posix())},
+    )
+    lineage = {
+        "data_fingerprint": validation["fingerprint"],
+        **dvc_md5s,
+        "git_commit": tracking.git_commit(None),
+        "params_hash": cfg.params_hash(),
+        **(
+            {
+                "dvc_lock_sha256": text_sha256(stored["lineage/dvc.lock"]),
+                "params_sha256": text_sha256(stored["lineage/params.yaml"]),
+            }
+            if stored
+            else {}
+        ),
+    }
     frame, truth = test_frame(split_fp, raw_dir)
     calibration_fp = reports_dir / "eval" / "calibration.json"
     if existing is None:
         tracking.claim_model(client, name, cfg.registry.experiment)
         split_df = pd.DataFrame(read_csv(split_fp))
         run_id, version = tracking.log_candidate(
-            cfg_dict=cfg.to_dict(), candidate_id=cid, metrics=metrics, member_dirs=dirs,
-            artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"], artifact_texts=stored,
-            dataset_frame=split_df, dataset_source=cfg.data.landing_uri, lineage=lineage,
-            input_example=frame.head(2), model_name=name, backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
+            cfg_dict=cfg.to_dict(),
+            candidate_id=cid,
+            metrics=metrics,
+            member_dirs=dirs,
+            artifact_paths=[reports_dir, split_fp, split_fp.parent / "quarantine.csv"],
+            artifact_texts=stored,
+            dataset_frame=split_df,
+            dataset_source=cfg.data.landing_uri,
+            lineage=lineage,
+            input_example=frame.head(2),
+            model_name=name,
+            backbone_dirs=backbone_dirs(cfg.backbones, models_dir),
             # Set by the Airflow DAG (one parent run per DAG run); a workstation `dvc repro` opens its own.
-            parent_run_id=settings.parent_run_id() or None, calibration_fp=calibration_fp)
+            parent_run_id=settings.parent_run_id() or None,
+            calibration_fp=calibration_fp,
+        )
     else:  # registered by an earlier attempt that died before the gate: finish it
         run_id, version = existing.run_id, existing.version
     champion = _champion_to_beat(client, name, version)
     decision = _decide(cfg, name, version, champion, frame, truth, metrics["weighted_f1"], client, run_id)
-    tracking.log_files(client, run_id, [calibration_fp, reports_dir / "eval" / RELIABILITY_PNG.name],
-                       str(RELIABILITY_PNG.parent))
+    tracking.log_files(
+        client, run_id, [calibration_fp, reports_dir / "eval" / RELIABILITY_PNG.name], str(RELIABILITY_PNG.parent)
+    )
     per_class = json.loads((reports_dir / "eval" / "per_class.json").read_text(encoding="utf-8"))
     members = [json.loads((d / "meta.json").read_text(encoding="utf-8")) for d in dirs]
     calibration = metrics.get("calibration") or {}  # the summary evaluate keeps as DVC metrics
@@ -155,22 +197,38 @@ def run_register(cfg: Config, split_fp: Path, raw_dir: Path, models_dir: Path, m
     split_fp_json = reports_dir / paths.SPLIT_REPORT.name
     split_report = json.loads(split_fp_json.read_text(encoding="utf-8")) if split_fp_json.exists() else {}
     excluded = split_report.get("excluded") or {}
-    card = model_card(cfg, version, {k: v for k, v in metrics.items() if k not in ("members", "backbones")},
-                      per_class, validation["class_counts"], lineage, decision.label, decision.reason, members,
-                      metrics.get("backbones"),
-                      extra=gate_card(decision, champion_version, cfg.registry.confidence) + calibration_card(report)
-                      + label_issues_card(issues) + exclusions_card(cfg.data.exclude_label_issues, excluded,
-                                                                    name))
+    card = model_card(
+        cfg,
+        version,
+        {k: v for k, v in metrics.items() if k not in ("members", "backbones")},
+        per_class,
+        validation["class_counts"],
+        lineage,
+        decision.label,
+        decision.reason,
+        members,
+        metrics.get("backbones"),
+        extra=gate_card(decision, champion_version, cfg.registry.confidence)
+        + calibration_card(report)
+        + label_issues_card(issues)
+        + exclusions_card(cfg.data.exclude_label_issues, excluded, name),
+    )
     weights = {d.name: m["model_sha256"] for d, m in zip(dirs, members)}
-    tags = {**lineage, "weights_sha256": json.dumps(weights, sort_keys=True),
-            "weighted_f1": f"{metrics['weighted_f1']:.6f}", "macro_f1": f"{metrics['macro_f1']:.6f}",
-            "per_class_f1": json.dumps({r["class_name"]: round(r["f1"], 4) for r in per_class}, ensure_ascii=False),
-            "gate_reason": decision.reason, **gate_tags(decision, cfg.registry.confidence),
-            "champion_version_at_gate": champion_version or "", "profile": cfg.profile,
-            "label_issues_flagged": str(issues.get("n_flagged", "")),
-            "label_excluded": str(excluded.get("dropped_train", 0) + excluded.get("dropped_val", 0)),
-            "label_excluded_from": ",".join(excluded.get("source_versions") or []),
-            **{f"calibration_{k}": "" if v is None else f"{v:.6f}" for k, v in calibration.items()}}
+    tags = {
+        **lineage,
+        "weights_sha256": json.dumps(weights, sort_keys=True),
+        "weighted_f1": f"{metrics['weighted_f1']:.6f}",
+        "macro_f1": f"{metrics['macro_f1']:.6f}",
+        "per_class_f1": json.dumps({r["class_name"]: round(r["f1"], 4) for r in per_class}, ensure_ascii=False),
+        "gate_reason": decision.reason,
+        **gate_tags(decision, cfg.registry.confidence),
+        "champion_version_at_gate": champion_version or "",
+        "profile": cfg.profile,
+        "label_issues_flagged": str(issues.get("n_flagged", "")),
+        "label_excluded": str(excluded.get("dropped_train", 0) + excluded.get("dropped_val", 0)),
+        "label_excluded_from": ",".join(excluded.get("source_versions") or []),
+        **{f"calibration_{k}": "" if v is None else f"{v:.6f}" for k, v in calibration.items()},
+    }
     # The decision tag goes last, with the alias switch: a version without it is unfinished and is resumed.
     client.log_text(run_id, card, "model_card.md")
     tracking.finish_version(client, name, version, tags, card, decision.promote)
@@ -188,8 +246,17 @@ def _champion_to_beat(client, name: str, version: str):
     return champion
 
 
-def _decide(cfg: Config, name: str, version: str, champion, frame: pd.DataFrame, truth: list[str],
-            evaluated_f1: float, client, run_id: str) -> GateDecision:
+def _decide(
+    cfg: Config,
+    name: str,
+    version: str,
+    champion,
+    frame: pd.DataFrame,
+    truth: list[str],
+    evaluated_f1: float,
+    client,
+    run_id: str,
+) -> GateDecision:
     """Score candidate and champion through their pyfuncs, apply the gate, log the comparison picture."""
     candidate = score_version(name, version, frame, cfg.train.device)
     predictions = {}
@@ -197,15 +264,26 @@ def _decide(cfg: Config, name: str, version: str, champion, frame: pd.DataFrame,
         predictions[f"champion v{champion.version}"] = score_version(name, champion.version, frame, cfg.train.device)
     predictions[f"candidate v{version}"] = candidate
     champion_labels = predictions[f"champion v{champion.version}"] if champion is not None else None
-    decision = gate(truth, candidate, champion_labels, cfg.registry.f1_floor, cfg.registry.min_delta,
-                    cfg.registry.confidence, cfg.registry.min_test_images)
+    decision = gate(
+        truth,
+        candidate,
+        champion_labels,
+        cfg.registry.f1_floor,
+        cfg.registry.min_delta,
+        cfg.registry.confidence,
+        cfg.registry.min_test_images,
+    )
     if abs(decision.candidate_f1 - evaluated_f1) > PARITY_WARN:
         # Same bag, same images: only a preprocessing difference between the package and evaluate gets here.
-        _logger.warning("the registered package scores weighted F1 %.4f, evaluate %.4f: the two paths disagree",
-                        decision.candidate_f1, evaluated_f1)
+        _logger.warning(
+            "the registered package scores weighted F1 %.4f, evaluate %.4f: the two paths disagree",
+            decision.candidate_f1,
+            evaluated_f1,
+        )
     if champion is not None:
-        _logger.info("champion v%s re-scored on this test split: weighted F1 %.4f", champion.version,
-                     decision.champion_f1)
+        _logger.info(
+            "champion v%s re-scored on this test split: weighted F1 %.4f", champion.version, decision.champion_f1
+        )
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / COMPARISON_PNG.name
         draw_comparison(truth, predictions, decision, png)
@@ -213,17 +291,32 @@ def _decide(cfg: Config, name: str, version: str, champion, frame: pd.DataFrame,
     return decision
 
 
-DECISION_TAGS = ("gate_candidate_wf1", "champion_f1_rescored", "gate_delta_wf1", "gate_delta_ci_low",
-                 "gate_delta_ci_high", "gate_ci_level", "gate_p_improve", "gate_n_test", "gate_confidence")
+DECISION_TAGS = (
+    "gate_candidate_wf1",
+    "champion_f1_rescored",
+    "gate_delta_wf1",
+    "gate_delta_ci_low",
+    "gate_delta_ci_high",
+    "gate_ci_level",
+    "gate_p_improve",
+    "gate_n_test",
+    "gate_confidence",
+)
 
 
-def _write_decision(fp: Path, name: str, version: str, run_id: str, f1: float, decision: str,
-                    tags: dict[str, str]) -> dict:
+def _write_decision(
+    fp: Path, name: str, version: str, run_id: str, f1: float, decision: str, tags: dict[str, str]
+) -> dict:
     """``registry/decision.json``: the outcome and the gate's numbers (from the version's tags)."""
-    out = {"model_name": name, "model_version": str(version), "run_id": run_id, "weighted_f1": f1,
-           "gate": decision, "reason": tags.get("gate_reason", ""),
-           **{k: (float(tags[k]) if k != "gate_n_test" else int(tags[k])) if tags.get(k) else None
-              for k in DECISION_TAGS}}
+    out = {
+        "model_name": name,
+        "model_version": str(version),
+        "run_id": run_id,
+        "weighted_f1": f1,
+        "gate": decision,
+        "reason": tags.get("gate_reason", ""),
+        **{k: (float(tags[k]) if k != "gate_n_test" else int(tags[k])) if tags.get(k) else None for k in DECISION_TAGS},
+    }
     fp.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(fp, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return out

@@ -15,6 +15,7 @@ image changes split. A row is dropped only when both its path and its sha256 mat
 (moved to another class folder) or re-saved image comes back. Test rows are never dropped: the gate keeps scoring
 on the same test split. Nothing is deleted; the report counts what left.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,7 +61,7 @@ def duplicate_groups(rows: list[dict[str, str]]) -> list[int]:
 
 def _unit(seed: int, key: str) -> float:
     """A fixed pseudo-random number in [0, 1) for a group: depends only on the seed and the group's own bytes."""
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16) / 16 ** 15
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16) / 16**15
 
 
 def held_out_counts(sorted_u: list[float], test_fraction: float, val_fraction: float) -> tuple[int, int]:
@@ -116,8 +117,7 @@ def assign_splits(rows: list[dict[str, str]], cfg: Config) -> tuple[list[dict[st
     return out, train_only
 
 
-def drop_excluded(rows: list[dict[str, str]], exclusions: list[dict[str, str]]) -> tuple[list[dict[str, str]],
-                                                                                      dict]:
+def drop_excluded(rows: list[dict[str, str]], exclusions: list[dict[str, str]]) -> tuple[list[dict[str, str]], dict]:
     """``rows`` (split assigned) less the train/val rows whose (path, sha256) an exclusion lists; and the counts.
 
     Matching needs both: the same path with other bytes (re-saved, fixed) or the same bytes under another path
@@ -137,38 +137,59 @@ def drop_excluded(rows: list[dict[str, str]], exclusions: list[dict[str, str]]) 
             dropped["test_kept"] += 1
         kept.append(row)
     sources = sorted({e.get("source_version", "") for e in exclusions if e.get("source_version")})
-    counts = {"listed": len(exclusions), "dropped_train": dropped["train"], "dropped_val": dropped["val"],
-              "kept_in_test": dropped["test_kept"], "not_matched": len(exclusions) - len(matched),
-              "source_versions": sources}
+    counts = {
+        "listed": len(exclusions),
+        "dropped_train": dropped["train"],
+        "dropped_val": dropped["val"],
+        "kept_in_test": dropped["test_kept"],
+        "not_matched": len(exclusions) - len(matched),
+        "source_versions": sources,
+    }
     return kept, counts
 
 
-def run_split(cfg: Config, validated_fp: Path, split_fp: Path, report_fp: Path,
-              exclusions_fp: Path | None = None) -> dict:
+def run_split(
+    cfg: Config, validated_fp: Path, split_fp: Path, report_fp: Path, exclusions_fp: Path | None = None
+) -> dict:
     rows = sorted(read_csv(validated_fp), key=lambda r: r["path"])
     out, train_only = assign_splits(rows, cfg)
     if cfg.data.exclude_label_issues and (exclusions_fp is None or not exclusions_fp.exists()):
-        raise PipelineError(f"data.exclude_label_issues is true but there is no exclusion list "
-                            f"({exclusions_fp or 'none given'}): run stage label_exclusions first")
+        raise PipelineError(
+            f"data.exclude_label_issues is true but there is no exclusion list "
+            f"({exclusions_fp or 'none given'}): run stage label_exclusions first"
+        )
     exclusions = read_csv(exclusions_fp) if exclusions_fp is not None else []
     out, excluded = drop_excluded(out, exclusions)
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in out:
         counts[row["split"]][row["class_name"]] += 1
-    report = {"seed": cfg.split.seed, "rows": len(out), "min_class_for_split": cfg.split.min_class_for_split,
-              "train_only_classes": train_only,
-              "groups_with_duplicates": len(out) - len({r["group"] for r in out}),
-              "excluded": excluded,
-              "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}}
+    report = {
+        "seed": cfg.split.seed,
+        "rows": len(out),
+        "min_class_for_split": cfg.split.min_class_for_split,
+        "train_only_classes": train_only,
+        "groups_with_duplicates": len(out) - len({r["group"] for r in out}),
+        "excluded": excluded,
+        "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.items())},
+    }
     write_csv(split_fp, out, SPLIT_FIELDS)
     write_json(report_fp, report)  # a DVC metrics file: escaped JSON, or DVC calls the Korean names binary
     _logger.info("split: %s", {s: sum(c.values()) for s, c in report["counts"].items()})
     if exclusions:
-        _logger.info("split: label exclusions from %s: %d listed, %d left train, %d left val, %d kept in test, "
-                     "%d not in this data (moved, relabelled or changed)", ", ".join(excluded["source_versions"]),
-                     excluded["listed"], excluded["dropped_train"], excluded["dropped_val"],
-                     excluded["kept_in_test"], excluded["not_matched"])
+        _logger.info(
+            "split: label exclusions from %s: %d listed, %d left train, %d left val, %d kept in test, "
+            "%d not in this data (moved, relabelled or changed)",
+            ", ".join(excluded["source_versions"]),
+            excluded["listed"],
+            excluded["dropped_train"],
+            excluded["dropped_val"],
+            excluded["kept_in_test"],
+            excluded["not_matched"],
+        )
     if train_only:
-        _logger.info("split: train-only (fewer than split.min_class_for_split=%d groups, not scored on test): %s",
-                     cfg.split.min_class_for_split, train_only)
+        _logger.info(
+            "split: train-only (fewer than split.min_class_for_split=%d groups, not scored on test): %s",
+            cfg.split.min_class_for_split,
+            train_only,
+        )
     return report

@@ -10,6 +10,7 @@ quarantine every copy. Dataset rules (no images, missing expected classes when s
 images per class, too large a quarantined share) fail the stage, so the DAG stops before training
 and the champion stays.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,14 +72,22 @@ def _suite_rules(cfg: Config) -> list[tuple[str, object]]:
     v = cfg.validate
     return [
         ("not a decodable image", gx.expectations.ExpectColumnValuesToBeNull(column="decode_error")),
-        (f"format not in {list(v.allowed_formats)}",
-         gx.expectations.ExpectColumnValuesToBeInSet(column="format", value_set=list(v.allowed_formats))),
-        (f"width below validate.min_side={v.min_side}",
-         gx.expectations.ExpectColumnValuesToBeBetween(column="width", min_value=v.min_side)),
-        (f"height below validate.min_side={v.min_side}",
-         gx.expectations.ExpectColumnValuesToBeBetween(column="height", min_value=v.min_side)),
-        (f"more than validate.max_bytes={v.max_bytes}",
-         gx.expectations.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, max_value=v.max_bytes)),
+        (
+            f"format not in {list(v.allowed_formats)}",
+            gx.expectations.ExpectColumnValuesToBeInSet(column="format", value_set=list(v.allowed_formats)),
+        ),
+        (
+            f"width below validate.min_side={v.min_side}",
+            gx.expectations.ExpectColumnValuesToBeBetween(column="width", min_value=v.min_side),
+        ),
+        (
+            f"height below validate.min_side={v.min_side}",
+            gx.expectations.ExpectColumnValuesToBeBetween(column="height", min_value=v.min_side),
+        ),
+        (
+            f"more than validate.max_bytes={v.max_bytes}",
+            gx.expectations.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, max_value=v.max_bytes),
+        ),
     ]
 
 
@@ -90,23 +99,31 @@ def run_expectations(cfg: Config, table: pd.DataFrame, docs_dir: Path | None) ->
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep task logs readable
     if docs_dir is not None:
-        ctx.add_data_docs_site(site_name="local", site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(docs_dir.resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
-    batch_def = (ctx.data_sources.add_pandas("landing")
-                 .add_dataframe_asset("files")
-                 .add_batch_definition_whole_dataframe("all_files"))
+        ctx.add_data_docs_site(
+            site_name="local",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+    batch_def = (
+        ctx.data_sources.add_pandas("landing")
+        .add_dataframe_asset("files")
+        .add_batch_definition_whole_dataframe("all_files")
+    )
     rules = _suite_rules(cfg)
     suite = ctx.suites.add(gx.ExpectationSuite(name="per_file_rules"))
     for _, expectation in rules:
         suite.add_expectation(expectation)
     vdef = ctx.validation_definitions.add(gx.ValidationDefinition(name="files", data=batch_def, suite=suite))
     actions = [gx.checkpoint.UpdateDataDocsAction(name="docs")] if docs_dir is not None else []
-    checkpoint = ctx.checkpoints.add(gx.Checkpoint(name="validate_files", validation_definitions=[vdef],
-                                                   actions=actions, result_format="COMPLETE"))
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(name="validate_files", validation_definitions=[vdef], actions=actions, result_format="COMPLETE")
+    )
     result = checkpoint.run(batch_parameters={"dataframe": table})
     failures: dict[int, list[str]] = defaultdict(list)
     reason_of = {type(exp).__name__ + str(getattr(exp, "column", "")): reason for reason, exp in rules}
@@ -148,8 +165,11 @@ def label_conflicts(table: pd.DataFrame, ok: pd.Series) -> dict[int, str]:
     out = {i: f"label conflict: same bytes as {key[j]}" for i, j in _cross_class_matches(table, ok, "sha256").items()}
     for i, j in _cross_class_matches(table, ok, "dhash").items():
         # A row with a same-bytes conflict already has its reason; any other-class match here has other bytes.
-        out.setdefault(i, f"label conflict: near-duplicate of {key[j]} (same difference hash) "
-                          f"under class {table.at[j, 'class_name']}")
+        out.setdefault(
+            i,
+            f"label conflict: near-duplicate of {key[j]} (same difference hash) "
+            f"under class {table.at[j, 'class_name']}",
+        )
     return out
 
 
@@ -169,13 +189,23 @@ def dataset_problems(cfg: Config, counts: Counter, n_total: int, n_quarantined: 
         problems.append(f"classes below validate.min_images_per_class={cfg.validate.min_images_per_class}: {small}")
     share = n_quarantined / n_total if n_total else 0.0
     if share > cfg.validate.max_quarantine_share:
-        problems.append(f"{n_quarantined}/{n_total} objects quarantined ({share:.1%}) > "
-                        f"validate.max_quarantine_share={cfg.validate.max_quarantine_share:.0%}")
+        problems.append(
+            f"{n_quarantined}/{n_total} objects quarantined ({share:.1%}) > "
+            f"validate.max_quarantine_share={cfg.validate.max_quarantine_share:.0%}"
+        )
     return problems
 
 
-def run_validate(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path, validated_fp: Path,
-                 quarantine_fp: Path, report_fp: Path, docs_dir: Path | None = None) -> dict:
+def run_validate(
+    cfg: Config,
+    raw_dir: Path,
+    manifest_fp: Path,
+    rejects_fp: Path,
+    validated_fp: Path,
+    quarantine_fp: Path,
+    report_fp: Path,
+    docs_dir: Path | None = None,
+) -> dict:
     """Validate the ingested files; write the validated list, the quarantine and a JSON report."""
     rows = read_csv(manifest_fp)
     table = decode_table(raw_dir, rows, cfg.validate.max_pixels)
@@ -184,29 +214,38 @@ def run_validate(cfg: Config, raw_dir: Path, manifest_fp: Path, rejects_fp: Path
     for idx, reason in label_conflicts(table, ok).items():
         failures[idx].append(reason)
     rejects = read_csv(rejects_fp)
-    quarantine = [{"source_key": r["source_key"], "path": "", "class_name": "", "reason": r["reason"]}
-                  for r in rejects]
+    quarantine = [{"source_key": r["source_key"], "path": "", "class_name": "", "reason": r["reason"]} for r in rejects]
     validated = []
     for idx, rec in table.iterrows():
         reasons = failures.get(idx)
         if reasons:
             detail = rec["decode_error"] if "not a decodable image" in reasons else ""
             text = "; ".join(reasons) + (f" ({detail})" if detail else "")
-            quarantine.append({"source_key": rec["source_key"], "path": rec["path"],
-                               "class_name": rec["class_name"], "reason": text})
+            quarantine.append(
+                {"source_key": rec["source_key"], "path": rec["path"], "class_name": rec["class_name"], "reason": text}
+            )
         else:
             validated.append({k: rec[k] for k in VALIDATED_FIELDS})
     counts = Counter(r["class_name"] for r in validated)
     n_total = len(rows) + len(rejects)
     problems = dataset_problems(cfg, counts, n_total, len(quarantine))
-    report = {"files": len(rows), "validated": len(validated), "quarantined": len(quarantine),
-              "class_counts": dict(sorted(counts.items())), "fingerprint": fingerprint(validated),
-              "problems": problems, "passed": not problems}
+    report = {
+        "files": len(rows),
+        "validated": len(validated),
+        "quarantined": len(quarantine),
+        "class_counts": dict(sorted(counts.items())),
+        "fingerprint": fingerprint(validated),
+        "problems": problems,
+        "passed": not problems,
+    }
     write_csv(validated_fp, validated, VALIDATED_FIELDS)
     write_csv(quarantine_fp, quarantine, QUARANTINE_FIELDS)
     write_json(report_fp, report)  # a DVC metrics file: escaped JSON, or DVC calls the Korean names binary
     _logger.info("validate: %d validated, %d quarantined (%s)", len(validated), len(quarantine), quarantine_fp)
     if problems:
-        raise ValidationFailed("dataset rules failed, training will not start:\n  - " + "\n  - ".join(problems)
-                               + f"\n(quarantine: {quarantine_fp}, report: {report_fp})")
+        raise ValidationFailed(
+            "dataset rules failed, training will not start:\n  - "
+            + "\n  - ".join(problems)
+            + f"\n(quarantine: {quarantine_fp}, report: {report_fp})"
+        )
     return report

@@ -5,6 +5,7 @@ One private stack per module on its own ports (S3 21333, MLflow 26000, Airflow 2
 last one (also on failure), including PostgreSQL and Redis. Missing system packages skip the tier on a
 workstation (`make system-deps` installs them) but fail it under CI.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PORTS = {name: int(os.environ.get(f"TEST_CELERY_{name.upper()}_PORT", default))
-         for name, default in (("s3", 21333), ("mlflow", 26000), ("airflow", 29080), ("postgres", 25432),
-                               ("redis", 26379))}
+PORTS = {
+    name: int(os.environ.get(f"TEST_CELERY_{name.upper()}_PORT", default))
+    for name, default in (("s3", 21333), ("mlflow", 26000), ("airflow", 29080), ("postgres", 25432), ("redis", 26379))
+}
 
 
 def in_ci() -> bool:
@@ -51,18 +53,29 @@ def celery_stack(request, tmp_path_factory):
 
     accounts.ensure(local)  # the stack's accounts; the test process is the service account
     env = {
-        "AWS_ACCESS_KEY_ID": f"celery-{secrets.token_hex(4)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORTS['s3']}",
-        "S3_PORT": str(PORTS["s3"]), "MLFLOW_PORT": str(PORTS["mlflow"]), "AIRFLOW_PORT": str(PORTS["airflow"]),
+        "AWS_ACCESS_KEY_ID": f"celery-{secrets.token_hex(4)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORTS['s3']}",
+        "S3_PORT": str(PORTS["s3"]),
+        "MLFLOW_PORT": str(PORTS["mlflow"]),
+        "AIRFLOW_PORT": str(PORTS["airflow"]),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{PORTS['mlflow']}",
-        "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": accounts.password("pipeline", local),
-        "PIPELINE_LOCAL": str(local), "PIPELINE_HOME": str(ROOT), "PIPELINE_WORKSPACE": str(local / "workspace"),
+        "MLFLOW_TRACKING_USERNAME": "pipeline",
+        "MLFLOW_TRACKING_PASSWORD": accounts.password("pipeline", local),
+        "PIPELINE_LOCAL": str(local),
+        "PIPELINE_HOME": str(ROOT),
+        "PIPELINE_WORKSPACE": str(local / "workspace"),
         "PIPELINE_DVC_REMOTE": "s3://dvc/celery-test-cache",
         # Runs that no form starts use these; the test triggers with an explicit conf anyway.
-        "PIPELINE_PROFILE": "test", "PIPELINE_LANDING_URI": "s3://landing/tiny/",
-        "AIRFLOW_HOME": str(local / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "PIPELINE_PROFILE": "test",
+        "PIPELINE_LANDING_URI": "s3://landing/tiny/",
+        "AIRFLOW_HOME": str(local / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "GIT_PYTHON_REFRESH": "quiet", "NO_ALBUMENTATIONS_UPDATE": "1",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     old = dict(os.environ)
@@ -75,8 +88,11 @@ def celery_stack(request, tmp_path_factory):
     stack = cs.CeleryStack(services.Stack.from_env(), pg_port=PORTS["postgres"], redis_port=PORTS["redis"])
     try:
         stack.up()
-        report(request.config, f"\ncelery tier: stack up in {time.monotonic() - t0:.1f} s "
-                               f"(S3, MLflow, PostgreSQL, Redis, airflow db migrate, 4 Airflow roles + 1 worker)")
+        report(
+            request.config,
+            f"\ncelery tier: stack up in {time.monotonic() - t0:.1f} s "
+            f"(S3, MLflow, PostgreSQL, Redis, airflow db migrate, 4 Airflow roles + 1 worker)",
+        )
         yield stack
     finally:
         private = tier_marks(stack)
@@ -85,8 +101,7 @@ def celery_stack(request, tmp_path_factory):
         os.environ.clear()
         os.environ.update(old)
         storage._CLIENTS.clear()
-        report(request.config, f"celery tier: whole tier wall time {time.monotonic() - t0:.1f} s "
-                               f"(start, tests, stop)")
+        report(request.config, f"celery tier: whole tier wall time {time.monotonic() - t0:.1f} s (start, tests, stop)")
         assert not errors, errors
         assert not leftovers, f"processes left behind (killed now): {leftovers}"
 

@@ -5,6 +5,7 @@ consumes `default` and `gpu` (services.CELERY_WORKER_ARGS). A run of `defect_tra
 is triggered through the REST API; it must succeed, its `backbone` and `train` tasks must have gone through the
 `gpu` queue and been executed by that worker, and a model version must be registered in MLflow.
 """
+
 from __future__ import annotations
 
 import socket
@@ -26,8 +27,9 @@ def api(celery_stack):
     from devstack import accounts
     from devstack.airflow_rest import AirflowAPI
 
-    client = AirflowAPI(f"http://{celery_stack.stack.host}:{celery_stack.stack.airflow_port}", "pipeline",
-                        accounts.password("pipeline"))
+    client = AirflowAPI(
+        f"http://{celery_stack.stack.host}:{celery_stack.stack.airflow_port}", "pipeline", accounts.password("pipeline")
+    )
     _wait_for_dag(client, DAG, timeout=240)
     client.unpause(DAG)
     return client
@@ -84,8 +86,11 @@ def test_training_dag_runs_on_the_celery_worker_and_registers_a_version(celery_s
     wall = time.monotonic() - t0
     tis = api.get(f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances", limit=200)["task_instances"]
     states = {_key(t): t["state"] for t in tis}
-    report(request.config, f"celery tier: defect_training run {run_id} {run['state']} in {wall:.1f} s wall "
-                           f"(trigger -> end, {len(tis)} task instances)")
+    report(
+        request.config,
+        f"celery tier: defect_training run {run_id} {run['state']} in {wall:.1f} s wall "
+        f"(trigger -> end, {len(tis)} task instances)",
+    )
     assert run["state"] == "success", states
 
     # The REST API's view: every task instance succeeded; the training ones went through the `gpu` queue.
@@ -95,8 +100,11 @@ def test_training_dag_runs_on_the_celery_worker_and_registers_a_version(celery_s
         assert ti["queue"] == expected, (ti["task_id"], ti["map_index"], ti["queue"])
         assert ti["hostname"] in (socket.getfqdn(), socket.gethostname()), ti
     gpu_tis = [t for t in tis if t["task_id"] in GPU_TASKS]
-    report(request.config, "celery tier: REST task instances (task, queue, hostname, executor, pool): " + ", ".join(
-        sorted({f"{t['task_id']}/{t['queue']}/{t['hostname']}/{t['executor']}/{t['pool']}" for t in tis})))
+    report(
+        request.config,
+        "celery tier: REST task instances (task, queue, hostname, executor, pool): "
+        + ", ".join(sorted({f"{t['task_id']}/{t['queue']}/{t['hostname']}/{t['executor']}/{t['pool']}" for t in tis})),
+    )
     assert {t["task_id"] for t in gpu_tis} == set(GPU_TASKS), states
     assert len([t for t in gpu_tis if t["task_id"] == "backbone"]) == 2  # test profile: two backbones
 
@@ -108,11 +116,16 @@ def test_training_dag_runs_on_the_celery_worker_and_registers_a_version(celery_s
     deadline = time.monotonic() + 60
     while True:
         with celery_stack.pg.connect() as con, con.cursor() as cur:
-            cur.execute("SELECT task_id, map_index, queue, external_executor_id FROM task_instance "
-                        "WHERE dag_id = %s AND run_id = %s", (DAG, run_id))
+            cur.execute(
+                "SELECT task_id, map_index, queue, external_executor_id FROM task_instance "
+                "WHERE dag_id = %s AND run_id = %s",
+                (DAG, run_id),
+            )
             airflow_rows = cur.fetchall()
-            cur.execute("SELECT task_id, status, name, worker, queue FROM celery_taskmeta WHERE task_id = ANY(%s)",
-                        ([r[3] for r in airflow_rows if r[3]],))
+            cur.execute(
+                "SELECT task_id, status, name, worker, queue FROM celery_taskmeta WHERE task_id = ANY(%s)",
+                ([r[3] for r in airflow_rows if r[3]],),
+            )
             celery_rows = {r[0]: r[1:] for r in cur.fetchall()}
         if all(v[0] != "STARTED" for v in celery_rows.values()) or time.monotonic() > deadline:
             break
@@ -121,16 +134,22 @@ def test_training_dag_runs_on_the_celery_worker_and_registers_a_version(celery_s
     for task_id, map_index, queue, celery_id in airflow_rows:
         assert celery_id, f"{task_id}[{map_index}] has no Celery task id: not run by the CeleryExecutor"
         status, name, ran_on, celery_queue = celery_rows[celery_id]
-        assert (status, name, ran_on, celery_queue) == ("SUCCESS", "execute_workload", worker, queue), \
-            (task_id, map_index, celery_rows[celery_id])
+        assert (status, name, ran_on, celery_queue) == ("SUCCESS", "execute_workload", worker, queue), (
+            task_id,
+            map_index,
+            celery_rows[celery_id],
+        )
 
     # MLflow: the run registered a version of the test profile's model.
     decision = api.xcom(DAG, run_id, "register")
     assert decision["model_name"] == MODEL, decision
     version = MlflowClient().get_model_version(MODEL, str(decision["model_version"]))
     assert version.status == "READY", version
-    report(request.config, f"celery tier: registered {MODEL} version {version.version} "
-                           f"(gate {decision['gate']}); {len(gpu_tis)} gpu-queue tasks on {worker}")
+    report(
+        request.config,
+        f"celery tier: registered {MODEL} version {version.version} "
+        f"(gate {decision['gate']}); {len(gpu_tis)} gpu-queue tasks on {worker}",
+    )
 
 
 def _key(ti: dict) -> str:

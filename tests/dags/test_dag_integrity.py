@@ -1,4 +1,5 @@
 """DAG files import cleanly and have the structure and safety settings we rely on."""
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,13 @@ def test_every_dag_has_tags_docs_and_retries(dagbag):
 
 def test_training_dag_order_and_safety(dagbag):
     dag = dagbag.dags["defect_training"]
-    for order in (["prepare", "ingest", "validate", "split", "train", "evaluate", "register", "push",
-                   "finish_tracking"], ["split", "backbone", "evaluate"], ["prepare", "start_tracking", "validate"],
-                  ["train", "label_issues", "register"], ["ingest", "label_exclusions", "split"]):
+    for order in (
+        ["prepare", "ingest", "validate", "split", "train", "evaluate", "register", "push", "finish_tracking"],
+        ["split", "backbone", "evaluate"],
+        ["prepare", "start_tracking", "validate"],
+        ["train", "label_issues", "register"],
+        ["ingest", "label_exclusions", "split"],
+    ):
         for up, down in zip(order, order[1:]):
             assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert "start_tracking" in dag.get_task("register").upstream_task_ids  # logs into the parent run
@@ -46,8 +51,9 @@ def test_training_dag_order_and_safety(dagbag):
     assert dag.get_task("validate").retries == 0  # bad data stays bad: no retry
     assert dag.get_task("ingest").retries >= 2  # S3 hiccups are retried
     assert dag.get_task("label_exclusions").retries >= 2  # so are MLflow's (reading the champion's report)
-    stage_tasks = [t for t in dag.tasks if t.task_id not in ("bag_members", "backbone_names", "start_tracking",
-                                                             "finish_tracking")]
+    stage_tasks = [
+        t for t in dag.tasks if t.task_id not in ("bag_members", "backbone_names", "start_tracking", "finish_tracking")
+    ]
     assert {t.pool for t in stage_tasks} == {"dvc_workspace"}
     assert {"landing_uri", "profile", "epochs", "bag_size", "backbone"} <= set(dag.params.keys())
 
@@ -64,9 +70,14 @@ def test_training_tasks_carry_their_links_into_the_serialized_dag(dagbag):
     key), the other tasks with none. (The links' URLs: tests/integration/test_operator_view.py.)"""
     from airflow.serialization.serialized_objects import DagSerialization
 
-    want = {"start_tracking": {"MLflow run"}, "finish_tracking": {"MLflow run"}, "register": {"MLflow model version"},
-            "validate": {"Quarantine", "Data Docs"}, "backbone": {"MLflow member run"},
-            "train": {"MLflow member run"}}
+    want = {
+        "start_tracking": {"MLflow run"},
+        "finish_tracking": {"MLflow run"},
+        "register": {"MLflow model version"},
+        "validate": {"Quarantine", "Data Docs"},
+        "backbone": {"MLflow member run"},
+        "train": {"MLflow member run"},
+    }
     tasks = DagSerialization.to_dict(dagbag.dags["defect_training"])["dag"]["tasks"]
     got = {t["__var"]["task_id"]: set(t["__var"].get("_operator_extra_links") or {}) for t in tasks}
     assert {k: v for k, v in got.items() if v} == want

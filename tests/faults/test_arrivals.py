@@ -6,6 +6,7 @@ holds it while the first run is active (max_active_runs=1; Airflow defers asset-
 then starts a second run, which trains on both arrivals. Also: every Airflow listener is on
 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def _upload(s3, start: int, n: int) -> None:
     """Images no other test uploads (identical images would train to an already registered candidate)."""
     for c_i, (cls, tint) in enumerate(TINTS.items()):
         for i in range(start, start + n):
-            s3.put_object(Bucket="landing", Key=f"{PREFIX}{cls}/{i:03d}.png",
-                          Body=png_bytes(7000 + c_i * 1000 + i, tint=tint))
+            s3.put_object(
+                Bucket="landing", Key=f"{PREFIX}{cls}/{i:03d}.png", Body=png_bytes(7000 + c_i * 1000 + i, tint=tint)
+            )
 
 
 def _watch(api) -> str:
@@ -47,8 +49,9 @@ def test_second_arrival_during_training_is_queued_then_trained_on_both(airflow_a
 
     _upload(s3, 0, 6)
     assert _watch(api) == "success"
-    first = wait_for(lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known], 120,
-                   "the first training run")[0]["dag_run_id"]
+    first = wait_for(
+        lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known], 120, "the first training run"
+    )[0]["dag_run_id"]
     # The first run has ingested the first arrival; now the second lands.
     wait_for(lambda: api.task_states("defect_training", first).get("ingest") == "success", 600, "first ingest")
     _upload(s3, 6, 3)
@@ -60,8 +63,11 @@ def test_second_arrival_during_training_is_queued_then_trained_on_both(airflow_a
     assert run1["state"] == "running" and fresh == [], (run1["state"], fresh)
     run1 = api.wait_run("defect_training", first, 1200)
     # ... and starts it once the first has ended.
-    second = wait_for(lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known | {first}],
-                    180, "the second training run")[0]
+    second = wait_for(
+        lambda: [r for r in api.runs("defect_training") if r["dag_run_id"] not in known | {first}],
+        180,
+        "the second training run",
+    )[0]
     assert second["run_type"] == "asset_triggered"
     run2 = api.wait_run("defect_training", second["dag_run_id"], 1200)
     assert run1["state"] == "success" and run2["state"] == "success"
@@ -77,8 +83,14 @@ def test_second_arrival_during_training_is_queued_then_trained_on_both(airflow_a
 
 def test_every_airflow_listener_is_on_loopback(airflow_api, stack):
     pids = set()
-    for name in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-                 "seaweedfs", "mlflow"):
+    for name in (
+        "airflow-api-server",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "seaweedfs",
+        "mlflow",
+    ):
         root = psutil.Process(int(stack.pidfile(name).read_text()))
         pids |= {root.pid, *(c.pid for c in root.children(recursive=True))}
     listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]

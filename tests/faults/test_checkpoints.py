@@ -1,4 +1,5 @@
 """Corrupt, truncated, altered or booby-trapped weight files are refused with a message, never loaded."""
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,17 @@ def member(tmp_path_factory):
 
     ws = tmp_path_factory.mktemp("ckpt")
     write_tiny_split(ws, per_class=8, val_per_class=2)
-    params = {"data": {"landing_uri": "s3://x/"}, "model": {"backbone": "test_efficientnet", "img_size": 32,
-              "weights": "none"}, "train": {"epochs": 2, "batch_size": 4, "num_threads": 1, "num_workers": 0,
-              "amp": "none", "patience": 10}, "bag": {"seeds": [0]}}
+    params = {
+        "data": {"landing_uri": "s3://x/"},
+        "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
+        "train": {"epochs": 2, "batch_size": 4, "num_threads": 1, "num_workers": 0, "amp": "none", "patience": 10},
+        "bag": {"seeds": [0]},
+    }
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(ws / "params.yaml")
-    run_train(cfg, ws / "split.csv", ws / "raw", 0, ws / "models" / "member_0", cache_dir=ws / "cache",
-              ckpt_dir=ws / "ckpt")
+    run_train(
+        cfg, ws / "split.csv", ws / "raw", 0, ws / "models" / "member_0", cache_dir=ws / "cache", ckpt_dir=ws / "ckpt"
+    )
     return ws, cfg
 
 
@@ -131,8 +136,7 @@ def test_truncated_resume_checkpoint_is_refused_kept_aside_and_training_restarts
     ckpt_dir.mkdir()
     (ckpt_dir / "member_0.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
-        meta = run_train(cfg, ws / "split.csv", ws / "raw", 0, ws / "again", cache_dir=ws / "cache",
-                         ckpt_dir=ckpt_dir)
+        meta = run_train(cfg, ws / "split.csv", ws / "raw", 0, ws / "again", cache_dir=ws / "cache", ckpt_dir=ckpt_dir)
     assert "refusing resume checkpoint" in caplog.text and "training from epoch 0" in caplog.text
     aside = list(ckpt_dir.glob("member_0.pt.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"PK\x03\x04 not really")

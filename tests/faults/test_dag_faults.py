@@ -12,6 +12,7 @@ The tests run in file order and share one workspace, landing prefix and register
    holds every later one until the server is back): the attempt fails as transient instead of reading the
    outage as "no champion"; nothing is promoted between attempts; the retry compares with the real champion.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,18 +45,33 @@ def faults(stack, stack_env, tmp_path_factory):
     s3 = storage.client()
     for c_i, (cls, tint) in enumerate(TINTS.items()):
         for i in range(20):
-            s3.put_object(Bucket="landing", Key=f"{PREFIX}{cls}/{i:03d}.png",
-                          Body=png_bytes(c_i * 1000 + i, size=64, tint=tint))
+            s3.put_object(
+                Bucket="landing", Key=f"{PREFIX}{cls}/{i:03d}.png", Body=png_bytes(c_i * 1000 + i, size=64, tint=tint)
+            )
     ws = tmp_path_factory.mktemp("faults-ws")
-    env = {**stack_env, "PIPELINE_WORKSPACE": str(ws), "PIPELINE_RETRY_DELAY_S": "2",
-           # fail fast while a server is down; Airflow's retries do the waiting
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-    conf = {"landing_uri": f"s3://landing/{PREFIX}", "profile": "test",
-            "set": [f"registry.model_name={MODEL}", f"train.epochs={EPOCHS}", "train.patience=1000",
-                    "model.img_size=64", "train.amp=none",
-                    # the backbones are not under test here: one epoch each
-                    "backbones.test_efficientnet.epochs=1", "backbones.test_resnet.epochs=1"]}
+    env = {
+        **stack_env,
+        "PIPELINE_WORKSPACE": str(ws),
+        "PIPELINE_RETRY_DELAY_S": "2",
+        # fail fast while a server is down; Airflow's retries do the waiting
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    }
+    conf = {
+        "landing_uri": f"s3://landing/{PREFIX}",
+        "profile": "test",
+        "set": [
+            f"registry.model_name={MODEL}",
+            f"train.epochs={EPOCHS}",
+            "train.patience=1000",
+            "model.img_size=64",
+            "train.amp=none",
+            # the backbones are not under test here: one epoch each
+            "backbones.test_efficientnet.epochs=1",
+            "backbones.test_resnet.epochs=1",
+        ],
+    }
     return {"ws": ws, "env": env, "conf": conf, "s3": s3}
 
 
@@ -64,9 +80,13 @@ class DagRun:
 
     def __init__(self, env: dict, conf: dict, log: Path):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "devstack", "run-dag", "defect_training", "--conf",
-                                      json.dumps(conf)], env={**os.environ, **env}, cwd=ROOT,
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "devstack", "run-dag", "defect_training", "--conf", json.dumps(conf)],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
 
     def wait(self, timeout: int = 1200) -> int:
         return self.proc.wait(timeout=timeout)
@@ -83,8 +103,13 @@ def _stage_procs(stage: str, ws: Path) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline", "cwd"]):
         cmd = p.info["cmdline"] or []
-        if len(cmd) > 3 and cmd[1:4] == ["-m", "pipeline", stage] and "python" in Path(cmd[0]).name \
-                and p.info["cwd"] and Path(p.info["cwd"]).resolve() == Path(ws).resolve():
+        if (
+            len(cmd) > 3
+            and cmd[1:4] == ["-m", "pipeline", stage]
+            and "python" in Path(cmd[0]).name
+            and p.info["cwd"]
+            and Path(p.info["cwd"]).resolve() == Path(ws).resolve()
+        ):
             found.append(p)
     return found
 
@@ -115,16 +140,24 @@ def test_sigkilled_training_resumes_on_retry_and_a_second_repro_is_refused(fault
     ws, env = faults["ws"], faults["env"]
     run = DagRun(env, faults["conf"], tmp_path / "run.log")
     ckpt = ws / ".cache" / "checkpoints" / "member_0.pt"
-    wait_for(lambda: ckpt.exists() and _ckpt_epoch(ckpt) >= 1, 900, "member_0's first epoch checkpoint",
-             interval=0.1)
-    victim = wait_for(lambda: _stage_procs("train", ws) and [p for p in _stage_procs("train", ws)
-                                                          if "--member" in p.cmdline()], 30, "the train process",
-                      interval=0.1)
+    wait_for(lambda: ckpt.exists() and _ckpt_epoch(ckpt) >= 1, 900, "member_0's first epoch checkpoint", interval=0.1)
+    victim = wait_for(
+        lambda: _stage_procs("train", ws) and [p for p in _stage_procs("train", ws) if "--member" in p.cmdline()],
+        30,
+        "the train process",
+        interval=0.1,
+    )
 
     # A workstation `dvc repro` in the workspace while the Airflow task's stage holds it.
     lock_before = (ws / "dvc.lock").read_text()
-    other = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=ws, capture_output=True,
-                           text=True, timeout=120, env={**os.environ, **env})
+    other = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "repro"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
     said = other.stdout + other.stderr
     assert other.returncode != 0
     # DVC's per-path read/write locks: the path, the process and the stage that holds it.
@@ -145,8 +178,13 @@ def test_sigkilled_training_resumes_on_retry_and_a_second_repro_is_refused(fault
     # dvc.lock is whole and agrees with the workspace: the stages DVC recorded are up to date.
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert {"train@0", "evaluate", "register"} <= set(lock["stages"])
-    status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "train@0", "evaluate"],
-                            cwd=ws, capture_output=True, text=True, env={**os.environ, **env})
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "status", "train@0", "evaluate"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
     assert _alias("champion") is not None
 
@@ -157,8 +195,11 @@ def test_s3_outage_during_ingest_fails_cleanly_after_retries_and_leaves_the_cham
     s3, ws = faults["s3"], faults["ws"]
     for c_i, (cls, tint) in enumerate(TINTS.items()):  # a new arrival, so the rerun has something to ingest
         for i in range(4):
-            s3.put_object(Bucket="landing", Key=f"{PREFIX}{cls}/new_{i:03d}.png",
-                          Body=png_bytes(c_i * 1000 + 500 + i, size=64, tint=tint))
+            s3.put_object(
+                Bucket="landing",
+                Key=f"{PREFIX}{cls}/new_{i:03d}.png",
+                Body=png_bytes(c_i * 1000 + 500 + i, size=64, tint=tint),
+            )
     champion, n_versions = _alias("champion"), len(_versions())
     manifest_before = (ws / "data" / "manifest.csv").read_text()
     run = DagRun(faults["env"], faults["conf"], tmp_path / "run.log")
@@ -179,8 +220,7 @@ def test_s3_outage_during_ingest_fails_cleanly_after_retries_and_leaves_the_cham
     assert not list((ws / "data" / "raw").rglob("*.part"))
 
 
-def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_no_half_version(
-        faults, stack, tmp_path):
+def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_no_half_version(faults, stack, tmp_path):
     from mlflow import MlflowClient
 
     from devstack import services
@@ -191,8 +231,9 @@ def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_n
     env = {**faults["env"], "PIPELINE_RETRY_DELAY_S": "40"}  # time to check the registry between attempts
     run = DagRun(env, faults["conf"], tmp_path / "run.log")
     try:
-        new = wait_for(lambda: [v for v in _versions() if v.version not in before], 1200,
-                        "the new model version", interval=0.2)
+        new = wait_for(
+            lambda: [v for v in _versions() if v.version not in before], 1200, "the new model version", interval=0.2
+        )
         services.stop(stack, "mlflow")
         wait_for(lambda: not _stage_procs("register", ws), 120, "the register attempt to end", interval=0.5)
     finally:
@@ -214,7 +255,7 @@ def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_n
     assert _alias("champion") == expected_champion
 
     # Every landed object is in the manifest exactly once, byte for byte, and nothing else is in data/raw.
-    landed = {o["Key"][len(PREFIX):] for o in s3.list_objects_v2(Bucket="landing", Prefix=PREFIX)["Contents"]}
+    landed = {o["Key"][len(PREFIX) :] for o in s3.list_objects_v2(Bucket="landing", Prefix=PREFIX)["Contents"]}
     rows = read_csv(ws / "data" / "manifest.csv")
     assert sorted(r["path"] for r in rows) == sorted(landed) and len(rows) == 72
     raw = ws / "data" / "raw"
@@ -224,12 +265,14 @@ def test_rerun_completes_nothing_lost_and_mlflow_outage_during_register_leaves_n
 
 def _is_champion_lookup(method: str, path: str) -> bool:
     """MLflow's GetModelVersionByAlias for this module's model and alias ``champion``."""
-    return (method == "GET" and "/registered-models/alias" in path and "alias=champion" in path
-            and f"name={MODEL}" in path)
+    return (
+        method == "GET" and "/registered-models/alias" in path and "alias=champion" in path and f"name={MODEL}" in path
+    )
 
 
 def test_mlflow_stopped_at_the_champion_lookup_fails_closed_and_the_retry_compares_with_the_champion(
-        faults, stack, tmp_path):
+    faults, stack, tmp_path
+):
     from mlflow import MlflowClient
 
     from devstack import services
@@ -254,8 +297,9 @@ def test_mlflow_stopped_at_the_champion_lookup_fails_closed_and_the_retry_compar
     sets = [*faults["conf"]["set"], "train.epochs=2", "train.lr=0.0011"]
     run = DagRun(env, {**faults["conf"], "set": sets}, tmp_path / "run.log")
     try:
-        wait_for(lambda: proxy.tripped.is_set() or run.proc.poll() is not None, 1200, "the champion lookup",
-                 interval=0.5)
+        wait_for(
+            lambda: proxy.tripped.is_set() or run.proc.poll() is not None, 1200, "the champion lookup", interval=0.5
+        )
         assert proxy.tripped.is_set(), "the DAG run ended before the champion lookup: " + run.log.read_text()[-3000:]
         # Fail-closed code ends the attempt on the failed lookup; fail-open code reads "no champion" and goes on
         # (its next requests wait in the proxy), so its process is still alive here.

@@ -1,5 +1,6 @@
 """One mapping of MLflow failures (issue 32, finding 11): the registry's own "not found" is final; an outage or a
 5xx after the probe is transient (the task retries) and never reads as "not found"."""
+
 from __future__ import annotations
 
 import http.server
@@ -55,8 +56,11 @@ def _no_retries(monkeypatch, tmp_path):
 
 def test_the_registrys_not_found_is_final(local_registry):
     MlflowClient().create_registered_model("m")
-    for call in (lambda: tracking.get_version("m", "7"), lambda: tracking.resolve_model_uri("models:/m@champion"),
-                 lambda: tracking.resolve_model_uri("models:/nope/1")):
+    for call in (
+        lambda: tracking.get_version("m", "7"),
+        lambda: tracking.resolve_model_uri("models:/m@champion"),
+        lambda: tracking.resolve_model_uri("models:/nope/1"),
+    ):
         with pytest.raises(tracking.NotInRegistry) as err:
             call()
         assert not err.value.transient
@@ -66,9 +70,11 @@ def test_the_registrys_not_found_is_final(local_registry):
 def test_an_outage_after_the_probe_is_transient_never_not_found(server, failing_server, monkeypatch):
     url = _closed_port() if server == "closed" else failing_server
     client = MlflowClient(url)
-    calls = {"get_version": lambda: client.get_model_version("m", "1"),
-             "alias": lambda: client.get_model_version_by_alias("m", "champion"),
-             "run": lambda: client.get_run("0" * 32)}
+    calls = {
+        "get_version": lambda: client.get_model_version("m", "1"),
+        "alias": lambda: client.get_model_version_by_alias("m", "champion"),
+        "run": lambda: client.get_run("0" * 32),
+    }
     for what, call in calls.items():
         with pytest.raises(tracking.TrackingError) as err:
             with tracking.registry_errors(what):

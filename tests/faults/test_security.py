@@ -4,6 +4,7 @@
 tests/integration/test_services.py; Airflow's listeners in tests/faults/test_arrivals.py; the compose file's
 `${VAR:?}`-only credentials in tests/unit/test_compose.py.)
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,23 +25,31 @@ CREDENTIAL_PATTERNS = {
     # a quoted literal after a secret-looking key, in code, JSON or YAML
     "secret literal": re.compile(
         r"""(?i)\b(aws_secret_access_key|secret_access_key|password|passwd|secret|api_key|token)\b["']?\s*[:=]\s*"""
-        r"""["']([^"'$\s{<]{8,})["']"""),
+        r"""["']([^"'$\s{<]{8,})["']"""
+    ),
     # an unquoted value in an env file, Makefile or YAML mapping
     "secret setting": re.compile(
         r"""(?im)^\s*(export\s+)?[A-Z_]*(SECRET|PASSWORD|PASSWD|TOKEN|API_KEY)[A-Z_]*\s*(\?=|:=|=|:)\s*"""
-        r"""(?!\$)([A-Za-z0-9+/_\-.]{8,})\s*$"""),
+        r"""(?!\$)([A-Za-z0-9+/_\-.]{8,})\s*$"""
+    ),
     # the stack's accounts file (devstack/accounts.py: {"pipeline": "<generated>", ...}) or Airflow's passwords file
     "account password": re.compile(r'"(pipeline|engineer|auditor|admin)\w*"\s*:\s*"[A-Za-z0-9_\-]{12,}"'),
     "URL with a password": re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s/:@$]*:(?!\$\{)[^\s/@${]{3,}@"),
 }
 # Placeholders in docs and comments, psql variables (:'name'), and the `gitleaks:allow` convention.
-ALLOWED = re.compile(r"(?i)example|placeholder|your-|dummy|:(\.\.\.|password|pass|\*+)@|PASSWORD :'\w+'|"
-                     r"gitleaks:allow")
+ALLOWED = re.compile(
+    r"(?i)example|placeholder|your-|dummy|:(\.\.\.|password|pass|\*+)@|PASSWORD :'\w+'|"
+    r"gitleaks:allow"
+)
 
 
 def _repo_files() -> list[Path]:
-    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     return [ROOT / f for f in out if f and (ROOT / f).is_file()]
 
 
@@ -48,7 +57,7 @@ def find_credentials(text: str) -> list[tuple[str, str]]:
     hits = []
     for name, pattern in CREDENTIAL_PATTERNS.items():
         for m in pattern.finditer(text):
-            line = text[text.rfind("\n", 0, m.start()) + 1:text.find("\n", m.end())]
+            line = text[text.rfind("\n", 0, m.start()) + 1 : text.find("\n", m.end())]
             if not ALLOWED.search(line):
                 hits.append((name, line.strip()[:160]))
     return hits
@@ -73,8 +82,13 @@ def test_the_scanner_catches_what_it_must():
 def test_the_generated_account_and_password_files_are_ignored_and_never_tracked():
     """devstack writes accounts.json, accounts-roles.json and mlflow-auth.db under PIPELINE_LOCAL (.local);
     compose's passwords come from .env. git must ignore them all, and none may be in the repository."""
-    names = ("accounts.json", "accounts-roles.json", "mlflow-auth.db", ".env",
-             "simple_auth_manager_passwords.json.generated")
+    names = (
+        "accounts.json",
+        "accounts-roles.json",
+        "mlflow-auth.db",
+        ".env",
+        "simple_auth_manager_passwords.json.generated",
+    )
     assert not [fp for fp in _repo_files() if fp.name in names]
     paths = [".env", *(f".local/{n}" for n in names[:3]), f".local/airflow/{names[-1]}"]
     out = subprocess.run(["git", "-C", str(ROOT), "check-ignore", *paths], capture_output=True, text=True)
@@ -124,8 +138,9 @@ def test_every_checkpoint_load_is_weights_only():
 
 def test_the_load_scanner_catches_an_unsafe_load(tmp_path):
     probe = ROOT / "tests" / "faults" / f".probe_{tmp_path.name}.py"
-    probe.write_text("import torch, pickle\nx = torch.load('a.pt')\ny = torch.load('b', weights_only=False)\n"
-                     "z = pickle.loads(b'')\n")
+    probe.write_text(
+        "import torch, pickle\nx = torch.load('a.pt')\ny = torch.load('b', weights_only=False)\nz = pickle.loads(b'')\n"
+    )
     try:
         assert len(_unsafe_loads(probe)) == 3
     finally:
@@ -140,9 +155,13 @@ def test_hostile_object_keys_never_leave_the_raw_dir(s3, tmp_path):
     from tests.integration.helpers import png_bytes
 
     prefix = f"hostile-{tmp_path.name}/"
-    hostile = {"crack//etc/cron.d/x.png": "absolute", "crack\\..\\..\\x.png": "backslash",
-               "crack/.bashrc": "hidden file", "crack/a\x01b.png": "control character",
-               "crack/./x.png": "'.'"}
+    hostile = {
+        "crack//etc/cron.d/x.png": "absolute",
+        "crack\\..\\..\\x.png": "backslash",
+        "crack/.bashrc": "hidden file",
+        "crack/a\x01b.png": "control character",
+        "crack/./x.png": "'.'",
+    }
     from botocore.exceptions import ClientError
 
     refused_by_server = []
@@ -155,8 +174,8 @@ def test_hostile_object_keys_never_leave_the_raw_dir(s3, tmp_path):
     work = tmp_path / "work"
     cfg = config_from_dict({"data": {"landing_uri": f"s3://landing/{prefix}"}})
     run_ingest(cfg, work / "data" / "raw", work / "data" / "manifest.csv", work / "data" / "rejects.csv")
-    rejects = {r["source_key"][len(prefix):]: r["reason"] for r in read_csv(work / "data" / "rejects.csv")}
-    stored = {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket="landing", Prefix=prefix)["Contents"]}
+    rejects = {r["source_key"][len(prefix) :]: r["reason"] for r in read_csv(work / "data" / "rejects.csv")}
+    stored = {o["Key"][len(prefix) :] for o in s3.list_objects_v2(Bucket="landing", Prefix=prefix)["Contents"]}
     # SeaweedFS refuses some keys and normalises others (`a//b` → `a/b`); every hostile key it stored is refused
     # by ingest, with the expected reason where the key reached us as written.
     stored_hostile = stored - {"crack/fine.png"}

@@ -1,4 +1,5 @@
 """Small real images and uploads for integration tests."""
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,27 @@ def png_bytes(seed: int, size: int = 48, mode: str = "RGB", tint: tuple = (0, 0,
 MODEL = "test-defect-classifier"  # registry.model_name of profiles/test.yaml
 TINTS = {"crack": (150, 0, 0), "mold": (0, 150, 0), "stain": (0, 0, 150)}
 # The 19 DACON wallpaper-defect classes, one with a comma: what every name-handling test must survive.
-DACON_CLASSES = ["가구수정", "걸레받이수정", "곰팡이", "꼬임", "녹오염", "들뜸", "면불량", "몰딩수정", "반점", "석고수정",
-                 "오염", "오타공", "울음", "이음부불량", "창틀,문틀수정", "터짐", "틈새과다", "피스", "훼손"]
+DACON_CLASSES = [
+    "가구수정",
+    "걸레받이수정",
+    "곰팡이",
+    "꼬임",
+    "녹오염",
+    "들뜸",
+    "면불량",
+    "몰딩수정",
+    "반점",
+    "석고수정",
+    "오염",
+    "오타공",
+    "울음",
+    "이음부불량",
+    "창틀,문틀수정",
+    "터짐",
+    "틈새과다",
+    "피스",
+    "훼손",
+]
 
 
 def upload_tiny_dataset(s3, bucket: str, prefix: str, per_class: int = 8) -> int:
@@ -47,8 +67,15 @@ def write_tiny_split(ws, per_class: int, val_per_class: int = 0) -> None:
             fp = ws / "raw" / cls / f"{i}.png"
             fp.parent.mkdir(parents=True, exist_ok=True)
             fp.write_bytes(png_bytes(c_i * 100 + i, tint=tint))
-            rows.append({"path": f"{cls}/{i}.png", "class_name": cls, "sha256": f"{c_i}-{i}",
-                         "split": "val" if i < val_per_class else "train", "group": f"{c_i}-{i}"})
+            rows.append(
+                {
+                    "path": f"{cls}/{i}.png",
+                    "class_name": cls,
+                    "sha256": f"{c_i}-{i}",
+                    "split": "val" if i < val_per_class else "train",
+                    "group": f"{c_i}-{i}",
+                }
+            )
     write_csv(ws / "split.csv", rows, SPLIT_FIELDS)
 
 

@@ -1,5 +1,6 @@
 """Bad input, each as a real object in the real bucket: a named quarantine entry, a clear refusal or a
 documented normalisation — never a crash, never a lost good image. The table in docs/DATA.md mirrors this file."""
+
 from __future__ import annotations
 
 import io
@@ -62,28 +63,37 @@ def landed(s3, tmp_path):
     for key, data in {**GOOD, **{k: v[1] for k, v in BAD.items()}, **{k: png_bytes(9) for k in REFUSED}}.items():
         s3.put_object(Bucket="landing", Key=prefix + key, Body=data)
     s3.put_object(Bucket="landing", Key=prefix + "empty_class/", Body=b"")  # an empty class folder marker
-    cfg = config_from_dict({"data": {"landing_uri": f"s3://landing/{prefix}"},
-                            "validate": {"max_quarantine_share": 1.0}})
+    cfg = config_from_dict(
+        {"data": {"landing_uri": f"s3://landing/{prefix}"}, "validate": {"max_quarantine_share": 1.0}}
+    )
     return prefix, cfg, tmp_path
 
 
 def _run(cfg, tmp: Path):
     d = tmp / "data"
     run_ingest(cfg, d / "raw", d / "manifest.csv", d / "rejects.csv")
-    return run_validate(cfg, d / "raw", d / "manifest.csv", d / "rejects.csv", d / "validated.csv",
-                        d / "quarantine.csv", tmp / "validation.json", tmp / "docs")
+    return run_validate(
+        cfg,
+        d / "raw",
+        d / "manifest.csv",
+        d / "rejects.csv",
+        d / "validated.csv",
+        d / "quarantine.csv",
+        tmp / "validation.json",
+        tmp / "docs",
+    )
 
 
 def test_every_bad_object_is_quarantined_with_its_reason_and_no_good_one_is_lost(landed):
     prefix, cfg, tmp = landed
     report = _run(cfg, tmp)
-    quarantine = {r["source_key"][len(prefix):]: r["reason"] for r in read_csv(tmp / "data" / "quarantine.csv")}
+    quarantine = {r["source_key"][len(prefix) :]: r["reason"] for r in read_csv(tmp / "data" / "quarantine.csv")}
     for key, (reason, _) in BAD.items():
         assert reason in quarantine.get(key, ""), (key, quarantine.get(key))
     for key, reason in REFUSED.items():
         assert reason in quarantine[key], key
     assert "conflict_b/same.png" in quarantine["conflict_a/same.png"]
-    validated = {r["source_key"][len(prefix):]: r for r in read_csv(tmp / "data" / "validated.csv")}
+    validated = {r["source_key"][len(prefix) :]: r for r in read_csv(tmp / "data" / "validated.csv")}
     assert set(validated) == set(GOOD)  # every good image kept, whatever its mode
     assert validated[f"{NFD_CLASS}/nfd.png"]["class_name"] == "곰팡이"  # NFC
     assert "empty_class" not in report["class_counts"]
@@ -109,9 +119,16 @@ def test_too_many_bad_files_fail_the_dataset_with_a_summary(landed):
 
 def test_strict_classes_fail_when_a_class_is_missing(landed):
     prefix, _, tmp = landed
-    cfg = config_from_dict({"data": {"landing_uri": f"s3://landing/{prefix}", "strict_classes": True,
-                                     "expected_classes": ["ok", "곰팡이", "missing_class"]},
-                            "validate": {"max_quarantine_share": 1.0}})
+    cfg = config_from_dict(
+        {
+            "data": {
+                "landing_uri": f"s3://landing/{prefix}",
+                "strict_classes": True,
+                "expected_classes": ["ok", "곰팡이", "missing_class"],
+            },
+            "validate": {"max_quarantine_share": 1.0},
+        }
+    )
     with pytest.raises(ValidationFailed, match=r"expected classes missing .*missing_class"):
         _run(cfg, tmp)
 

@@ -1,6 +1,7 @@
 """The reference path's data on the real stack: DACON's 19 Korean classes (one with a comma), tiny classes at their
 real sizes, NFD folder names, RGB/RGBA PNGs and JPEGs, through the training DAG to a registered model and a
 DACON submission (the test profile's tiny model: this proves the plumbing, not the accuracy)."""
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,13 @@ def dacon_run(stack, stack_env, tmp_path_factory):
 
     upload_train(storage.client(), "landing", PREFIX)
     ws = tmp_path_factory.mktemp("dacon-ws")
-    conf = json.dumps({"landing_uri": f"s3://landing/{PREFIX}", "profile": "test",
-                       "set": [f"registry.model_name={MODEL}", 'train.flip_policy={"창틀,문틀수정": "v"}']})
+    conf = json.dumps(
+        {
+            "landing_uri": f"s3://landing/{PREFIX}",
+            "profile": "test",
+            "set": [f"registry.model_name={MODEL}", 'train.flip_policy={"창틀,문틀수정": "v"}'],
+        }
+    )
     env = {**stack_env, "PIPELINE_WORKSPACE": str(ws)}
     out = run_cli(["devstack", "run-dag", "defect_training", "--conf", conf], env)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
@@ -63,8 +69,19 @@ def test_dag_registers_a_model_of_the_19_korean_classes(dacon_run, stack):
 def test_submission_answers_every_test_id_with_an_nfc_korean_label(dacon_run, stack, stack_env, tmp_path):
     write_dacon_tree(tmp_path / "dacon", test_images=12)
     out_fp = tmp_path / "submission.csv"
-    out = run_cli(["pipeline", "submission", "--model", f"models:/{MODEL}@champion", "--dacon-dir",
-                   str(tmp_path / "dacon"), "--out", str(out_fp)], stack_env)
+    out = run_cli(
+        [
+            "pipeline",
+            "submission",
+            "--model",
+            f"models:/{MODEL}@champion",
+            "--dacon-dir",
+            str(tmp_path / "dacon"),
+            "--out",
+            str(out_fp),
+        ],
+        stack_env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     with open(out_fp, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))

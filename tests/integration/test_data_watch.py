@@ -1,5 +1,6 @@
 """The data-watch DAG for real (SeaweedFS + `airflow dags test`): one event per new data, none for the same data,
 none while an upload is still growing, one after a relabel moved a photo."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ def _asset_events(env) -> list[dict]:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", COUNT_EVENTS], env={**__import__("os").environ, **env},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", COUNT_EVENTS],
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -76,13 +82,32 @@ def test_new_data_fires_once_same_data_never_growing_upload_waits_relabel_fires(
     # (the training DAG is scheduled on it). The move log lands outside the watched prefix.
     key = "watch/crack/0.png"
     etag = s3.head_object(Bucket="landing", Key=key)["ETag"].strip('"')
-    export = [{"id": 1, "data": {"landing_bucket": "landing", "landing_prefix": "watch/", "landing_key": key,
-                                 "etag": etag},
-               "annotations": [{"result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                                            "value": {"choices": ["mold"]}}]}]}]
+    export = [
+        {
+            "id": 1,
+            "data": {"landing_bucket": "landing", "landing_prefix": "watch/", "landing_key": key, "etag": etag},
+            "annotations": [
+                {
+                    "result": [
+                        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["mold"]}}
+                    ]
+                }
+            ],
+        }
+    ]
     (tmp_path / "export.json").write_text(json.dumps(export))
-    out = run_cli(["pipeline", "relabel", "--from", str(tmp_path / "export.json"), "--apply", "--landing-uri",
-                   "s3://landing/watch/"], stack_env)
+    out = run_cli(
+        [
+            "pipeline",
+            "relabel",
+            "--from",
+            str(tmp_path / "export.json"),
+            "--apply",
+            "--landing-uri",
+            "s3://landing/watch/",
+        ],
+        stack_env,
+    )
     assert out.returncode == 0 and "MOVED" in out.stdout, out.stdout + out.stderr[-2000:]
     _watch(stack_env)
     events = _asset_events(stack_env)

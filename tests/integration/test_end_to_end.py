@@ -1,4 +1,5 @@
 """The walking skeleton for real: tiny images in SeaweedFS → `airflow dags test` → a champion in MLflow."""
+
 from __future__ import annotations
 
 import base64
@@ -92,8 +93,9 @@ def test_the_gate_scores_the_registered_package_like_evaluate_scores_the_files(t
     images, errors = decode_rows(frame["image"].tolist())  # the pyfunc's own decode, then its own resize
     package_probs = package.unwrap_python_model().predictor.predict_proba(images)
     bag = BagPredictor.from_dirs(sorted((trained / "models").glob("member_*")))
-    arrays, _ = split_arrays(trained / "data" / "raw", load_split(trained / "data" / "split.csv"), "test",
-                             bag.sizes(), None)
+    arrays, _ = split_arrays(
+        trained / "data" / "raw", load_split(trained / "data" / "split.csv"), "test", bag.sizes(), None
+    )
     probs = bag.predict_proba_arrays(arrays)
     assert errors == [""] * len(truth)
     np.testing.assert_allclose(package_probs, probs, atol=PARITY_PROB_TOL)
@@ -110,8 +112,14 @@ def test_champion_pyfunc_answers_the_contract(trained, stack):
     import mlflow
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    frame = pd.DataFrame({"image": [base64.b64encode(png_bytes(5, tint=TINTS["mold"])).decode(),
-                                    base64.b64encode(b"not an image").decode()]})
+    frame = pd.DataFrame(
+        {
+            "image": [
+                base64.b64encode(png_bytes(5, tint=TINTS["mold"])).decode(),
+                base64.b64encode(b"not an image").decode(),
+            ]
+        }
+    )
     out = model.predict(frame)
     assert list(out.columns[:2]) == ["label", "confidence"] and len(out) == 2
     assert out.loc[0, "label"] in TINTS and 0 < out.loc[0, "confidence"] <= 1
@@ -148,17 +156,40 @@ def test_mlflow_models_serve_answers_a_real_image(trained, stack, stack_env, tmp
         port = s.getsockname()[1]
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     env = {**__import__("os").environ, **stack_env}
-    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=open(tmp_path / "serve.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            mlflow_bin,
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=open(tmp_path / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
-            [base64.b64encode(png_bytes(11, tint=TINTS["crack"])).decode()]]}}).encode()
+        body = json.dumps(
+            {
+                "dataframe_split": {
+                    "columns": ["image"],
+                    "data": [[base64.b64encode(png_bytes(11, tint=TINTS["crack"])).decode()]],
+                }
+            }
+        ).encode()
         deadline, answer = time.monotonic() + 180, None
         while time.monotonic() < deadline and answer is None:
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+                )
                 answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
             except OSError:
                 assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
@@ -183,8 +214,9 @@ def test_a_candidate_trained_with_a_crippled_recipe_is_rejected_then_rollback(tr
     champion_before = client.get_model_version_by_alias(MODEL, "champion").version
     # The champion's recipe with a learning rate of 1e-9: the weights never leave their random start. Default
     # gate settings (min_delta 0, confidence 0.9): the champion must win on the images, not by a tuned margin.
-    conf = json.dumps({"landing_uri": "s3://landing/tiny/", "profile": "test",
-                       "set": [*GOOD_TINY_RECIPE, "train.lr=1.0e-9"]})
+    conf = json.dumps(
+        {"landing_uri": "s3://landing/tiny/", "profile": "test", "set": [*GOOD_TINY_RECIPE, "train.lr=1.0e-9"]}
+    )
     out = run_cli(["devstack", "run-dag", "defect_training", "--conf", conf], stack_env)
     assert out.returncode == 0, out.stdout[-4000:]
     decision = json.loads((trained / "registry" / "decision.json").read_text())
@@ -206,8 +238,7 @@ def test_a_candidate_trained_with_a_crippled_recipe_is_rejected_then_rollback(tr
 
     # Promote the challenger by hand, then roll back to the old champion with a recorded reason.
     client.set_registered_model_alias(MODEL, "champion", decision["model_version"])
-    back = run_cli(["pipeline", "rollback", "--model", MODEL, "--to", champion_before, "--reason", "test"],
-                   stack_env)
+    back = run_cli(["pipeline", "rollback", "--model", MODEL, "--to", champion_before, "--reason", "test"], stack_env)
     assert back.returncode == 0, back.stderr
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion_before
     assert client.get_model_version_by_alias(MODEL, "previous_champion").version == decision["model_version"]

@@ -4,6 +4,7 @@ The champion here is a registered version whose run holds ``reports/label_issues
 way ``register`` logs them (``reports/`` as a folder, the split file at the root); no training is needed to read
 them. The training DAG runs the stage with the flag off: tests/integration/test_end_to_end.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,46 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.integration
 
 ISSUES = [
-    {"rank": 1, "path": "mold/b.png", "split": "train", "given_class": "mold", "suggested_class": "crack",
-     "label_quality": 0.01, "issue": True, "p_given": 0.01, "source": "oob:member_1"},
-    {"rank": 2, "path": "crack/a.png", "split": "val", "given_class": "crack", "suggested_class": "stain",
-     "label_quality": 0.05, "issue": True, "p_given": 0.05, "source": "val:all_members"},
-    {"rank": 3, "path": "crack/c.png", "split": "train", "given_class": "crack", "suggested_class": "crack",
-     "label_quality": 0.97, "issue": False, "p_given": 0.97, "source": "oob:member_0"},
+    {
+        "rank": 1,
+        "path": "mold/b.png",
+        "split": "train",
+        "given_class": "mold",
+        "suggested_class": "crack",
+        "label_quality": 0.01,
+        "issue": True,
+        "p_given": 0.01,
+        "source": "oob:member_1",
+    },
+    {
+        "rank": 2,
+        "path": "crack/a.png",
+        "split": "val",
+        "given_class": "crack",
+        "suggested_class": "stain",
+        "label_quality": 0.05,
+        "issue": True,
+        "p_given": 0.05,
+        "source": "val:all_members",
+    },
+    {
+        "rank": 3,
+        "path": "crack/c.png",
+        "split": "train",
+        "given_class": "crack",
+        "suggested_class": "crack",
+        "label_quality": 0.97,
+        "issue": False,
+        "p_given": 0.97,
+        "source": "oob:member_0",
+    },
 ]
-SPLIT = [{"path": p, "class_name": p.split("/")[0], "sha256": f"{i:064x}", "split": s, "group": f"{i:012x}"}
-         for i, (p, s) in enumerate([("crack/a.png", "val"), ("mold/b.png", "train"), ("crack/c.png", "train"),
-                                     ("stain/d.png", "test")], 1)]
+SPLIT = [
+    {"path": p, "class_name": p.split("/")[0], "sha256": f"{i:064x}", "split": s, "group": f"{i:012x}"}
+    for i, (p, s) in enumerate(
+        [("crack/a.png", "val"), ("mold/b.png", "train"), ("crack/c.png", "train"), ("stain/d.png", "test")], 1
+    )
+]
 
 
 def _register_champion(name: str, tmp: Path, with_report: bool = True, with_split: bool = True) -> str:
@@ -59,10 +90,15 @@ def _register_champion(name: str, tmp: Path, with_report: bool = True, with_spli
 
 def _stage(tmp: Path, name: str, env: dict) -> tuple[object, list[dict]]:
     params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"landing_uri": "s3://x/", "exclude_label_issues": True},
-                                      "registry": {"model_name": name}}), encoding="utf-8")
-    out = run_cli(["pipeline", "label_exclusions", "--params", str(params), "--out", str(tmp / "excl.csv")], env,
-                  timeout=300)
+    params.write_text(
+        yaml.safe_dump(
+            {"data": {"landing_uri": "s3://x/", "exclude_label_issues": True}, "registry": {"model_name": name}}
+        ),
+        encoding="utf-8",
+    )
+    out = run_cli(
+        ["pipeline", "label_exclusions", "--params", str(params), "--out", str(tmp / "excl.csv")], env, timeout=300
+    )
     return out, read_csv(tmp / "excl.csv")
 
 
@@ -75,7 +111,8 @@ def test_the_champions_flagged_images_are_listed_with_their_content_hash(stack, 
     sha = {r["path"]: r["sha256"] for r in SPLIT}
     # the flagged val image (crack/a.png) stays: val is the yardstick
     assert [(r["path"], r["sha256"], r["given_class"], r["suggested_class"], r["source_version"]) for r in rows] == [
-        ("mold/b.png", sha["mold/b.png"], "mold", "crack", version)]
+        ("mold/b.png", sha["mold/b.png"], "mold", "crack", version)
+    ]
     assert list(rows[0]) == FIELDS
 
 
@@ -99,6 +136,9 @@ def test_a_report_that_cannot_be_downloaded_fails_the_stage(stack, stack_env, tm
     _register_champion("excl-test-broken-champion", tmp_path / "logged", with_split=False)
     out, rows = _stage(tmp_path, "excl-test-broken-champion", stack_env)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("error (transient): cannot download split.csv of "
-                                                         "excl-test-broken-champion v1")
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error (transient): cannot download split.csv of excl-test-broken-champion v1")
+    )
     assert not (tmp_path / "excl.csv").exists() and rows == []

@@ -5,6 +5,7 @@ promoted) and a crippled one (rejected); then the data watch fires on the same p
 each followed to a 200 from MLflow or the plugin, and each pointing at *this* DAG run's objects; the "Defect
 models" page logged in (both versions, Hangul, the DAG runs) and anonymous (401); nothing on it writes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,14 @@ from tests.integration.helpers import MODEL, png_bytes
 pytestmark = pytest.mark.integration
 
 CLASSES = {"곰팡이": (150, 0, 0), "창틀,문틀수정": (0, 150, 0), "오염": (0, 0, 150)}
-LINKED = {"start_tracking": {"MLflow run"}, "finish_tracking": {"MLflow run"}, "register": {"MLflow model version"},
-          "validate": {"Quarantine", "Data Docs"}, "backbone": {"MLflow member run"}, "train": {"MLflow member run"}}
+LINKED = {
+    "start_tracking": {"MLflow run"},
+    "finish_tracking": {"MLflow run"},
+    "register": {"MLflow model version"},
+    "validate": {"Quarantine", "Data Docs"},
+    "backbone": {"MLflow member run"},
+    "train": {"MLflow member run"},
+}
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -45,8 +52,9 @@ def _auditor() -> tuple[str, str]:
     return "auditor", accounts.password("auditor")
 
 
-def _get(url: str, token: str | None = None, method: str = "GET", basic: tuple[str, str] | None = None
-         ) -> tuple[int, str, str]:
+def _get(
+    url: str, token: str | None = None, method: str = "GET", basic: tuple[str, str] | None = None
+) -> tuple[int, str, str]:
     """(status, final URL after redirects, body) of one request; HTTP errors are answers too. A redirect (the
     plugin's /member link into the MLflow UI) is followed as the auditor: the Airflow token means nothing there."""
     import base64
@@ -127,22 +135,29 @@ def aliases_restored(stack):
         client.set_registered_model_alias(MODEL, alias, version)
 
 
-def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api, aliases_restored, stack, stack_env,
-                                                                     s3):
+def test_links_and_the_defect_models_page_under_a_running_api_server(
+    airflow_api, aliases_restored, stack, stack_env, s3
+):
     from mlflow import MlflowClient
 
     from tests.conftest import GOOD_TINY_RECIPE
 
     base = f"http://127.0.0.1:{stack.airflow_port}"
-    listed = subprocess.run([sys.executable, "-m", "airflow", "plugins", "--output", "json"], capture_output=True,
-                            text=True, env={**os.environ, **stack_env}, timeout=300)
+    listed = subprocess.run(
+        [sys.executable, "-m", "airflow", "plugins", "--output", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **stack_env},
+        timeout=300,
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "defect_models" in listed.stdout and "/defect-models" in listed.stdout, listed.stdout[-2000:]
 
     for c_i, (cls, tint) in enumerate(CLASSES.items()):
         for i in range(8):
-            s3.put_object(Bucket="landing", Key=f"view/{cls}/{i:03d}.png", Body=png_bytes(5000 + c_i * 100 + i,
-                                                                                          tint=tint))
+            s3.put_object(
+                Bucket="landing", Key=f"view/{cls}/{i:03d}.png", Body=png_bytes(5000 + c_i * 100 + i, tint=tint)
+            )
     s3.put_object(Bucket="landing", Key="view/곰팡이/broken.png", Body=b"not a png")  # one quarantined file
     conf = {"landing_uri": "s3://landing/view/", "profile": "test"}
     good = _run_training(airflow_api, {**conf, "set": GOOD_TINY_RECIPE})
@@ -200,8 +215,9 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
         assert status == 200 and "</html>" in body, (run_id, status, body[:500])
         archived = {a.path for a in MlflowClient().list_artifacts(report["archived_in"], "validation")}
         assert archived == {"validation/quarantine.csv", "validation/data_docs"}, archived
-    event = next(e for e in airflow_api.asset_events() if (e.get("extra") or {}).get("landing_uri")
-                 == "s3://landing/view/")
+    event = next(
+        e for e in airflow_api.asset_events() if (e.get("extra") or {}).get("landing_uri") == "s3://landing/view/"
+    )
 
     status, _, page = _get(f"{base}/defect-models/", bearer)
     assert status == 200, page[:1000]
@@ -225,8 +241,16 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(airflow_api
     if hold:
         from devstack import accounts
 
-        Path(hold).write_text(json.dumps({"base": base, "password": accounts.password("pipeline"),
-                                          "runs": [good, bad], "mlflow": os.environ["MLFLOW_TRACKING_URI"]}))
+        Path(hold).write_text(
+            json.dumps(
+                {
+                    "base": base,
+                    "password": accounts.password("pipeline"),
+                    "runs": [good, bad],
+                    "mlflow": os.environ["MLFLOW_TRACKING_URI"],
+                }
+            )
+        )
         deadline = time.monotonic() + 900
         while Path(hold).exists() and time.monotonic() < deadline:
             time.sleep(2)

@@ -1,4 +1,5 @@
 """Batch prediction against the real registry and S3: folder/S3 → CSV, the DACON submission, the batch DAG."""
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,20 @@ def _photos(folder: Path) -> None:
 
 def test_predict_folder_gives_a_row_per_file_and_errors_for_bad_ones(trained, stack, stack_env, tmp_path):
     _photos(tmp_path / "in")
-    out = run_cli(["pipeline", "predict", "--model", CHAMPION, "--input", str(tmp_path / "in"),
-                   "--out", str(tmp_path / "p.csv"), "--tta"], stack_env)
+    out = run_cli(
+        [
+            "pipeline",
+            "predict",
+            "--model",
+            CHAMPION,
+            "--input",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--tta",
+        ],
+        stack_env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["id"]: r for r in _read(tmp_path / "p.csv")}
     assert set(rows) == {"crack_0.png", "mold_1.png", "stain_2.png", "sub/nested.png", "notes.txt", "truncated.png"}
@@ -49,8 +62,19 @@ def test_predict_folder_gives_a_row_per_file_and_errors_for_bad_ones(trained, st
 def test_predict_s3_prefix_and_local_models_folder_agree(trained, stack, stack_env, tmp_path, s3):
     for i, cls in enumerate(TINTS):
         s3.put_object(Bucket="landing", Key=f"adhoc/{cls}.png", Body=png_bytes(700 + i, tint=TINTS[cls]))
-    a = run_cli(["pipeline", "predict", "--model", str(trained / "models"), "--input", "s3://landing/adhoc/",
-                 "--out", str(tmp_path / "a.csv")], stack_env)
+    a = run_cli(
+        [
+            "pipeline",
+            "predict",
+            "--model",
+            str(trained / "models"),
+            "--input",
+            "s3://landing/adhoc/",
+            "--out",
+            str(tmp_path / "a.csv"),
+        ],
+        stack_env,
+    )
     assert a.returncode == 0, a.stderr[-3000:]
     rows = _read(tmp_path / "a.csv")
     assert [r["id"] for r in rows] == ["crack.png", "mold.png", "stain.png"]
@@ -58,11 +82,33 @@ def test_predict_s3_prefix_and_local_models_folder_agree(trained, stack, stack_e
 
 
 def test_predict_empty_prefix_and_unknown_model_say_so(trained, stack, stack_env, tmp_path):
-    out = run_cli(["pipeline", "predict", "--model", CHAMPION, "--input", "s3://landing/nothing-here/",
-                   "--out", str(tmp_path / "x.csv")], stack_env)
+    out = run_cli(
+        [
+            "pipeline",
+            "predict",
+            "--model",
+            CHAMPION,
+            "--input",
+            "s3://landing/nothing-here/",
+            "--out",
+            str(tmp_path / "x.csv"),
+        ],
+        stack_env,
+    )
     assert out.returncode == 2 and "no files to classify under s3://landing/nothing-here/" in out.stderr
-    out = run_cli(["pipeline", "predict", "--model", "models:/no-such-model@champion", "--input", str(tmp_path),
-                   "--out", str(tmp_path / "x.csv")], stack_env)
+    out = run_cli(
+        [
+            "pipeline",
+            "predict",
+            "--model",
+            "models:/no-such-model@champion",
+            "--input",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.csv"),
+        ],
+        stack_env,
+    )
     assert out.returncode == 2 and "models:/no-such-model@champion not found" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "x.csv").exists()
 
@@ -80,8 +126,19 @@ def _dacon_fixture(root: Path, n: int = 792) -> None:
 
 def test_submission_matches_the_sample_exactly(trained, stack, stack_env, tmp_path):
     _dacon_fixture(tmp_path / "dacon")
-    out = run_cli(["pipeline", "submission", "--model", CHAMPION, "--dacon-dir", str(tmp_path / "dacon"),
-                   "--out", str(tmp_path / "submission.csv")], stack_env)
+    out = run_cli(
+        [
+            "pipeline",
+            "submission",
+            "--model",
+            CHAMPION,
+            "--dacon-dir",
+            str(tmp_path / "dacon"),
+            "--out",
+            str(tmp_path / "submission.csv"),
+        ],
+        stack_env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     sub = (tmp_path / "submission.csv").read_text().splitlines()
     sample = (tmp_path / "dacon" / "sample_submission.csv").read_text().splitlines()
@@ -90,8 +147,19 @@ def test_submission_matches_the_sample_exactly(trained, stack, stack_env, tmp_pa
     labels = [ln.split(",", 1)[1] for ln in sub[1:]]
     assert set(labels) <= set(TINTS)
     # Each id carries the label `predict` gives its own image file: rows are in test.csv order, not shuffled.
-    pred = run_cli(["pipeline", "predict", "--model", CHAMPION, "--input", str(tmp_path / "dacon" / "test"),
-                    "--out", str(tmp_path / "p.csv")], stack_env)
+    pred = run_cli(
+        [
+            "pipeline",
+            "predict",
+            "--model",
+            CHAMPION,
+            "--input",
+            str(tmp_path / "dacon" / "test"),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ],
+        stack_env,
+    )
     assert pred.returncode == 0, pred.stderr[-3000:]
     by_file = {r["id"].removesuffix(".png"): r["label"] for r in _read(tmp_path / "p.csv")}
     assert labels == [by_file[ln.split(",")[0]] for ln in sub[1:]]
@@ -100,15 +168,29 @@ def test_submission_matches_the_sample_exactly(trained, stack, stack_env, tmp_pa
 def test_submission_refuses_mismatched_ids_and_missing_images(trained, stack, stack_env, tmp_path):
     root = tmp_path / "dacon"
     _dacon_fixture(root, n=5)
-    (root / "sample_submission.csv").write_text("id,label\nTEST_000,0\nTEST_002,0\nTEST_001,0\nTEST_003,0\n"
-                                                "TEST_004,0\n")
-    out = run_cli(["pipeline", "submission", "--model", CHAMPION, "--dacon-dir", str(root),
-                   "--out", str(tmp_path / "s.csv")], stack_env)
+    (root / "sample_submission.csv").write_text(
+        "id,label\nTEST_000,0\nTEST_002,0\nTEST_001,0\nTEST_003,0\nTEST_004,0\n"
+    )
+    out = run_cli(
+        ["pipeline", "submission", "--model", CHAMPION, "--dacon-dir", str(root), "--out", str(tmp_path / "s.csv")],
+        stack_env,
+    )
     assert out.returncode == 2 and "disagree at row 3" in out.stderr, out.stderr[-2000:]
     _dacon_fixture(tmp_path / "d2", n=5)
     (tmp_path / "d2" / "test" / "TEST_003.png").unlink()
-    out = run_cli(["pipeline", "submission", "--model", CHAMPION, "--dacon-dir", str(tmp_path / "d2"),
-                   "--out", str(tmp_path / "s.csv")], stack_env)
+    out = run_cli(
+        [
+            "pipeline",
+            "submission",
+            "--model",
+            CHAMPION,
+            "--dacon-dir",
+            str(tmp_path / "d2"),
+            "--out",
+            str(tmp_path / "s.csv"),
+        ],
+        stack_env,
+    )
     assert out.returncode == 2 and "TEST_003" in out.stderr and not (tmp_path / "s.csv").exists()
 
 
@@ -131,8 +213,9 @@ def test_batch_dag_classifies_new_photos_once_with_the_champion_version(trained,
     assert len(sidecars) == 4 and len([k for k in keys if "/_predictions/" in k]) == 1
     crack = json.loads(s3.get_object(Bucket="landing", Key="incoming/site-a/crack.png.prediction.json")["Body"].read())
     assert crack["model_version"] == champion and crack["model_name"] == MODEL and crack["label"] in TINTS
-    broken = json.loads(s3.get_object(Bucket="landing", Key="incoming/site-a/broken.jpg.prediction.json")["Body"]
-                        .read())
+    broken = json.loads(
+        s3.get_object(Bucket="landing", Key="incoming/site-a/broken.jpg.prediction.json")["Body"].read()
+    )
     assert broken["label"] == "" and "cannot decode" in broken["error"]
 
     # Same photos again: no event, nothing rewritten (our own outputs do not count as new data).

@@ -2,6 +2,7 @@
 then relabel applying a Label Studio-shaped export to SeaweedFS — moves made and logged, bad rows refused one by
 one. (The export here is written the way Label Studio writes it; devstack/label_studio_roundtrip.py runs the real
 tool.)"""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,24 @@ INCOMING = "relabel-incoming/"  # where the batch DAG would classify new photos
 
 def _annotate(task: dict, task_id: int, *choices: str) -> dict:
     """A task as Label Studio exports it after an annotator picked ``choices`` (one annotation each)."""
-    anns = [{"id": task_id * 10 + i, "was_cancelled": False, "completed_by": 1,
-             "result": [{"id": "r1", "from_name": "label", "to_name": "image", "type": "choices", "origin": "manual",
-                         "value": {"choices": [c]}}]} for i, c in enumerate(choices)]
+    anns = [
+        {
+            "id": task_id * 10 + i,
+            "was_cancelled": False,
+            "completed_by": 1,
+            "result": [
+                {
+                    "id": "r1",
+                    "from_name": "label",
+                    "to_name": "image",
+                    "type": "choices",
+                    "origin": "manual",
+                    "value": {"choices": [c]},
+                }
+            ],
+        }
+        for i, c in enumerate(choices)
+    ]
     return {"id": task_id, "data": task["data"], "annotations": anns, "predictions": task["predictions"]}
 
 
@@ -34,8 +50,11 @@ def _keys(s3) -> dict[str, bytes]:
 
 def _logs(s3, known: list[str] = ()) -> list[str]:
     """The move logs in the bucket, less ``known`` (the session's other tests relabel too: test_data_watch)."""
-    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="relabel-log/").get("Contents", [])
-            if o["Key"] not in known]
+    return [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="relabel-log/").get("Contents", [])
+        if o["Key"] not in known
+    ]
 
 
 def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(stack, stack_env, s3, tmp_path):
@@ -45,12 +64,33 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     for name, conf in (("p1.png", 0.31), ("p2.png", 0.95), ("p3.png", None)):
         s3.put_object(Bucket=BUCKET, Key=f"{INCOMING}{name}", Body=fx.png(len(name) + int(name[1]), 2))
         if conf is not None:
-            record = {"id": name, "label": "오염", "confidence": conf, "error": "", "model_name": MODEL,
-                      "model_version": "0"}
+            record = {
+                "id": name,
+                "label": "오염",
+                "confidence": conf,
+                "error": "",
+                "model_name": MODEL,
+                "model_version": "0",
+            }
             s3.put_object(Bucket=BUCKET, Key=f"{INCOMING}{name}.prediction.json", Body=json.dumps(record).encode())
     out = tmp_path / "review.json"
-    res = run_cli(["pipeline", "review-export", "--model", MODEL, "--top", "3", "--out", str(out),
-                   "--predictions", f"s3://{BUCKET}/{INCOMING}", "--below", "0.5"], stack_env)
+    res = run_cli(
+        [
+            "pipeline",
+            "review-export",
+            "--model",
+            MODEL,
+            "--top",
+            "3",
+            "--out",
+            str(out),
+            "--predictions",
+            f"s3://{BUCKET}/{INCOMING}",
+            "--below",
+            "0.5",
+        ],
+        stack_env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["version"] == version
     tasks = json.loads(out.read_text(encoding="utf-8"))
@@ -97,11 +137,15 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     multi_key, multi_body = f"{PREFIX}오염/multi.png", fx.png(9, 1)
     upload = s3.create_multipart_upload(Bucket=BUCKET, Key=multi_key)["UploadId"]
     part = s3.upload_part(Bucket=BUCKET, Key=multi_key, UploadId=upload, PartNumber=1, Body=multi_body)["ETag"]
-    s3.complete_multipart_upload(Bucket=BUCKET, Key=multi_key, UploadId=upload,
-                                 MultipartUpload={"Parts": [{"ETag": part, "PartNumber": 1}]})
+    s3.complete_multipart_upload(
+        Bucket=BUCKET, Key=multi_key, UploadId=upload, MultipartUpload={"Parts": [{"ETag": part, "PartNumber": 1}]}
+    )
     assert "-" in _etag(s3, multi_key)
-    s3.put_object(Bucket=BUCKET, Key=fx.landing_key(PREFIX, "곰팡이/multi.png"),
-                  Body=multi_body[:-1] + bytes([multi_body[-1] ^ 1]))
+    s3.put_object(
+        Bucket=BUCKET,
+        Key=fx.landing_key(PREFIX, "곰팡이/multi.png"),
+        Body=multi_body[:-1] + bytes([multi_body[-1] ^ 1]),
+    )
     multi = json.loads(json.dumps(stain))
     multi["data"].update(landing_key=multi_key, etag=_etag(s3, multi_key))
     export.append(_annotate(multi, 11, "곰팡이"))
@@ -144,18 +188,33 @@ def test_review_export_then_relabel_moves_logs_and_refuses_bad_rows_one_by_one(s
     new_photo = f"{PREFIX}창틀,문틀수정/p1.png"
     assert after[new_photo] == s3.get_object(Bucket=BUCKET, Key=new_photo)["Body"].read()
     left = s3.list_objects_v2(Bucket=BUCKET, Prefix=INCOMING).get("Contents", [])
-    assert sorted(o["Key"] for o in left) == [f"{INCOMING}p2.png", f"{INCOMING}p2.png.prediction.json",
-                                              f"{INCOMING}p3.png"]  # p1 and its sidecar moved out
+    assert sorted(o["Key"] for o in left) == [
+        f"{INCOMING}p2.png",
+        f"{INCOMING}p2.png.prediction.json",
+        f"{INCOMING}p3.png",
+    ]  # p1 and its sidecar moved out
     gone_keys = {stain["data"]["landing_key"], half["data"]["landing_key"]}
     assert {k: v for k, v in after.items() if k not in (target, new_photo)} == {
-        k: v for k, v in before.items() if k not in gone_keys}  # nothing else moved
+        k: v for k, v in before.items() if k not in gone_keys
+    }  # nothing else moved
 
     [log_key] = _logs(s3, logs_before)
     records = [json.loads(x) for x in s3.get_object(Bucket=BUCKET, Key=log_key)["Body"].read().decode().splitlines()]
     assert [(r["task"], r["action"]) for r in records] == [
-        ("1", "moved"), ("2", "keep"), ("3", "refused"), ("4", "refused"), ("5", "refused"), ("6", "refused"),
-        ("7", "refused"), ("8", "refused"), ("9", "resumed"), ("10", "moved"), ("11", "refused"), ("12", "refused"),
-        ("13", "refused")]
+        ("1", "moved"),
+        ("2", "keep"),
+        ("3", "refused"),
+        ("4", "refused"),
+        ("5", "refused"),
+        ("6", "refused"),
+        ("7", "refused"),
+        ("8", "refused"),
+        ("9", "resumed"),
+        ("10", "moved"),
+        ("11", "refused"),
+        ("12", "refused"),
+        ("13", "refused"),
+    ]
     assert records[0]["key"] == stain["data"]["landing_key"] and records[0]["target"] == target
     assert records[0]["model_version"] == version and all(r["reason"] for r in records[2:8])
     assert records[0]["size"] == len(before[stain["data"]["landing_key"]])

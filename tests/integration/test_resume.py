@@ -1,5 +1,6 @@
 """A training run killed with SIGKILL and restarted resumes from its last epoch checkpoint and ends with the
 same model as an uninterrupted run (bit for bit on CPU: every epoch re-seeds from (seed, epoch))."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,12 @@ EPOCHS = 12
 @pytest.fixture()
 def tiny_split(tmp_path):
     write_tiny_split(tmp_path, per_class=12, val_per_class=2)
-    params = {"data": {"landing_uri": "s3://x/"}, "model": {"backbone": "test_efficientnet", "img_size": 32,
-              "weights": "none"}, "train": {"epochs": EPOCHS, "batch_size": 4, "num_threads": 1, "num_workers": 0,
-              "amp": "none", "patience": 10}, "bag": {"seeds": [0]}}
+    params = {
+        "data": {"landing_uri": "s3://x/"},
+        "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
+        "train": {"epochs": EPOCHS, "batch_size": 4, "num_threads": 1, "num_workers": 0, "amp": "none", "patience": 10},
+        "bag": {"seeds": [0]},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -35,9 +39,31 @@ def tiny_split(tmp_path):
 def _train(ws: Path, out: str, ckpt: str, log: str) -> subprocess.Popen:
     """Start a train run whose output goes to ``ws/log`` (a file: a pipe nobody reads can fill and stall it)."""
     with open(ws / log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--params", "params.yaml", "--split",
-                                 "split.csv", "--raw-dir", "raw", "--member", "0", "--out-dir", out, "--cache-dir",
-                                 "cache", "--ckpt-dir", ckpt], cwd=ws, stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "train",
+                "--params",
+                "params.yaml",
+                "--split",
+                "split.csv",
+                "--raw-dir",
+                "raw",
+                "--member",
+                "0",
+                "--out-dir",
+                out,
+                "--cache-dir",
+                "cache",
+                "--ckpt-dir",
+                ckpt,
+            ],
+            cwd=ws,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tiny_split):

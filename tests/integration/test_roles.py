@@ -5,6 +5,7 @@ Each row is one HTTP request (or one of our commands) as one account, against th
 prints the table (account x action -> status) and checks every status. The accounts are the stack's own, generated
 by tests/conftest.py's `stack_env` into the stack's accounts.json, exactly as `make services-up` makes them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,15 +23,17 @@ pytestmark = pytest.mark.integration
 MODEL = "roles-check"  # a registered model of this test's own, so the champion of the DAG tests never moves
 
 
-def _http(method: str, url: str, body: dict | None = None, *, basic: tuple[str, str] | None = None,
-          bearer: str | None = None) -> tuple[int, bytes]:
+def _http(
+    method: str, url: str, body: dict | None = None, *, basic: tuple[str, str] | None = None, bearer: str | None = None
+) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"}
     if basic:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
     if bearer:
         headers["Authorization"] = f"Bearer {bearer}"
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
-                                 headers=headers)
+    req = urllib.request.Request(
+        url, data=None if body is None else json.dumps(body).encode(), method=method, headers=headers
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, resp.read()
@@ -88,16 +91,36 @@ def test_mlflow_roles_auditor_reads_everything_and_changes_nothing(stack, stack_
         client.set_terminated(run_id)
         runs.append(run_id)
     pipeline = who["pipeline"]
-    table.add("pipeline", "POST create registered model",
-              _http("POST", f"{api}/registered-models/create", {"name": MODEL}, basic=pipeline)[0], 200)
+    table.add(
+        "pipeline",
+        "POST create registered model",
+        _http("POST", f"{api}/registered-models/create", {"name": MODEL}, basic=pipeline)[0],
+        200,
+    )
     for run_id in runs:
-        table.add("pipeline", "POST create model version",
-                  _http("POST", f"{api}/model-versions/create", {"name": MODEL, "source": f"runs:/{run_id}/model",
-                                                                 "run_id": run_id}, basic=pipeline)[0], 200)
+        table.add(
+            "pipeline",
+            "POST create model version",
+            _http(
+                "POST",
+                f"{api}/model-versions/create",
+                {"name": MODEL, "source": f"runs:/{run_id}/model", "run_id": run_id},
+                basic=pipeline,
+            )[0],
+            200,
+        )
     v1, v2 = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))[-2:]
-    table.add("pipeline", "POST set alias champion",
-              _http("POST", f"{api}/registered-models/alias", {"name": MODEL, "alias": "champion",
-                                                               "version": v2.version}, basic=pipeline)[0], 200)
+    table.add(
+        "pipeline",
+        "POST set alias champion",
+        _http(
+            "POST",
+            f"{api}/registered-models/alias",
+            {"name": MODEL, "alias": "champion", "version": v2.version},
+            basic=pipeline,
+        )[0],
+        200,
+    )
 
     exp_id = client.get_run(v2.run_id).info.experiment_id
     artifact = f"{base}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{v2.run_id}/artifacts/model/card.md"
@@ -109,8 +132,9 @@ def test_mlflow_roles_auditor_reads_everything_and_changes_nothing(stack, stack_
     for name, auth in (("anonymous", None), ("wrong pw", ("auditor", secrets.token_hex(8)))):
         table.add(name, "GET model version", _http("GET", version_url, basic=auth)[0], 401)
         table.add(name, "GET run artifact", _http("GET", artifact, basic=auth)[0], 401)
-        table.add(name, "POST set alias", _http("POST", f"{api}/registered-models/alias", set_alias,
-                                                basic=auth)[0], 401)
+        table.add(
+            name, "POST set alias", _http("POST", f"{api}/registered-models/alias", set_alias, basic=auth)[0], 401
+        )
 
     status, body = _http("GET", version_url, basic=who["auditor"])
     table.add("auditor", "GET model version", status, 200)
@@ -119,53 +143,112 @@ def test_mlflow_roles_auditor_reads_everything_and_changes_nothing(stack, stack_
     status, body = _http("GET", artifact, basic=who["auditor"])
     table.add("auditor", "GET run artifact", status, 200)
     assert body == b"model card 2\n"
-    table.add("auditor", "POST set alias", _http("POST", f"{api}/registered-models/alias", set_alias,
-                                                 basic=who["auditor"])[0], 403)
-    table.add("auditor", "POST set version tag", _http("POST", f"{api}/model-versions/set-tag", set_tag,
-                                                       basic=who["auditor"])[0], 403)
-    table.add("auditor", "DELETE alias", _http("DELETE", f"{api}/registered-models/alias",
-                                               {"name": MODEL, "alias": "champion"}, basic=who["auditor"])[0], 403)
-    table.add("auditor", "DELETE version", _http("DELETE", f"{api}/model-versions/delete",
-                                                 {"name": MODEL, "version": v1.version}, basic=who["auditor"])[0],
-              403)
-    table.add("auditor", "POST log metric on run", _http("POST", f"{api}/runs/log-metric",
-                                                         {"run_id": v2.run_id, "key": "x", "value": 1,
-                                                          "timestamp": 0}, basic=who["auditor"])[0], 403)
+    table.add(
+        "auditor",
+        "POST set alias",
+        _http("POST", f"{api}/registered-models/alias", set_alias, basic=who["auditor"])[0],
+        403,
+    )
+    table.add(
+        "auditor",
+        "POST set version tag",
+        _http("POST", f"{api}/model-versions/set-tag", set_tag, basic=who["auditor"])[0],
+        403,
+    )
+    table.add(
+        "auditor",
+        "DELETE alias",
+        _http("DELETE", f"{api}/registered-models/alias", {"name": MODEL, "alias": "champion"}, basic=who["auditor"])[
+            0
+        ],
+        403,
+    )
+    table.add(
+        "auditor",
+        "DELETE version",
+        _http("DELETE", f"{api}/model-versions/delete", {"name": MODEL, "version": v1.version}, basic=who["auditor"])[
+            0
+        ],
+        403,
+    )
+    table.add(
+        "auditor",
+        "POST log metric on run",
+        _http(
+            "POST",
+            f"{api}/runs/log-metric",
+            {"run_id": v2.run_id, "key": "x", "value": 1, "timestamp": 0},
+            basic=who["auditor"],
+        )[0],
+        403,
+    )
 
     # Our commands take the account from MLflow's own variables: the auditor's rollback is refused by the server.
     env = {**stack_env, "MLFLOW_TRACKING_USERNAME": "auditor", "MLFLOW_TRACKING_PASSWORD": who["auditor"][1]}
-    out = run_cli(["pipeline", "rollback", "--model", MODEL, "--to", v1.version, "--reason", "roles test"], env,
-                  timeout=300)
+    out = run_cli(
+        ["pipeline", "rollback", "--model", MODEL, "--to", v1.version, "--reason", "roles test"], env, timeout=300
+    )
     table.add("auditor", "python -m pipeline rollback", f"exit {out.returncode}", "exit 2")
-    table.add("auditor", "  its message", _said(out, "refused the rollback for account auditor (HTTP 403)"),
-              "refused … (HTTP 403)")
-    table.add("auditor", "  champion after it", f"v{client.get_model_version_by_alias(MODEL, 'champion').version}",
-              f"v{v2.version}")
-    table.add("auditor", "  rollback tags on the target",
-              "set" if "rollback_by" in client.get_model_version(MODEL, v1.version).tags else "none", "none")
+    table.add(
+        "auditor",
+        "  its message",
+        _said(out, "refused the rollback for account auditor (HTTP 403)"),
+        "refused … (HTTP 403)",
+    )
+    table.add(
+        "auditor",
+        "  champion after it",
+        f"v{client.get_model_version_by_alias(MODEL, 'champion').version}",
+        f"v{v2.version}",
+    )
+    table.add(
+        "auditor",
+        "  rollback tags on the target",
+        "set" if "rollback_by" in client.get_model_version(MODEL, v1.version).tags else "none",
+        "none",
+    )
     # Without an account at all (no password in the environment, no accounts file): one clear line, 401.
-    anon = {**stack_env, "MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": "",
-            "PIPELINE_LOCAL": str(stack.root / "no-accounts-here")}
+    anon = {
+        **stack_env,
+        "MLFLOW_TRACKING_USERNAME": "",
+        "MLFLOW_TRACKING_PASSWORD": "",
+        "PIPELINE_LOCAL": str(stack.root / "no-accounts-here"),
+    }
     out = run_cli(["pipeline", "audit", "--model", MODEL, v1.version, v2.version], anon, timeout=300)
     table.add("anonymous", "python -m pipeline audit", f"exit {out.returncode}", "exit 2")
-    table.add("anonymous", "  its message", _said(out, "refused account (anonymous) (HTTP 401)"),
-              "refused … (HTTP 401)")
+    table.add(
+        "anonymous", "  its message", _said(out, "refused account (anonymous) (HTTP 401)"), "refused … (HTTP 401)"
+    )
     # The auditor's audit works (reads only).
     out = run_cli(["pipeline", "audit", "--model", MODEL, v1.version, v2.version], env, timeout=300)
     table.add("auditor", "python -m pipeline audit", f"exit {out.returncode}", "exit 0")
 
     # The engineer sets aliases (rollback) on the registered models.
-    table.add("engineer", "POST set alias (another)", _http("POST", f"{api}/registered-models/alias",
-                                                            {**set_alias, "alias": "engineer-check"},
-                                                            basic=who["engineer"])[0], 200)
+    table.add(
+        "engineer",
+        "POST set alias (another)",
+        _http(
+            "POST", f"{api}/registered-models/alias", {**set_alias, "alias": "engineer-check"}, basic=who["engineer"]
+        )[0],
+        200,
+    )
     env = {**stack_env, "MLFLOW_TRACKING_USERNAME": "engineer", "MLFLOW_TRACKING_PASSWORD": who["engineer"][1]}
-    out = run_cli(["pipeline", "rollback", "--model", MODEL, "--to", v1.version, "--reason", "roles test"], env,
-                  timeout=300)
+    out = run_cli(
+        ["pipeline", "rollback", "--model", MODEL, "--to", v1.version, "--reason", "roles test"], env, timeout=300
+    )
     table.add("engineer", "python -m pipeline rollback", f"exit {out.returncode}", "exit 0")
-    table.add("engineer", "  champion after it",
-              f"v{client.get_model_version_by_alias(MODEL, 'champion').version}", f"v{v1.version}")
-    table.add("engineer", "  tag rollback_account",
-              client.get_model_version(MODEL, v1.version).tags.get("rollback_account", "-"), "engineer")
+    table.add(
+        "engineer",
+        "  champion after it",
+        f"v{client.get_model_version_by_alias(MODEL, 'champion').version}",
+        f"v{v1.version}",
+    )
+    table.add(
+        "engineer",
+        "  tag rollback_account",
+        client.get_model_version(MODEL, v1.version).tags.get("rollback_account", "-"),
+        "engineer",
+    )
     table.check()
 
 
@@ -191,8 +274,12 @@ def test_airflow_roles_auditor_views_engineer_triggers(airflow_api, stack, accou
     auditor = token("auditor")
     table.add("auditor", "GET dag runs", _http("GET", runs_url, bearer=auditor)[0], 200)
     table.add("auditor", "POST trigger DAG", _http("POST", runs_url, trigger, bearer=auditor)[0], 403)
-    table.add("auditor", "PATCH pause DAG", _http("PATCH", f"{base}/api/v2/dags/{quote(dag)}", {"is_paused": True},
-                                                  bearer=auditor)[0], 403)
+    table.add(
+        "auditor",
+        "PATCH pause DAG",
+        _http("PATCH", f"{base}/api/v2/dags/{quote(dag)}", {"is_paused": True}, bearer=auditor)[0],
+        403,
+    )
     engineer = token("engineer")
     status, body = _http("POST", runs_url, trigger, bearer=engineer)
     table.add("engineer", "POST trigger DAG", status, 200)

@@ -4,6 +4,7 @@
 `max_active_runs`. Two watch triggers at once must give one Asset event and one training run; the same data
 again must give none.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,14 +31,18 @@ def test_two_watch_triggers_at_once_start_one_training_run_and_same_data_none(ai
     runs = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("wallpaper-defect").experiment_id],
         filter_string="tags.airflow_dag_id = 'defect_training' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     parent = runs[0]
     assert parent.data.tags["gate"] == first["decision"]["gate"]
     assert parent.data.tags["model_version"] == first["decision"]["model_version"]
-    children = MlflowClient().search_runs([parent.info.experiment_id],
-                                          filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = MlflowClient().search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert {c.data.tags["role"] for c in children} == {"backbone", "bag_member"}
 
-    again = watch_and_follow(airflow_api, "s3://landing/loop/", settle_seconds=2, copies=1, timeout=300,
-                             quiet_seconds=20)
+    again = watch_and_follow(
+        airflow_api, "s3://landing/loop/", settle_seconds=2, copies=1, timeout=300, quiet_seconds=20
+    )
     assert again["emitted"] == 0 and again["asset_events"] == 0 and again["training_runs"] == 0, again

@@ -1,4 +1,5 @@
 """The embedded services for real: S3 round trips, clear errors, loopback-only listeners."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def test_anonymous_requests_are_refused(stack):
     from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    anon = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
-                        config=Config(signature_version=UNSIGNED))
+    anon = boto3.client(
+        "s3", endpoint_url=stack.s3_url, region_name="us-east-1", config=Config(signature_version=UNSIGNED)
+    )
     with pytest.raises(ClientError, match="AccessDenied"):
         anon.list_objects_v2(Bucket="landing")
 
@@ -57,8 +59,21 @@ def test_cli_prints_one_error_line_not_a_traceback(stack, stack_env, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  landing_uri: s3://landing/x/\n")
     env = dict(stack_env, AWS_SECRET_ACCESS_KEY="wrong")
-    out = run_cli(["pipeline", "ingest", "--params", str(params), "--raw-dir", str(tmp_path / "raw"),
-                   "--manifest", str(tmp_path / "m.csv"), "--rejects", str(tmp_path / "r.csv")], env)
+    out = run_cli(
+        [
+            "pipeline",
+            "ingest",
+            "--params",
+            str(params),
+            "--raw-dir",
+            str(tmp_path / "raw"),
+            "--manifest",
+            str(tmp_path / "m.csv"),
+            "--rejects",
+            str(tmp_path / "r.csv"),
+        ],
+        env,
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error (transient): ")
@@ -110,8 +125,9 @@ def test_demo_data_is_idempotent_and_leaves_foreign_prefixes_alone(stack, s3):
     assert [o.key for o in storage.list_objects("s3://landing/mine/")] == ["mine/훼손/a.png"]
 
 
-def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(stack, stack_env, tmp_path,
-                                                                                 monkeypatch):
+def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(
+    stack, stack_env, tmp_path, monkeypatch
+):
     """PIPELINE_S3=external (AWS S3, MinIO, …): a second SeaweedFS plays the external server here."""
     import mlflow
 
@@ -119,11 +135,18 @@ def test_external_s3_mode_starts_no_seaweedfs_and_mlflow_stores_artifacts_there(
 
     external = services.Stack(root=tmp_path / "external", s3_port=29333, mlflow_port=29500)
     services.start_s3(external)
-    env = {**stack_env, "PIPELINE_S3": "external", "AWS_ENDPOINT_URL": external.s3_url, "MLFLOW_PORT": "29500",
-           "MLFLOW_TRACKING_URI": "http://127.0.0.1:29500", "PIPELINE_LOCAL": str(tmp_path / "local")}
+    env = {
+        **stack_env,
+        "PIPELINE_S3": "external",
+        "AWS_ENDPOINT_URL": external.s3_url,
+        "MLFLOW_PORT": "29500",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:29500",
+        "PIPELINE_LOCAL": str(tmp_path / "local"),
+    }
     try:
-        missing = run_cli(["devstack.services", "up", "--no-airflow"],
-                          {**env, "PIPELINE_MLFLOW_ARTIFACTS": "s3://no-such-bucket/"})
+        missing = run_cli(
+            ["devstack.services", "up", "--no-airflow"], {**env, "PIPELINE_MLFLOW_ARTIFACTS": "s3://no-such-bucket/"}
+        )
         assert missing.returncode == 2
         assert "no-such-bucket" in missing.stderr and "PIPELINE_MLFLOW_ARTIFACTS" in missing.stderr
 

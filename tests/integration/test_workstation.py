@@ -7,6 +7,7 @@ repository: what `git clone` of this commit gives. In it, with the private stack
 bit-identical weights; a damaged remote object gives one clear line. The tests run in file order and share the
 clone. Their own model name and DVC remote prefix keep them apart from the DAG tests.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,16 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 
 def fresh_clone(dst):
     """The working tree's committable files in a new git repository with one commit."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, listed):
         if (ROOT / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -73,8 +82,23 @@ def registered(name: str, version: str):
 
 def test_dvc_repro_in_the_fresh_clone_registers_a_version(clone, versions):
     root, env = clone
-    out = ok(run_cli(["pipeline", "profile", "test", "--set", f"data.landing_uri={LANDING}",
-                      "--set", f"registry.model_name={MODEL_WS}", "--set", "train.epochs=3"], env, cwd=root))
+    out = ok(
+        run_cli(
+            [
+                "pipeline",
+                "profile",
+                "test",
+                "--set",
+                f"data.landing_uri={LANDING}",
+                "--set",
+                f"registry.model_name={MODEL_WS}",
+                "--set",
+                "train.epochs=3",
+            ],
+            env,
+            cwd=root,
+        )
+    )
     assert "train.epochs: 20 -> 3" in out and f"DVC remote store: {REMOTE}" in out
     assert f"dvc.lock: none yet: no version of {MODEL_WS} was trained on these params" in out
     local = (root / ".dvc" / "config.local").read_text()
@@ -88,10 +112,12 @@ def test_dvc_repro_in_the_fresh_clone_registers_a_version(clone, versions):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     # The profile edits params.yaml only: the code is the commit's (no "-dirty"), the commit keeps the recipe.
     assert tags["git_commit"] == head and tags["profile"] == "test"
-    assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                          text=True).stdout.split() == ["M", "params.yaml"]
-    assert "profile" not in yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root,
-                                                          capture_output=True, text=True).stdout)
+    assert subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+    ).stdout.split() == ["M", "params.yaml"]
+    assert "profile" not in yaml.safe_load(
+        subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True).stdout
+    )
     assert json.loads(tags["weights_sha256"]) == {"member_0": sha256(root / "models/member_0/model.pt")}
     assert tags["params_sha256"] == sha256(root / "params.yaml")
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -114,20 +140,47 @@ def test_exp_run_registers_a_second_version_and_exp_show_compares(clone, version
     assert b.tags["params_hash"] != registered(MODEL_WS, versions["A"]).tags["params_hash"]
     shown = json.loads(ok(run_cli(["dvc", "exp", "show", "--json"], env, cwd=root)))
     exps = [e for row in shown for e in (row.get("experiments") or []) for e in e["revs"]]
-    assert any(e["data"]["params"]["params.yaml"]["data"]["bag"]["bootstrap"] is False
-               and "weighted_f1" in e["data"]["metrics"]["metrics/eval.json"]["data"] for e in exps), shown
+    assert any(
+        e["data"]["params"]["params.yaml"]["data"]["bag"]["bootstrap"] is False
+        and "weighted_f1" in e["data"]["metrics"]["metrics/eval.json"]["data"]
+        for e in exps
+    ), shown
 
 
 def test_reproduce_of_the_first_version_verifies_every_hash_and_retrains_it(clone, versions, tmp_path):
     root, env = clone
     a = registered(MODEL_WS, versions["A"])
-    out = ok(run_cli(["pipeline", "reproduce", "--model", MODEL_WS, "--version", versions["A"], "--dir",
-                      str(tmp_path / "a"), "--retrain"], env, cwd=root))
+    out = ok(
+        run_cli(
+            [
+                "pipeline",
+                "reproduce",
+                "--model",
+                MODEL_WS,
+                "--version",
+                versions["A"],
+                "--dir",
+                str(tmp_path / "a"),
+                "--retrain",
+            ],
+            env,
+            cwd=root,
+        )
+    )
     print(out)
     assert "FAIL" not in out and f"of {MODEL_WS} v{versions['A']}" in out
     assert f"code from git commit {a.tags['git_commit'][:12]}" in out
-    for needle in ("dvc.lock ", "params hash ", "data/raw ", "data/split.csv ", "models/member_0 ",
-                   "tag dvc_data_md5 ", "tag data_fingerprint ", "tag weighted_f1 ", "dvc status "):
+    for needle in (
+        "dvc.lock ",
+        "params hash ",
+        "data/raw ",
+        "data/split.csv ",
+        "models/member_0 ",
+        "tag dvc_data_md5 ",
+        "tag data_fingerprint ",
+        "tag weighted_f1 ",
+        "dvc status ",
+    ):
         assert any(line.lstrip().startswith(f"ok    {needle}") for line in out.splitlines()), needle
     sha = json.loads(a.tags["weights_sha256"])["member_0"]
     assert f"sha256 {sha[:16]}… = tag weights_sha256" in out
@@ -148,7 +201,7 @@ def test_reproduce_names_a_damaged_or_missing_remote_object(clone, versions, tmp
     root, env = clone
     a = registered(MODEL_WS, versions["A"])
     s3 = storage.client()
-    bucket, prefix = REMOTE[len("s3://"):].split("/", 1)
+    bucket, prefix = REMOTE[len("s3://") :].split("/", 1)
     listing_md5 = next(o["md5"] for o in _stored_lock(a)["stages"]["train@0"]["outs"])
     listing = json.loads(s3.get_object(Bucket=bucket, Key=_key(prefix, listing_md5))["Body"].read())
     md5 = next(e["md5"] for e in listing if e["relpath"] == "model.pt")
@@ -164,8 +217,9 @@ def test_reproduce_names_a_damaged_or_missing_remote_object(clone, versions, tmp
     finally:
         s3.put_object(Bucket=bucket, Key=key, Body=original)
     errors = [p.stderr.strip().splitlines()[-1] for p in (damaged, missing)]
-    assert damaged.returncode == 2 and errors[0].startswith(f"error: {MODEL_WS} v{versions['A']} does not reproduce: "
-                                                            "models/member_0/model.pt: sha256 "), errors[0]
+    assert damaged.returncode == 2 and errors[0].startswith(
+        f"error: {MODEL_WS} v{versions['A']} does not reproduce: models/member_0/model.pt: sha256 "
+    ), errors[0]
     assert f"tag weights_sha256 {json.loads(a.tags['weights_sha256'])['member_0'][:16]}" in errors[0]
     assert missing.returncode == 2 and f"lacks 1 object(s) of models/member_0 (md5 {md5[:12]})" in errors[1], errors[1]
 
@@ -207,7 +261,12 @@ def test_a_fresh_clone_pulls_what_airflow_trained_and_reproduces_it(trained, sta
     assert set(status) == {"ingest", "label_exclusions", "register"} and status["ingest"] == ["always changed"], status
     weights = json.loads(registered(MODEL, number).tags["weights_sha256"])
     assert weights == {"member_0": sha256(root / "models/member_0/model.pt")}  # the DAG's weights, pulled
-    out = ok(run_cli(["pipeline", "reproduce", "--model", MODEL, "--version", number, "--dir", str(tmp_path / "dag")],
-                     env, cwd=root))
+    out = ok(
+        run_cli(
+            ["pipeline", "reproduce", "--model", MODEL, "--version", number, "--dir", str(tmp_path / "dag")],
+            env,
+            cwd=root,
+        )
+    )
     assert "FAIL" not in out and f"holds the params, code, data and weights of {MODEL} v{number}" in out
     assert yaml.safe_load((tmp_path / "dag" / "params.yaml").read_text())["profile"] == "test"

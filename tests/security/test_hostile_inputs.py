@@ -1,5 +1,6 @@
 """Hostile inputs (docs: issue 32's findings): what an uploader or an engineer account controls never reaches a
 shell, a page or a decoder it should not. Each test was seen failing on the code before its fix (18ef2e3)."""
+
 from __future__ import annotations
 
 import io
@@ -21,11 +22,14 @@ SCRIPT_NAME = "<img src=x onerror=alert(document.cookie)>.png"
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
 
 
-@pytest.mark.parametrize("override", [
-    ["bag.seeds=['0;touch PWNED;#']"],           # finding 1: DVC pastes ${item} into the train command
-    ["bag.seeds=[\"$(touch PWNED)\"]"],
-    ["backbones.x;touch PWNED2;#={}"],            # ... and ${key} into the backbone command
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        ["bag.seeds=['0;touch PWNED;#']"],  # finding 1: DVC pastes ${item} into the train command
+        ['bag.seeds=["$(touch PWNED)"]'],
+        ["backbones.x;touch PWNED2;#={}"],  # ... and ${key} into the backbone command
+    ],
+)
 def test_a_trigger_form_cannot_put_shell_syntax_into_a_stage_command(override):
     with pytest.raises(ConfigError) as err:
         merged_params(ROOT, "cpu-demo", form_overrides({"landing_uri": "s3://landing/elpv/", "set": override}))
@@ -33,8 +37,15 @@ def test_a_trigger_form_cannot_put_shell_syntax_into_a_stage_command(override):
 
 
 def test_plain_seeds_and_timm_names_still_pass():
-    cfg = config_from_dict(merged_params(ROOT, "cpu-demo", form_overrides(
-        {"landing_uri": "s3://landing/elpv/", "set": ["bag.seeds=[3,4,5]", "backbones.efficientnet_lite1={}"]})))
+    cfg = config_from_dict(
+        merged_params(
+            ROOT,
+            "cpu-demo",
+            form_overrides(
+                {"landing_uri": "s3://landing/elpv/", "set": ["bag.seeds=[3,4,5]", "backbones.efficientnet_lite1={}"]}
+            ),
+        )
+    )
     assert cfg.bag.seeds == (3, 4, 5) and "efficientnet_lite1" in cfg.backbones
 
 
@@ -84,9 +95,11 @@ def test_atomic_writers_fsync_before_the_rename(tmp_path, monkeypatch):
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
-    for write in (lambda: pio.write_text_atomic(tmp_path / "a.json", "{}"),
-                  lambda: pio.write_csv(tmp_path / "a.csv", [{"x": 1}], ["x"]),
-                  lambda: pio.save_npy_atomic(tmp_path / "a.npy", np.zeros(3))):
+    for write in (
+        lambda: pio.write_text_atomic(tmp_path / "a.json", "{}"),
+        lambda: pio.write_csv(tmp_path / "a.csv", [{"x": 1}], ["x"]),
+        lambda: pio.save_npy_atomic(tmp_path / "a.npy", np.zeros(3)),
+    ):
         events.clear()
         write()
         assert events == ["fsync", "replace", "fsync"]  # the file's data, the rename, the folder entry
@@ -142,12 +155,22 @@ def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, local_regis
     torch.manual_seed(0)
     member = tmp_path / "member_0"
     sha = checkpoints.save(timm.create_model("test_efficientnet", num_classes=2).state_dict(), member / "model.pt")
-    (member / "meta.json").write_text(json.dumps({"backbone": "test_efficientnet", "img_size": 32,
-                                                  "class_names": ["a", "b"], "mean": [0.5] * 3, "std": [0.5] * 3,
-                                                  "model_sha256": sha}))
+    (member / "meta.json").write_text(
+        json.dumps(
+            {
+                "backbone": "test_efficientnet",
+                "img_size": 32,
+                "class_names": ["a", "b"],
+                "mean": [0.5] * 3,
+                "std": [0.5] * 3,
+                "model_sha256": sha,
+            }
+        )
+    )
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="bag", python_model=Hostile(), artifacts={"member_0": str(member)},
-                                       pip_requirements=["torch"])
+        info = mlflow.pyfunc.log_model(
+            name="bag", python_model=Hostile(), artifacts={"member_0": str(member)}, pip_requirements=["torch"]
+        )
     version = mlflow.register_model(info.model_uri, "victim").version
     mlflow.MlflowClient().set_registered_model_alias("victim", "champion", version)
     marker.unlink(missing_ok=True)  # logging may have loaded it (on the attacker's side)
@@ -155,8 +178,8 @@ def test_a_planted_pickle_in_a_registered_model_never_runs(tmp_path, local_regis
     loaded = load_model("models:/victim@champion")
     Image.new("RGB", (40, 40), (9, 99, 200)).save(tmp_path / "x.png")
     import pandas as pd
-    labels = score_version("victim", version, pd.DataFrame({"image": [encode_image_file(tmp_path / "x.png")]}),
-                           "cpu")
+
+    labels = score_version("victim", version, pd.DataFrame({"image": [encode_image_file(tmp_path / "x.png")]}), "cpu")
     probs = loaded.predictor.predict_proba([Image.open(tmp_path / "x.png").convert("RGB")])
     assert not marker.exists(), "loading the registered model ran its pickle"
     assert loaded.version == str(version) and labels[0] in ("a", "b") and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
@@ -282,19 +305,30 @@ def test_seaweedfs_filer_and_volume_ports_refuse_requests_without_the_s3_keys(st
     assert oct((stack.root / "security.toml").stat().st_mode & 0o777) == "0o600"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("registry.f1_floor=0", "registry.f1_floor"),          # the gate is the service account's rule
-    ("registry.confidence=0", "registry.confidence"),
-    ("registry.min_test_images=1", "registry.min_test_images"),
-    ("validate.max_pixels=10000000000", "validate.max_pixels"),  # the decompression-bomb guard
-    ("data.landing_uri=s3://dvc/", "data.landing_uri"),    # its own Param, checked by its pattern
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("registry.f1_floor=0", "registry.f1_floor"),  # the gate is the service account's rule
+        ("registry.confidence=0", "registry.confidence"),
+        ("registry.min_test_images=1", "registry.min_test_images"),
+        ("validate.max_pixels=10000000000", "validate.max_pixels"),  # the decompression-bomb guard
+        ("data.landing_uri=s3://dvc/", "data.landing_uri"),  # its own Param, checked by its pattern
+    ],
+)
 def test_a_trigger_may_change_how_a_model_trains_not_the_gate_or_the_guards(override, key):
     with pytest.raises(ConfigError, match=f"set: {key} cannot be changed from a trigger"):
         form_overrides({"landing_uri": "s3://landing/elpv/", "set": [override]})
-    ok = form_overrides({"landing_uri": "s3://landing/elpv/",
-                         "set": ["train.epochs=3", "bag.folds=false", "backbones.efficientnet_lite1={}",
-                                 "registry.model_name=dacon-shaped"]})
+    ok = form_overrides(
+        {
+            "landing_uri": "s3://landing/elpv/",
+            "set": [
+                "train.epochs=3",
+                "bag.folds=false",
+                "backbones.efficientnet_lite1={}",
+                "registry.model_name=dacon-shaped",
+            ],
+        }
+    )
     assert ok["train"]["epochs"] == 3 and "efficientnet_lite1" in ok["backbones"]
 
 
@@ -331,11 +365,14 @@ def test_a_script_in_an_uploaded_file_name_never_runs_in_data_docs(plugin, tmp_p
     (raw / "cls" / payload).write_bytes(b"GIF89a<svg onload=document.body.dataset.owned=6*7*1000>")
     for i in range(3):
         Image.new("RGB", (32, 32), (i * 60, 90, 30)).save(raw / "cls" / f"ok{i}.png")
-    rows = [_describe(fp, f"cls/{fp.name}", "cls", ObjectInfo(f"x/cls/{fp.name}", "", fp.stat().st_size))
-            for fp in sorted((raw / "cls").iterdir())]
+    rows = [
+        _describe(fp, f"cls/{fp.name}", "cls", ObjectInfo(f"x/cls/{fp.name}", "", fp.stat().st_size))
+        for fp in sorted((raw / "cls").iterdir())
+    ]
     docs = tmp_path / "docs"
-    failures = run_expectations(config_from_dict({"data": {"landing_uri": "s3://landing/x/"}}),
-                                decode_table(raw, rows, 10**7), docs)
+    failures = run_expectations(
+        config_from_dict({"data": {"landing_uri": "s3://landing/x/"}}), decode_table(raw, rows, 10**7), docs
+    )
     assert len(failures) == 1, failures  # the real suite quarantined the hostile file
     pages = sorted(p.relative_to(docs).as_posix() for p in docs.rglob("*.html"))
     assert any(p.startswith("validations/") for p in pages), pages
@@ -354,10 +391,21 @@ def test_a_script_in_an_uploaded_file_name_never_runs_in_data_docs(plugin, tmp_p
             time.sleep(0.05)
         for page in pages:
             dom = subprocess.run(
-                [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom",
-                 f"http://127.0.0.1:{port}/validation/defect_training/r1/data_docs/{page}"],
-                capture_output=True, text=True, timeout=120).stdout
+                [
+                    chromium,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}",
+                    "--virtual-time-budget=3000",
+                    "--dump-dom",
+                    f"http://127.0.0.1:{port}/validation/defect_training/r1/data_docs/{page}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
             assert "<body" in dom, (page, dom[:300])  # the browser rendered the page we served
             assert 'data-owned="42000"' not in dom, f"a script from an uploaded file name ran in {page}"
             assert "onerror=" not in dom.replace("onerror=document", ""), f"the payload became markup in {page}"
@@ -398,33 +446,45 @@ def test_hostile_keys_and_containers_each_get_a_reason_and_the_run_goes_on(s3, t
     nfc = unicodedata.normalize("NFC", "가.png")
     hostile = {  # key below the prefix -> (bytes, fragment of the reason)
         "ok/" + "가" * 83 + ".png": (png_bytes(11), "longer than 240 bytes"),  # 253 bytes + ".part" > 255
-        "ok/\u202egnp.exe.png": (png_bytes(12), "U+202E"),        # right-to-left override: spoofs the name
-        "o\u200bk/twin.png": (png_bytes(13), "U+200B"),           # zero-width space: a class that looks like "ok"
-        "ok/line\u2028break.png": (png_bytes(14), "U+2028"),      # a line separator in CSVs and logs
+        "ok/\u202egnp.exe.png": (png_bytes(12), "U+202E"),  # right-to-left override: spoofs the name
+        "o\u200bk/twin.png": (png_bytes(13), "U+200B"),  # zero-width space: a class that looks like "ok"
+        "ok/line\u2028break.png": (png_bytes(14), "U+2028"),  # a line separator in CSVs and logs
         "ok/nbsp\u00a0.png": (png_bytes(15), "U+00A0"),
-        "ok/multi.tif": (_frames("TIFF"), "several frames"),          # which page carries the label?
+        "ok/multi.tif": (_frames("TIFF"), "several frames"),  # which page carries the label?
         "ok/anim.webp": (_frames("WEBP"), "several frames"),
-        "ok/anim.png": (_frames("PNG"), "several frames"),            # APNG
+        "ok/anim.png": (_frames("PNG"), "several frames"),  # APNG
         "ok/textbomb.png": (_text_bomb(), "Decompressed data too large"),
         "ok/icon.png": (_encode_ico(), "not an image in an accepted format"),
         "ok/page.png": (b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>', "not an image"),
     }
     twins = {f"ok/{nfc}": png_bytes(17), "ok/" + unicodedata.normalize("NFD", "가.png"): png_bytes(16)}
-    good = {"ok/%2e%2e.png": png_bytes(18), "ok/-rf.png": png_bytes(19),
-            "ok/tail.png": png_bytes(20) + b"<html><script>alert(1)</script></html>"}  # a polyglot is a picture
+    good = {
+        "ok/%2e%2e.png": png_bytes(18),
+        "ok/-rf.png": png_bytes(19),
+        "ok/tail.png": png_bytes(20) + b"<html><script>alert(1)</script></html>",
+    }  # a polyglot is a picture
     prefix = f"hostile-{tmp_path.name}/"
     for key, data in [*good.items(), *twins.items(), *((k, v[0]) for k, v in hostile.items())]:
         s3.put_object(Bucket="landing", Key=prefix + key, Body=data)
-    cfg = config_from_dict({"data": {"landing_uri": f"s3://landing/{prefix}"},
-                            "validate": {"max_quarantine_share": 1.0}})
+    cfg = config_from_dict(
+        {"data": {"landing_uri": f"s3://landing/{prefix}"}, "validate": {"max_quarantine_share": 1.0}}
+    )
     d = tmp_path / "data"
     run_ingest(cfg, d / "raw", d / "manifest.csv", d / "rejects.csv")
-    report = run_validate(cfg, d / "raw", d / "manifest.csv", d / "rejects.csv", d / "validated.csv",
-                          d / "quarantine.csv", tmp_path / "validation.json", None)
-    quarantine = {r["source_key"][len(prefix):]: r["reason"] for r in read_csv(d / "quarantine.csv")}
+    report = run_validate(
+        cfg,
+        d / "raw",
+        d / "manifest.csv",
+        d / "rejects.csv",
+        d / "validated.csv",
+        d / "quarantine.csv",
+        tmp_path / "validation.json",
+        None,
+    )
+    quarantine = {r["source_key"][len(prefix) :]: r["reason"] for r in read_csv(d / "quarantine.csv")}
     for key, (_, reason) in hostile.items():
         assert reason in quarantine.get(key, ""), (key, quarantine.get(key))
-    validated = {r["source_key"][len(prefix):] for r in read_csv(d / "validated.csv")}
+    validated = {r["source_key"][len(prefix) :] for r in read_csv(d / "validated.csv")}
     kept = validated & set(twins)  # the same name in two Unicode spellings: the first listed is kept
     assert len(kept) == 1 and validated == set(good) | kept, validated
     assert "same path after NFC normalisation" in quarantine[(set(twins) - kept).pop()]

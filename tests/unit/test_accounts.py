@@ -1,6 +1,7 @@
 """The stack's accounts file (devstack/accounts.py) and how our commands pick their MLflow account
 (pipeline/adapters/credentials.py). No server here: tests/integration/test_roles.py runs the roles against the real
 MLflow and Airflow."""
+
 from __future__ import annotations
 
 import stat
@@ -46,11 +47,14 @@ def test_add_user_gives_a_new_password_and_refuses_duplicates_and_unknown_roles(
     with pytest.raises(ServiceError, match="account name"):
         accounts.add("a:b", "auditor", tmp_path)  # ':' and ',' would break Airflow's users list
     env = accounts.airflow_env(tmp_path)
-    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == \
-        "pipeline:admin,engineer:op,auditor:viewer,auditor2:viewer"
+    assert (
+        env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "pipeline:admin,engineer:op,auditor:viewer,auditor2:viewer"
+    )
     assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == str(accounts.passwords_file(tmp_path))
-    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == \
-        ("pipeline", accounts.password("pipeline", tmp_path))
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (
+        "pipeline",
+        accounts.password("pipeline", tmp_path),
+    )
 
 
 def test_commands_take_the_account_from_mlflows_variables_or_the_local_file(tmp_path, monkeypatch):

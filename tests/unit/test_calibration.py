@@ -1,4 +1,5 @@
 """Temperature scaling of the bag: fitted on val, it fixes over-confidence, and it never changes a label."""
+
 from __future__ import annotations
 
 import base64
@@ -95,9 +96,18 @@ def test_the_pyfunc_serves_calibrated_confidence_and_the_same_labels(tmp_path):
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
     member = tmp_path / "member_0"
     sha = checkpoints.save(model.state_dict(), member / "model.pt")
-    (member / "meta.json").write_text(json.dumps({"backbone": "test_efficientnet", "img_size": 32,
-                                                  "class_names": ["a", "b", "c"], "mean": [0.5] * 3,
-                                                  "std": [0.5] * 3, "model_sha256": sha}))
+    (member / "meta.json").write_text(
+        json.dumps(
+            {
+                "backbone": "test_efficientnet",
+                "img_size": 32,
+                "class_names": ["a", "b", "c"],
+                "mean": [0.5] * 3,
+                "std": [0.5] * 3,
+                "model_sha256": sha,
+            }
+        )
+    )
     (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 3.0}))
     frame = pd.DataFrame({"image": [_png(i) for i in range(6)]})
 

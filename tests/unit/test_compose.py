@@ -5,6 +5,7 @@
 * Images pinned, a health check on every service, credentials only as ``${VAR:?message}``, ports on 127.0.0.1.
 * The commands are those of the embedded setup (devstack/services.py), and queue ``gpu`` goes to the GPU worker.
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,8 +34,10 @@ CREDENTIAL_WORDS = ("PASSWORD", "SECRET", "KEY", "TOKEN")
 
 # Compose's interpolation: `$$` is a literal `$`; ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error},
 # ${NAME?error}, ${NAME:+alt}, ${NAME+alt} and $NAME.
-INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-                           r"|(?P<bare>[A-Za-z_]\w*))")
+INTERPOLATION = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_]\w*))"
+)
 REQUIRED_VAR = re.compile(r"\$\{[A-Za-z_]\w*:\?[^}]+\}")  # ${NAME:?message}, the only form allowed for secrets
 # scheme://user:password@ where the password is an interpolation (it may hold spaces) or a literal.
 URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/:@]*:(?P<password>\$\{[^}]*\}|[^\s/@]*)@")
@@ -55,9 +58,9 @@ HEALTHCHECK_HAS = {
     "airflow-dag-processor": "airflow jobs check --job-type DagProcessorJob --local",
     "airflow-triggerer": "airflow jobs check --job-type TriggererJob --local",
     "airflow-worker": "celery --app airflow.providers.celery.executors.celery_executor.app inspect ping "
-                      '-d "celery@$${HOSTNAME}"',
+    '-d "celery@$${HOSTNAME}"',
     "airflow-worker-gpu": "celery --app airflow.providers.celery.executors.celery_executor.app inspect ping "
-                          '-d "celery@$${HOSTNAME}"',
+    '-d "celery@$${HOSTNAME}"',
 }
 
 
@@ -116,8 +119,10 @@ def schema_errors(doc: dict) -> list[str]:
     schema = json.loads(SCHEMA_FILE.read_text())
     jsonschema.Draft7Validator.check_schema(schema)  # the spec is draft-07 (its "$schema" URL lacks the '#')
     resolved = interpolate(doc, dummy_env(doc))
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in jsonschema.Draft7Validator(schema).iter_errors(resolved)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(resolved)
+    ]
 
 
 def environment(svc: dict) -> dict[str, str]:
@@ -167,6 +172,7 @@ def worker_queues(svc: dict) -> set[str]:
 
 # (a) the Compose Specification ---------------------------------------------------------------------------------
 
+
 def test_compose_file_is_valid_against_the_compose_specification():
     assert schema_errors(load_compose()) == []
 
@@ -187,8 +193,9 @@ def _gpu_capabilities_not_a_list(doc):
     doc["services"]["airflow-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] = "gpu"
 
 
-@pytest.mark.parametrize("mutate", [_unknown_top_level_key, _misspelt_service_key, _depends_on_wrong_type,
-                                    _gpu_capabilities_not_a_list])
+@pytest.mark.parametrize(
+    "mutate", [_unknown_top_level_key, _misspelt_service_key, _depends_on_wrong_type, _gpu_capabilities_not_a_list]
+)
 def test_schema_check_rejects_an_invalid_file(mutate):
     doc = copy.deepcopy(load_compose())
     mutate(doc)
@@ -205,6 +212,7 @@ def test_a_missing_required_variable_stops_interpolation():
 
 # (b) pinned images ---------------------------------------------------------------------------------------------
 
+
 def test_every_image_is_pinned_to_a_version_tag():
     doc = load_compose()
     for name, svc in doc["services"].items():
@@ -219,6 +227,7 @@ def test_every_image_is_pinned_to_a_version_tag():
 
 # (c) health checks ---------------------------------------------------------------------------------------------
 
+
 def test_every_service_has_a_health_check():
     for name, svc in load_compose()["services"].items():
         check = svc.get("healthcheck", {})
@@ -231,18 +240,25 @@ def test_every_service_has_a_health_check():
 
 # (d) credentials -----------------------------------------------------------------------------------------------
 
+
 def test_credentials_are_required_variables_never_literals_or_defaults():
     assert credential_problems(load_compose()) == []
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda doc: doc["services"]["postgres"]["environment"].update(POSTGRES_PASSWORD="airflow"),
-    lambda doc: doc["services"]["postgres"]["environment"].update(POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-pw}"),
-    lambda doc: doc["services"]["mlflow"]["command"].extend(["--backend-store-uri",
-                                                             "postgresql://mlflow:${MLFLOW_DB_PASSWORD:?x}@postgres/m"]),
-    lambda doc: doc["services"]["redis"].__setitem__("command", ["redis-server", "--requirepass",
-                                                                 "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}"]),
-], ids=["literal", "default", "url-in-command", "flag"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda doc: doc["services"]["postgres"]["environment"].update(POSTGRES_PASSWORD="airflow"),
+        lambda doc: doc["services"]["postgres"]["environment"].update(POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-pw}"),
+        lambda doc: doc["services"]["mlflow"]["command"].extend(
+            ["--backend-store-uri", "postgresql://mlflow:${MLFLOW_DB_PASSWORD:?x}@postgres/m"]
+        ),
+        lambda doc: doc["services"]["redis"].__setitem__(
+            "command", ["redis-server", "--requirepass", "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}"]
+        ),
+    ],
+    ids=["literal", "default", "url-in-command", "flag"],
+)
 def test_credential_check_catches_a_leak(mutate):
     doc = copy.deepcopy(load_compose())
     mutate(doc)
@@ -258,6 +274,7 @@ def test_env_example_lists_every_required_variable_with_an_empty_value():
 
 
 # (e) published ports -------------------------------------------------------------------------------------------
+
 
 def test_published_ports_bind_loopback_only():
     for name, svc in load_compose()["services"].items():
@@ -294,6 +311,7 @@ def test_volumes_are_named_and_the_only_bind_mount_is_the_read_only_postgres_ini
 
 # (f) commands = the embedded setup's ---------------------------------------------------------------------------
 
+
 def test_airflow_role_commands_match_the_embedded_setup():
     doc = load_compose()
     roles = services.airflow_role_args("0.0.0.0", 8080)
@@ -309,7 +327,7 @@ def test_celery_worker_commands_match_the_embedded_worker_but_split_its_queues()
     embedded = services.CELERY_WORKER_ARGS
     queues_at = embedded.index("--queues") + 1
     for name, queue in WORKER_QUEUE.items():
-        expected = [*embedded[:queues_at], queue, *embedded[queues_at + 1:]]
+        expected = [*embedded[:queues_at], queue, *embedded[queues_at + 1 :]]
         assert doc["services"][name]["command"] == ["airflow", *expected], name
     assert set(WORKER_QUEUE.values()) == set(embedded[queues_at].split(","))
 
@@ -327,8 +345,13 @@ def test_mlflow_command_matches_the_embedded_server_on_postgres():
 def test_airflow_init_runs_what_migrate_airflow_runs():
     """migrate_airflow's `airflow` sub-commands (its list literals) are airflow-init's `&&`-joined commands."""
     tree = ast.parse(inspect.getsource(services.migrate_airflow))
-    embedded = [[elt.value for elt in node.elts] for node in ast.walk(tree) if isinstance(node, ast.List)
-                and node.elts and all(isinstance(elt, ast.Constant) and isinstance(elt.value, str) for elt in node.elts)]
+    embedded = [
+        [elt.value for elt in node.elts]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.List)
+        and node.elts
+        and all(isinstance(elt, ast.Constant) and isinstance(elt.value, str) for elt in node.elts)
+    ]
     assert ["db", "migrate"] in embedded and any(cmd[:2] == ["pools", "set"] for cmd in embedded)
     shell, flags, script = load_compose()["services"]["airflow-init"]["command"]
     assert shell == "bash" and flags.startswith("-")
@@ -354,9 +377,16 @@ def test_airflow_services_share_one_celery_configuration():
     doc = load_compose()
     envs = {name: environment(svc) for name, svc in airflow_services(doc).items()}
     assert set(envs) == {"airflow-init", *AIRFLOW_ROLE_OF_SERVICE, *WORKER_QUEUE}
-    shared = ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__BROKER_URL",
-              "AIRFLOW__CELERY__RESULT_BACKEND", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
-              "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "PIPELINE_GPU_QUEUE")
+    shared = (
+        "AIRFLOW__CORE__EXECUTOR",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+        "AIRFLOW__CELERY__BROKER_URL",
+        "AIRFLOW__CELERY__RESULT_BACKEND",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
+        "AIRFLOW__API_AUTH__JWT_SECRET",
+        "AIRFLOW__CORE__FERNET_KEY",
+        "PIPELINE_GPU_QUEUE",
+    )
     for key in shared:
         assert len({env.get(key) for env in envs.values()}) == 1 and envs["airflow-init"].get(key), key
     env = envs["airflow-init"]
@@ -366,6 +396,7 @@ def test_airflow_services_share_one_celery_configuration():
 
 
 # (g) the training queue and the GPU ----------------------------------------------------------------------------
+
 
 def test_gpu_queue_is_consumed_only_by_the_gpu_worker_which_reserves_a_gpu(monkeypatch):
     from pipeline.adapters import orchestration
@@ -385,6 +416,7 @@ def test_gpu_queue_is_consumed_only_by_the_gpu_worker_which_reserves_a_gpu(monke
 
 # The image -----------------------------------------------------------------------------------------------------
 
+
 def test_dockerfile_pins_its_base_installs_the_constraints_and_drops_root():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)
@@ -400,6 +432,7 @@ def test_dockerfile_pins_its_base_installs_the_constraints_and_drops_root():
 
 # (h) accounts and roles (devstack/accounts.py) ------------------------------------------------------------------
 
+
 def test_mlflow_runs_the_basic_auth_app_with_the_embedded_config():
     from devstack import accounts
 
@@ -407,8 +440,10 @@ def test_mlflow_runs_the_basic_auth_app_with_the_embedded_config():
     env = environment(doc["services"]["mlflow"])
     assert doc["services"]["mlflow"]["command"][1:4] == ["server", "--app-name", "basic-auth"]
     config = env["MLFLOW_AUTH_CONFIG_PATH"]
-    assert config.startswith("/opt/pipeline/") and "COPY deploy/mlflow-auth.ini deploy/" in (
-        ROOT / "Dockerfile").read_text()
+    assert (
+        config.startswith("/opt/pipeline/")
+        and "COPY deploy/mlflow-auth.ini deploy/" in (ROOT / "Dockerfile").read_text()
+    )
     text = (ROOT / config.removeprefix("/opt/pipeline/")).read_text()
     body = "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
     database = re.search(r"^database_uri = (\S+)$", body, re.M).group(1)

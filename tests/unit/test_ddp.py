@@ -6,6 +6,7 @@ numbers (no CutMix, no flips) two processes end where one does, up to float roun
 keeps its epoch-1 checkpoint, which a DDP run then resumes. The split has no val rows, so model.pt is the last
 epoch's weights (with a val split it would be the best epoch's, often epoch 1 on this tiny set).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,18 @@ PARAMS = {
     "data": {"landing_uri": "s3://x/"},
     "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
     # cutmix_prob 0 and flips none: the only randomness left is the sample order, which all ranks share.
-    "train": {"epochs": EPOCHS, "batch_size": 8, "num_threads": 1, "num_workers": 0, "amp": "none",
-              "channels_last": False, "patience": 10, "cutmix_prob": 0.0, "flip_default": "none",
-              "label_smoothing": 0.1},
+    "train": {
+        "epochs": EPOCHS,
+        "batch_size": 8,
+        "num_threads": 1,
+        "num_workers": 0,
+        "amp": "none",
+        "channels_last": False,
+        "patience": 10,
+        "cutmix_prob": 0.0,
+        "flip_default": "none",
+        "label_smoothing": 0.1,
+    },
     "bag": {"seeds": [0], "bootstrap": False},
 }
 # Keeps a copy of every epoch checkpoint of the single-process reference run (the stage deletes its own).
@@ -64,20 +74,47 @@ def _env() -> dict:
 
 
 def _stage_args(out: str, ckpt: str) -> list[str]:
-    return ["train", "--params", "params.yaml", "--split", "split.csv", "--raw-dir", "raw", "--member", "0",
-            "--out-dir", out, "--cache-dir", "cache", "--ckpt-dir", ckpt]
+    return [
+        "train",
+        "--params",
+        "params.yaml",
+        "--split",
+        "split.csv",
+        "--raw-dir",
+        "raw",
+        "--member",
+        "0",
+        "--out-dir",
+        out,
+        "--cache-dir",
+        "cache",
+        "--ckpt-dir",
+        ckpt,
+    ]
 
 
 def _run(cmd: list[str], ws: Path) -> str:
-    proc = subprocess.run(cmd, cwd=ws, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=ws, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc.stdout
 
 
 def _torchrun(ws: Path, out: str, ckpt: str, nproc: int = 2) -> str:
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                 "-m", "pipeline", *_stage_args(out, ckpt)], ws)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "pipeline",
+            *_stage_args(out, ckpt),
+        ],
+        ws,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +188,11 @@ def _assert_same_model(ref: Path, other: Path, unidentifiable: set[str]) -> None
     assert [h["train_images"] for h in ha] == [h["train_images"] for h in hb]
     for x, y in zip(ha, hb):
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4), (ha, hb)
-    print(f"\nmax |diff| over {len(a) - len(unidentifiable)} model.pt entries {worst:.3g} "
-          f"(the {len(unidentifiable)} unidentifiable ones: {loose:.3g}); train_loss per epoch "
-          f"{[h['train_loss'] for h in ha]} (1 process) vs {[h['train_loss'] for h in hb]} (DDP)")
+    print(
+        f"\nmax |diff| over {len(a) - len(unidentifiable)} model.pt entries {worst:.3g} "
+        f"(the {len(unidentifiable)} unidentifiable ones: {loose:.3g}); train_loss per epoch "
+        f"{[h['train_loss'] for h in ha]} (1 process) vs {[h['train_loss'] for h in hb]} (DDP)"
+    )
 
 
 def test_torchrun_two_processes_train_the_single_process_model(ws, unidentifiable):
@@ -189,7 +228,7 @@ def _batch_indices(labels: list[int], power: float, rank: int = 0, world: int = 
 
     dataset = Recording(np.zeros((len(labels), 2, 2, 3), np.uint8), labels)
     loader = train_loader(dataset, 8, create_sampler(labels, power, 1234), 1234, 0, False, rank, world)
-    return [seen[-len(x):] for x, _ in loader]
+    return [seen[-len(x) :] for x, _ in loader]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -220,8 +259,7 @@ def test_batch_size_must_split_over_the_processes(tmp_path):
 
     cfg = config_from_dict(PARAMS)
     with pytest.raises(ConfigError, match=r"train\.batch_size 8 must be divisible .* \(WORLD_SIZE 3\)"):
-        _run_train(Dist(rank=0, world=3), cfg, tmp_path / "split.csv", tmp_path, 0, tmp_path / "out", None, None,
-                   "")
+        _run_train(Dist(rank=0, world=3), cfg, tmp_path / "split.csv", tmp_path, 0, tmp_path / "out", None, None, "")
 
 
 def test_gloo_sync_batchnorm_keeps_timm_bn_act_layers_and_state_dict():
@@ -238,7 +276,9 @@ def test_gloo_sync_batchnorm_keeps_timm_bn_act_layers_and_state_dict():
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3)
     converted = sync_batchnorm(model, torch.device("cpu"))
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlooSyncBatchNorm)
-                   for m in converted.modules())
+    assert not any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlooSyncBatchNorm)
+        for m in converted.modules()
+    )
     assert list(converted.state_dict()) == list(ref_state)
     assert torch.equal(converted.train()(x), want)

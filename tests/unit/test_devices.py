@@ -4,6 +4,7 @@ No GPU here, so placement is checked on torch's ``meta`` device: a tensor made o
 device fails there as it would on CUDA ("Expected all tensors to be on the same device"), without computing
 anything. CPU inference must stay exactly what it was (fp32 NCHW), whatever the member trained with.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -171,7 +172,7 @@ def test_cpu_bag_inference_is_bit_for_bit_what_it_was():
     want = []
     with torch.no_grad():
         for i in range(0, 5, 4):  # verbatim the former loop body
-            x = torch.from_numpy(np.array(images[i:i + 4])).permute(0, 3, 1, 2)
+            x = torch.from_numpy(np.array(images[i : i + 4])).permute(0, 3, 1, 2)
             x = x.float().div_(255)
             x = (x - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)
             want.append(torch.softmax(m.model(x).float(), dim=1).numpy())

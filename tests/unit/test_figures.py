@@ -1,4 +1,5 @@
 """Korean class names render as text in every picture (``pipeline/core/figures.py``), never as empty boxes."""
+
 from __future__ import annotations
 
 import warnings
@@ -31,8 +32,9 @@ def test_the_19_class_names_render_with_the_hangul_font():
         ax.set_title("혼동 행렬 −1")  # NanumGothic has no U+2212: the DejaVu Sans fallback must draw it
         missing = missing_glyph_warnings(fig.canvas.draw)
         labels = ax.get_xticklabels() + ax.get_yticklabels()
-        families = {font_manager.get_font(font_manager.findfont(label.get_fontproperties())).family_name
-                    for label in labels}
+        families = {
+            font_manager.get_font(font_manager.findfont(label.get_fontproperties())).family_name for label in labels
+        }
     assert missing == []
     assert sorted(label.get_text() for label in labels) == sorted(DACON_CLASSES * 2)
     assert families == {"NanumGothic"} and figures.hangul_family() == "NanumGothic"

@@ -9,18 +9,21 @@ from pipeline.stages.split import assign_splits
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("key,reason", [
-    ("../etc/passwd", "'.', '..'"),
-    ("a/../b.png", "'.', '..'"),
-    ("/abs.png", "absolute"),
-    ("top.png", "no class folder"),
-    ("a/b/c.png", "nested folder"),
-    ("a/b\x07.png", "unprintable character U+0007"),
-    ("a/\u202egnp.exe.png", "unprintable character U+202E"),   # bidi override: spoofs the shown name
-    ("a\u200b/x.png", "unprintable character U+200B"),         # zero-width: a class that looks like "a"
-    ("a/" + "가" * 81, "longer than 240 bytes"),
-    ("a/.hidden", "hidden file"),
-])
+@pytest.mark.parametrize(
+    "key,reason",
+    [
+        ("../etc/passwd", "'.', '..'"),
+        ("a/../b.png", "'.', '..'"),
+        ("/abs.png", "absolute"),
+        ("top.png", "no class folder"),
+        ("a/b/c.png", "nested folder"),
+        ("a/b\x07.png", "unprintable character U+0007"),
+        ("a/\u202egnp.exe.png", "unprintable character U+202E"),  # bidi override: spoofs the shown name
+        ("a\u200b/x.png", "unprintable character U+200B"),  # zero-width: a class that looks like "a"
+        ("a/" + "가" * 81, "longer than 240 bytes"),
+        ("a/.hidden", "hidden file"),
+    ],
+)
 def test_unsafe_keys_are_refused_with_a_reason(key, reason):
     out = safe_relative_key(key)
     assert isinstance(out, str) and reason in out
@@ -61,8 +64,16 @@ def test_split_is_stable_when_new_images_land():
     cfg = config_from_dict({"data": {"landing_uri": "s3://x/"}})
 
     def rows(n: int) -> list[dict]:
-        return [{"path": f"{c}/{i}.png", "class_name": c, "sha256": hashlib.sha256(f"{c}{i}".encode()).hexdigest(),
-                 "dhash": hashlib.md5(f"{c}{i}".encode()).hexdigest()[:16]} for c in ("a", "b") for i in range(n)]
+        return [
+            {
+                "path": f"{c}/{i}.png",
+                "class_name": c,
+                "sha256": hashlib.sha256(f"{c}{i}".encode()).hexdigest(),
+                "dhash": hashlib.md5(f"{c}{i}".encode()).hexdigest()[:16],
+            }
+            for c in ("a", "b")
+            for i in range(n)
+        ]
 
     before = {r["path"]: r["split"] for r in assign_splits(rows(100), cfg)[0]}
     after = {r["path"]: r["split"] for r in assign_splits(rows(120), cfg)[0]}

@@ -3,6 +3,7 @@ test rows; the stage writes nothing but a header when the flag is off and fails 
 
 The stage against a real MLflow server with a real logged report: tests/integration/test_label_exclusions.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,11 @@ def _sha(text: str) -> str:
 
 def _validated(n_per_class: int = 40) -> list[dict]:
     """Two classes of distinct images (no duplicates), enough groups for a real train/val/test split."""
-    return [{"path": f"{c}/img{i:03d}.png", "class_name": c, "sha256": _sha(f"{c}{i}"), "dhash": ""}
-            for c in ("crack", "mold") for i in range(n_per_class)]
+    return [
+        {"path": f"{c}/img{i:03d}.png", "class_name": c, "sha256": _sha(f"{c}{i}"), "dhash": ""}
+        for c in ("crack", "mold")
+        for i in range(n_per_class)
+    ]
 
 
 def _cfg():
@@ -50,8 +54,14 @@ def test_flagged_train_and_val_images_leave_test_images_stay():
     gone = {r["path"] for r in train + val}
     assert {r["path"] for r in kept} == {r["path"] for r in rows} - gone
     assert test[0] in kept  # the gate's test split never changes
-    assert counts == {"listed": 6, "dropped_train": 3, "dropped_val": 2, "kept_in_test": 1, "not_matched": 0,
-                      "source_versions": ["7"]}
+    assert counts == {
+        "listed": 6,
+        "dropped_train": 3,
+        "dropped_val": 2,
+        "kept_in_test": 1,
+        "not_matched": 0,
+        "source_versions": ["7"],
+    }
     assert kept == [r for r in rows if r["path"] not in gone]  # nobody else moved
 
 
@@ -60,9 +70,11 @@ def test_a_relabelled_or_resaved_image_trains_again():
     bytes at the old path (fixed and re-uploaded), are different images now."""
     rows, _ = assign_splits(_validated(), _cfg())
     moved, resaved = _pick(rows, "train", 2)
-    listed = [{"path": moved["path"], "sha256": moved["sha256"]},
-              {"path": resaved["path"], "sha256": resaved["sha256"]},
-              {"path": rows[0]["path"], "sha256": ""}]  # no content hash: matches nothing
+    listed = [
+        {"path": moved["path"], "sha256": moved["sha256"]},
+        {"path": resaved["path"], "sha256": resaved["sha256"]},
+        {"path": rows[0]["path"], "sha256": ""},
+    ]  # no content hash: matches nothing
     other = "mold" if moved["class_name"] == "crack" else "crack"
     relabelled = dict(moved, path=f"{other}/{Path(moved['path']).name}", class_name=other)  # same bytes, moved
     fixed = dict(resaved, sha256=_sha("the re-saved bytes"))  # same path, new bytes
@@ -78,8 +90,9 @@ def test_run_split_with_an_exclusion_file_keeps_every_other_assignment(tmp_path)
     before = read_csv(tmp_path / "before.csv")
     flagged = _pick(before, "train", 4) + _pick(before, "val", 1) + _pick(before, "test", 1)
     write_csv(tmp_path / "excl.csv", [dict(r, source_version="3") for r in flagged], FIELDS)
-    report = run_split(_cfg(), tmp_path / "validated.csv", tmp_path / "after.csv", tmp_path / "after.json",
-                       tmp_path / "excl.csv")
+    report = run_split(
+        _cfg(), tmp_path / "validated.csv", tmp_path / "after.csv", tmp_path / "after.json", tmp_path / "excl.csv"
+    )
     after = read_csv(tmp_path / "after.csv")
     assert after == [r for r in before if r["path"] not in {f["path"] for f in flagged[:5]}]
     assert report["excluded"] == json.loads((tmp_path / "after.json").read_text())["excluded"]
@@ -97,18 +110,59 @@ def test_run_split_with_an_exclusion_file_keeps_every_other_assignment(tmp_path)
 
 
 def test_exclusion_rows_are_the_flagged_rows_with_their_sha256():
-    issues = [{"rank": "1", "path": "b/2.png", "split": "train", "given_class": "b", "suggested_class": "a",
-               "label_quality": "0.01", "issue": "True", "p_given": "0.01", "source": "oob:member_0"},
-              {"rank": "2", "path": "a/1.png", "split": "val", "given_class": "a", "suggested_class": "b",
-               "label_quality": "0.02", "issue": "True", "p_given": "0.02", "source": "val:all_members"},
-              {"rank": "3", "path": "a/3.png", "split": "train", "given_class": "a", "suggested_class": "a",
-               "label_quality": "0.9", "issue": "False", "p_given": "0.9", "source": "oob:member_1"}]
-    split = [{"path": "a/1.png", "sha256": "s1"}, {"path": "b/2.png", "sha256": "s2"}, {"path": "a/3.png",
-                                                                                       "sha256": "s3"}]
+    issues = [
+        {
+            "rank": "1",
+            "path": "b/2.png",
+            "split": "train",
+            "given_class": "b",
+            "suggested_class": "a",
+            "label_quality": "0.01",
+            "issue": "True",
+            "p_given": "0.01",
+            "source": "oob:member_0",
+        },
+        {
+            "rank": "2",
+            "path": "a/1.png",
+            "split": "val",
+            "given_class": "a",
+            "suggested_class": "b",
+            "label_quality": "0.02",
+            "issue": "True",
+            "p_given": "0.02",
+            "source": "val:all_members",
+        },
+        {
+            "rank": "3",
+            "path": "a/3.png",
+            "split": "train",
+            "given_class": "a",
+            "suggested_class": "a",
+            "label_quality": "0.9",
+            "issue": "False",
+            "p_given": "0.9",
+            "source": "oob:member_1",
+        },
+    ]
+    split = [
+        {"path": "a/1.png", "sha256": "s1"},
+        {"path": "b/2.png", "sha256": "s2"},
+        {"path": "a/3.png", "sha256": "s3"},
+    ]
     got = exclusion_rows(issues, split, "12", "run-x")
     # the flagged val image stays: val is the yardstick
-    assert got == [{"path": "b/2.png", "sha256": "s2", "given_class": "b", "suggested_class": "a",
-                    "label_quality": "0.01", "source_version": "12", "source_run": "run-x"}]
+    assert got == [
+        {
+            "path": "b/2.png",
+            "sha256": "s2",
+            "given_class": "b",
+            "suggested_class": "a",
+            "label_quality": "0.01",
+            "source_version": "12",
+            "source_run": "run-x",
+        }
+    ]
     assert exclusion_rows(issues, [], "12", "run-x")[0]["sha256"] == ""  # unknown content: split never matches
 
 
@@ -120,27 +174,50 @@ def _dead_mlflow_port() -> int:
 
 def _params(tmp_path: Path, exclude: bool) -> Path:
     fp = tmp_path / "params.yaml"
-    fp.write_text(yaml.safe_dump({"data": {"landing_uri": "s3://x/", "exclude_label_issues": exclude},
-                                  "registry": {"model_name": "nobody"}}), encoding="utf-8")
+    fp.write_text(
+        yaml.safe_dump(
+            {"data": {"landing_uri": "s3://x/", "exclude_label_issues": exclude}, "registry": {"model_name": "nobody"}}
+        ),
+        encoding="utf-8",
+    )
     return fp
 
 
 def test_flag_off_writes_an_empty_file_without_asking_mlflow(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_dead_mlflow_port()}"}
-    out = run_cli(["pipeline", "label_exclusions", "--params", str(_params(tmp_path, False)),
-                   "--out", str(tmp_path / "excl.csv")], env, timeout=120)
+    out = run_cli(
+        [
+            "pipeline",
+            "label_exclusions",
+            "--params",
+            str(_params(tmp_path, False)),
+            "--out",
+            str(tmp_path / "excl.csv"),
+        ],
+        env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "excl.csv").read_text(encoding="utf-8").strip() == ",".join(FIELDS)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"enabled": False, "champion_version": None,
-                                                                "n_excluded": 0}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "enabled": False,
+        "champion_version": None,
+        "n_excluded": 0,
+    }
 
 
 def test_flag_on_and_mlflow_unreachable_fails_the_stage(tmp_path):
     """Never "no exclusions" because the registry could not be read: a transient error, retried, no file."""
-    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_dead_mlflow_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    out = run_cli(["pipeline", "label_exclusions", "--params", str(_params(tmp_path, True)),
-                   "--out", str(tmp_path / "excl.csv")], env, timeout=180)
+    env = {
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_dead_mlflow_port()}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    out = run_cli(
+        ["pipeline", "label_exclusions", "--params", str(_params(tmp_path, True)), "--out", str(tmp_path / "excl.csv")],
+        env,
+        timeout=180,
+    )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error (transient): cannot reach the MLflow server")
     assert not (tmp_path / "excl.csv").exists()
@@ -149,8 +226,14 @@ def test_flag_on_and_mlflow_unreachable_fails_the_stage(tmp_path):
 def test_model_card_says_how_many_left_and_from_which_version():
     from pipeline.stages.model_card import exclusions_card
 
-    counts = {"listed": 9, "dropped_train": 6, "dropped_val": 2, "kept_in_test": 0, "not_matched": 1,
-              "source_versions": ["4"]}
+    counts = {
+        "listed": 9,
+        "dropped_train": 6,
+        "dropped_val": 2,
+        "kept_in_test": 0,
+        "not_matched": 1,
+        "source_versions": ["4"],
+    }
     card = "\n".join(exclusions_card(True, counts, "m"))
     assert "8 images left this training (6 train, 2 val)" in card and "m v4" in card
     assert "1 no longer in the data" in card

@@ -3,6 +3,7 @@
 Probabilities must be out-of-sample: a member that trained on an image (or on a duplicate of it) never scores
 it, an image every member trained on stays unscored, and a planted flipped label comes out on top.
 """
+
 from __future__ import annotations
 
 import csv
@@ -82,8 +83,9 @@ def test_a_planted_flipped_label_is_ranked_first_and_flagged():
     probs[[3, 25]] = np.nan  # two images every member trained on: unscored
     paths = [f"{CLASSES[c]}/{i:03d}.png" for i, c in enumerate(given)]
     sources = [SOURCE_UNSCORED if i in (3, 25) else "oob:member_1" for i in range(len(y))]
-    rows = li.build_report(paths, ["train"] * len(y), given, probs, sources, CLASSES, "prune_by_noise_rate",
-                           "self_confidence")
+    rows = li.build_report(
+        paths, ["train"] * len(y), given, probs, sources, CLASSES, "prune_by_noise_rate", "self_confidence"
+    )
     top = rows[0]
     assert (top["rank"], top["path"], top["issue"]) == (1, paths[flipped], True)
     assert (top["given_class"], top["suggested_class"]) == ("창틀,문틀수정", "곰팡이")
@@ -104,11 +106,25 @@ def test_stage_writes_ranked_csv_ascii_metrics_and_grid(tmp_path, monkeypatch):
     rows, flipped = [], "곰팡이/v_flip.png"
     for c, name in enumerate(CLASSES):
         for k in range(10):
-            rows.append({"path": f"{name}/t{k}.png", "class_name": name, "sha256": f"{c}t{k}", "split": "train",
-                         "group": f"{c}t{k}"})
+            rows.append(
+                {
+                    "path": f"{name}/t{k}.png",
+                    "class_name": name,
+                    "sha256": f"{c}t{k}",
+                    "split": "train",
+                    "group": f"{c}t{k}",
+                }
+            )
         for k in range(4):
-            rows.append({"path": f"{name}/v{k}.png", "class_name": name, "sha256": f"{c}v{k}", "split": "val",
-                         "group": f"{c}v{k}"})
+            rows.append(
+                {
+                    "path": f"{name}/v{k}.png",
+                    "class_name": name,
+                    "sha256": f"{c}v{k}",
+                    "split": "val",
+                    "group": f"{c}v{k}",
+                }
+            )
     rows.append({"path": flipped, "class_name": "곰팡이", "sha256": "flip", "split": "val", "group": "flip"})
     for k, r in enumerate(rows):
         _png(raw / r["path"], 10 * k % 250)
@@ -125,16 +141,25 @@ def test_stage_writes_ranked_csv_ascii_metrics_and_grid(tmp_path, monkeypatch):
         return CLASSES, [p, p]
 
     monkeypatch.setattr(li, "member_probabilities", fake_members)
-    cfg = config_from_dict({"data": {"landing_uri": "s3://b/p/"}, "bag": {"seeds": [0, 1]},
-                            "train": {"device": "cpu"}})
+    cfg = config_from_dict({"data": {"landing_uri": "s3://b/p/"}, "bag": {"seeds": [0, 1]}, "train": {"device": "cpu"}})
     out = tmp_path / "reports"
-    summary = li.run_label_issues(cfg, split_fp, raw, tmp_path / "models", out / "label_issues.csv",
-                                  out / "label_issues.json", out / "label_issues.png")
+    summary = li.run_label_issues(
+        cfg,
+        split_fp,
+        raw,
+        tmp_path / "models",
+        out / "label_issues.csv",
+        out / "label_issues.json",
+        out / "label_issues.png",
+    )
     with open(out / "label_issues.csv", newline="", encoding="utf-8") as fh:
         got = list(csv.DictReader(fh))
     assert got[0]["path"] == flipped and got[0]["rank"] == "1" and got[0]["issue"] == "True"
-    assert (got[0]["given_class"], got[0]["suggested_class"], got[0]["source"]) == ("곰팡이", "창틀,문틀수정",
-                                                                                     "val:all_members")
+    assert (got[0]["given_class"], got[0]["suggested_class"], got[0]["source"]) == (
+        "곰팡이",
+        "창틀,문틀수정",
+        "val:all_members",
+    )
     seen = in_bag_matrix([CLASSES.index(r["class_name"]) for r in rows if r["split"] == "train"], (0, 1), True)
     assert summary["n_unscored"] == int(seen.all(axis=1).sum()) == sum(r["source"] == SOURCE_UNSCORED for r in got)
     assert summary["n_scored"] + summary["n_unscored"] == summary["n_images"] == len(rows) == len(got)
@@ -157,18 +182,44 @@ def test_stage_on_real_tiny_members_scores_each_image_with_its_out_of_bag_member
     from tests.integration.helpers import write_tiny_split
 
     write_tiny_split(tmp_path, per_class=8, val_per_class=2)
-    cfg = config_from_dict({"data": {"landing_uri": "s3://x/"},
-                            "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
-                            "train": {"epochs": 1, "batch_size": 6, "num_workers": 0, "amp": "none",
-                                      "channels_last": False, "device": "cpu", "num_threads": 1},
-                            "bag": {"seeds": [0, 1], "bootstrap": True}})
+    cfg = config_from_dict(
+        {
+            "data": {"landing_uri": "s3://x/"},
+            "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
+            "train": {
+                "epochs": 1,
+                "batch_size": 6,
+                "num_workers": 0,
+                "amp": "none",
+                "channels_last": False,
+                "device": "cpu",
+                "num_threads": 1,
+            },
+            "bag": {"seeds": [0, 1], "bootstrap": True},
+        }
+    )
     models = tmp_path / "models"
     for seed in (0, 1):
-        run_train(cfg, tmp_path / "split.csv", tmp_path / "raw", seed, models / f"member_{seed}",
-                  cache_dir=tmp_path / "cache", ckpt_dir=tmp_path / "ckpt")
+        run_train(
+            cfg,
+            tmp_path / "split.csv",
+            tmp_path / "raw",
+            seed,
+            models / f"member_{seed}",
+            cache_dir=tmp_path / "cache",
+            ckpt_dir=tmp_path / "ckpt",
+        )
     out = tmp_path / "reports"
-    summary = li.run_label_issues(cfg, tmp_path / "split.csv", tmp_path / "raw", models, out / "li.csv",
-                                  out / "li.json", out / "li.png", cache_dir=tmp_path / "cache")
+    summary = li.run_label_issues(
+        cfg,
+        tmp_path / "split.csv",
+        tmp_path / "raw",
+        models,
+        out / "li.csv",
+        out / "li.json",
+        out / "li.png",
+        cache_dir=tmp_path / "cache",
+    )
     split = load_split(tmp_path / "split.csv")
     own = {}
     for which in ("train", "val"):
@@ -198,9 +249,17 @@ def test_stage_on_real_tiny_members_scores_each_image_with_its_out_of_bag_member
 def test_model_card_states_the_label_issue_counts():
     from pipeline.stages.model_card import label_issues_card
 
-    summary = {"n_images": 43, "n_scored": 31, "n_unscored": 12, "n_flagged": 2, "flagged_share": 0.0645,
-               "by_source": {"oob": 18, "val": 13, "unscored": 12}, "flagged_per_class": {"창틀,문틀수정": 2},
-               "filter_by": "prune_by_noise_rate", "ranked_by": "self_confidence"}
+    summary = {
+        "n_images": 43,
+        "n_scored": 31,
+        "n_unscored": 12,
+        "n_flagged": 2,
+        "flagged_share": 0.0645,
+        "by_source": {"oob": 18, "val": 13, "unscored": 12},
+        "flagged_per_class": {"창틀,문틀수정": 2},
+        "filter_by": "prune_by_noise_rate",
+        "ranked_by": "self_confidence",
+    }
     card = "\n".join(label_issues_card(summary))
     assert "flagged: 2 of 31 scored" in card and "창틀,문틀수정 2" in card
     assert "unscored 12 train images" in card and "18 train images" in card and "13 val images" in card

@@ -2,6 +2,7 @@
 
 See docs/ARCHITECTURE.md for the map these tests hold the code to.
 """
+
 from __future__ import annotations
 
 import ast
@@ -72,8 +73,11 @@ def test_plugins_import_only_the_adapters():
     for fp in py_files(ROOT / "plugins"):
         for mod in imported_modules(fp):
             top = mod.split(".")[0]
-            if top in ("pipeline", "devstack") and mod != "pipeline.adapters" \
-                    and not mod.startswith("pipeline.adapters."):
+            if (
+                top in ("pipeline", "devstack")
+                and mod != "pipeline.adapters"
+                and not mod.startswith("pipeline.adapters.")
+            ):
                 bad.append(f"{fp.name} imports {mod}")
             if top in ("torch", "mlflow", "dvc", "boto3", "great_expectations", "timm"):
                 bad.append(f"{fp.name} imports {mod}")
@@ -85,8 +89,11 @@ def test_dag_files_import_only_the_orchestration_surface():
     for fp in py_files(ROOT / "dags"):
         for mod in imported_modules(fp):
             top = mod.split(".")[0]
-            if top in ("pipeline", "devstack") and not mod.startswith("pipeline.adapters.orchestration") \
-                    and mod not in ("pipeline.adapters", "pipeline.adapters.orchestration"):
+            if (
+                top in ("pipeline", "devstack")
+                and not mod.startswith("pipeline.adapters.orchestration")
+                and mod not in ("pipeline.adapters", "pipeline.adapters.orchestration")
+            ):
                 bad.append(f"{fp.name} imports {mod}")
             if top in ("torch", "pandas", "mlflow", "great_expectations", "dvc", "timm", "boto3"):
                 bad.append(f"{fp.name} imports {mod}")
@@ -102,9 +109,11 @@ def test_dvc_yaml_code_deps_are_generated_and_fresh():
 def test_code_deps_cover_what_a_stage_imports(stage):
     """What importing the CLI and the stage loads (every pipeline module in sys.modules) is listed in dvc.yaml."""
     module = code_deps.STAGE_MODULES[stage]
-    probe = (f"import sys, pipeline.__main__, {module}\n"
-             "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items()\n"
-             "    if n.split('.')[0] == 'pipeline' and getattr(m, '__file__', None))))")
+    probe = (
+        f"import sys, pipeline.__main__, {module}\n"
+        "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items()\n"
+        "    if n.split('.')[0] == 'pipeline' and getattr(m, '__file__', None))))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     loaded = {Path(f).resolve().relative_to(ROOT).as_posix() for f in out.stdout.split()}
     listed = set(_dvc_stage(stage)["deps"])
@@ -138,8 +147,9 @@ def test_dvc_yaml_paths_are_the_cli_defaults():
         spec = spec.get("do", spec)
         argv = shlex.split(spec["cmd"].replace("${key}", "b").replace("${item}", "0"))[3:]
         given = vars(parser.parse_args(argv))
-        defaults = vars(parser.parse_args([argv[0], *(["--member", "0", "--out-dir", "x"] if argv[0] == "train"
-                                                       else [])]))
+        defaults = vars(
+            parser.parse_args([argv[0], *(["--member", "0", "--out-dir", "x"] if argv[0] == "train" else [])])
+        )
         for key, value in given.items():
             if key not in ("out_dir", "member", "backbone", "docs_dir"):
                 assert value == defaults[key], (name, key, value, defaults[key])
@@ -167,8 +177,9 @@ def test_registered_model_name_has_one_source(monkeypatch):
         monkeypatch.setenv("PIPELINE_PROFILE", profile)
         params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
         if profile != "full":
-            params["registry"].update(yaml.safe_load((ROOT / "profiles" / f"{profile}.yaml").read_text())
-                                      .get("registry", {}))
+            params["registry"].update(
+                yaml.safe_load((ROOT / "profiles" / f"{profile}.yaml").read_text()).get("registry", {})
+            )
         assert default_model_uri() == f"models:/{params['registry']['model_name']}@champion"
     for fp in [*py_files(PKG), *py_files(ROOT / "dags"), ROOT / "Makefile"]:
         text = fp.read_text(encoding="utf-8")
@@ -205,10 +216,13 @@ def test_only_settings_reads_pipeline_variables(monkeypatch):
     from pipeline.core import settings
 
     read = re.compile(r"""(environ\.get|getenv)\(\s*["']PIPELINE_|environ\[\s*["']PIPELINE_\w+["']\s*\](?!\s*=[^=])""")
-    offenders = [f"{fp.relative_to(ROOT)}:{n}" for fp in [*py_files(PKG), *py_files(ROOT / "dags"),
-                                                          *py_files(ROOT / "plugins"), *py_files(ROOT / "devstack")]
-                 if fp.name != "settings.py"
-                 for n, line in enumerate(fp.read_text(encoding="utf-8").splitlines(), 1) if read.search(line)]
+    offenders = [
+        f"{fp.relative_to(ROOT)}:{n}"
+        for fp in [*py_files(PKG), *py_files(ROOT / "dags"), *py_files(ROOT / "plugins"), *py_files(ROOT / "devstack")]
+        if fp.name != "settings.py"
+        for n, line in enumerate(fp.read_text(encoding="utf-8").splitlines(), 1)
+        if read.search(line)
+    ]
     assert offenders == []
     monkeypatch.delenv("PIPELINE_PROFILE", raising=False)
     monkeypatch.delenv("PIPELINE_MODEL_NAME", raising=False)
@@ -223,8 +237,12 @@ def test_stages_write_their_outputs_atomically():
     import re
 
     direct = re.compile(r"""\.write_(text|bytes)\(|open\([^)]*["'][wa]b?["']""")
-    offenders = [f"{fp.name}:{n}" for fp in py_files(PKG / "stages")
-                 for n, line in enumerate(fp.read_text(encoding="utf-8").splitlines(), 1) if direct.search(line)]
+    offenders = [
+        f"{fp.name}:{n}"
+        for fp in py_files(PKG / "stages")
+        for n, line in enumerate(fp.read_text(encoding="utf-8").splitlines(), 1)
+        if direct.search(line)
+    ]
     assert offenders == []
 
 
@@ -234,7 +252,9 @@ def test_adapters_reach_commands_and_stages_only_through_orchestration():
     others = [p for p in py_files(PKG / "adapters") if p.name != "orchestration.py"]
     assert violations(others, ("pipeline.commands", "pipeline.stages")) == []
     allowed = ("pipeline.commands.predict", "pipeline.stages.paths")
-    up = {m for m in imported_modules(PKG / "adapters" / "orchestration.py")
-          if m.startswith(("pipeline.commands", "pipeline.stages"))
-          and m not in ("pipeline.commands", "pipeline.stages")}  # `from pipeline.stages import paths` names both
+    up = {
+        m
+        for m in imported_modules(PKG / "adapters" / "orchestration.py")
+        if m.startswith(("pipeline.commands", "pipeline.stages")) and m not in ("pipeline.commands", "pipeline.stages")
+    }  # `from pipeline.stages import paths` names both
     assert {m for m in up if not any(m == a or m.startswith(a + ".") for a in allowed)} == set(), up

@@ -3,6 +3,7 @@
 Before ``data.seed_worker`` every worker drew from a copy of the dataset's one numpy generator, so worker 1's
 i-th image got exactly worker 0's i-th flips, and a loader of the next epoch repeated them again.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,16 +58,34 @@ def test_training_with_loader_workers_is_reproducible(tmp_path):
     from tests.integration.helpers import write_tiny_split
 
     write_tiny_split(tmp_path, per_class=8, val_per_class=2)
-    params = {"data": {"landing_uri": "s3://x/"},
-              "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
-              "train": {"epochs": 2, "batch_size": 6, "num_workers": 2, "amp": "none", "channels_last": False,
-                        "flip_default": "both", "cutmix_prob": 0.5, "patience": 5, "device": "cpu"},
-              "bag": {"seeds": [0], "bootstrap": True}}
+    params = {
+        "data": {"landing_uri": "s3://x/"},
+        "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
+        "train": {
+            "epochs": 2,
+            "batch_size": 6,
+            "num_workers": 2,
+            "amp": "none",
+            "channels_last": False,
+            "flip_default": "both",
+            "cutmix_prob": 0.5,
+            "patience": 5,
+            "device": "cpu",
+        },
+        "bag": {"seeds": [0], "bootstrap": True},
+    }
     cfg = config_from_dict(params)
     states = []
     for run in ("a", "b"):
-        meta = run_train(cfg, tmp_path / "split.csv", tmp_path / "raw", 0, tmp_path / run,
-                         cache_dir=tmp_path / "cache", ckpt_dir=tmp_path / f"ckpt_{run}")
+        meta = run_train(
+            cfg,
+            tmp_path / "split.csv",
+            tmp_path / "raw",
+            0,
+            tmp_path / run,
+            cache_dir=tmp_path / "cache",
+            ckpt_dir=tmp_path / f"ckpt_{run}",
+        )
         assert meta["amp"] == "none" and meta["channels_last"] is False and meta["device"] == "cpu"
         states.append(checkpoints.load(tmp_path / run / "model.pt", "model weights", meta["model_sha256"]))
     assert states[0].keys() == states[1].keys()

@@ -23,8 +23,10 @@ def test_focal_gamma0_equals_cross_entropy_with_label_smoothing():
 def test_focal_down_weights_easy_examples():
     logits = torch.tensor([[6.0, 0.0], [0.2, 0.0]])  # one easy, one hard example of class 0
     target = torch.tensor([0, 0])
-    per = [FocalLoss(2.0)(logits[i:i + 1], target[i:i + 1]) / F.cross_entropy(logits[i:i + 1], target[i:i + 1])
-           for i in range(2)]
+    per = [
+        FocalLoss(2.0)(logits[i : i + 1], target[i : i + 1]) / F.cross_entropy(logits[i : i + 1], target[i : i + 1])
+        for i in range(2)
+    ]
     assert per[0] < 0.01 < per[1]
 
 
@@ -93,8 +95,9 @@ def test_the_bootstrap_is_seeded_and_its_weighted_f1_is_sklearns():
     truth, champion = _champion_and_truth(n=120, errors=50, seed=3)
     candidate = _fix(truth, champion, 8)
     assert paired_bootstrap(truth, candidate, champion) == paired_bootstrap(truth, candidate, champion)
-    assert weighted_f1(truth, champion) == pytest.approx(f1_score(truth, champion, average="weighted",
-                                                                  zero_division=0), abs=1e-12)
+    assert weighted_f1(truth, champion) == pytest.approx(
+        f1_score(truth, champion, average="weighted", zero_division=0), abs=1e-12
+    )
     # resampled: weights = draw counts; sklearn on the expanded lists must agree
     rng = np.random.default_rng(1)
     y = np.array([CLASSES.index(t) for t in truth])
@@ -133,13 +136,18 @@ def test_the_champion_lookup_fails_closed():
         def get_model_version_by_alias(self, name, alias):
             raise self.exc
 
-    none = [MlflowException("Registered Model with name=m not found", error_code=RESOURCE_DOES_NOT_EXIST),
-            MlflowException("Registered model alias champion not found.", error_code=INVALID_PARAMETER_VALUE)]
+    none = [
+        MlflowException("Registered Model with name=m not found", error_code=RESOURCE_DOES_NOT_EXIST),
+        MlflowException("Registered model alias champion not found.", error_code=INVALID_PARAMETER_VALUE),
+    ]
     for exc in none:
         assert version_by_alias(Registry(exc), "m", "champion") is None
-    broken = [ConnectionError("refused"), TimeoutError(),
-              MlflowException("API request to …/registered-models/alias failed: 503", error_code=INTERNAL_ERROR),
-              MlflowException("Invalid alias name 'x y'", error_code=INVALID_PARAMETER_VALUE)]
+    broken = [
+        ConnectionError("refused"),
+        TimeoutError(),
+        MlflowException("API request to …/registered-models/alias failed: 503", error_code=INTERNAL_ERROR),
+        MlflowException("Invalid alias name 'x y'", error_code=INVALID_PARAMETER_VALUE),
+    ]
     for exc in broken:
         with pytest.raises(TrackingError, match="alias champion of m") as info:
             version_by_alias(Registry(exc), "m", "champion")

@@ -2,6 +2,7 @@
 
 The validators are MLflow's own (``mlflow.utils.validation``), so a key passing here is one the server accepts.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,33 @@ from pipeline.core.names import decode_key, encode_key
 pytestmark = pytest.mark.unit
 
 COMMA = "창틀,문틀수정"  # the DACON class whose comma MLflow refuses in a key
-NAMES = [COMMA, "a/b", "a b", "곰팡이", "", ".", "..", "-", "--", "a.", " a ", "CON", "nul", "lpt1", "Crack",
-         "crack", "a:b", "a\\b", 'q"<>|?*', "tab\there", "new\nline", "100%", "member_0", "\ud800", "😀🧱"]
+NAMES = [
+    COMMA,
+    "a/b",
+    "a b",
+    "곰팡이",
+    "",
+    ".",
+    "..",
+    "-",
+    "--",
+    "a.",
+    " a ",
+    "CON",
+    "nul",
+    "lpt1",
+    "Crack",
+    "crack",
+    "a:b",
+    "a\\b",
+    'q"<>|?*',
+    "tab\there",
+    "new\nline",
+    "100%",
+    "member_0",
+    "\ud800",
+    "😀🧱",
+]
 WINDOWS_FORBIDDEN = set('<>:"/\\|?*') | {chr(i) for i in range(32)}
 
 
@@ -50,8 +76,11 @@ def test_encoding_round_trips_and_mlflow_accepts_the_key(windows, monkeypatch):
 
 
 def test_plain_names_read_as_they_are_and_the_comma_class_is_escaped():
-    assert [encode_key(n) for n in ("member_0", "efficientnet_lite0", "seed")] == ["member_0", "efficientnet_lite0",
-                                                                                 "seed"]
+    assert [encode_key(n) for n in ("member_0", "efficientnet_lite0", "seed")] == [
+        "member_0",
+        "efficientnet_lite0",
+        "seed",
+    ]
     assert encode_key(COMMA) == "-ec-b0-bd-ed-8b-80-2c-eb-ac-b8-ed-8b-80-ec-88-98-ec-a0-95"
     assert encode_key("a/b") == "a-2fb" and encode_key("a b") == "a-20b"
 
@@ -70,8 +99,14 @@ def test_encoded_names_are_distinct_safe_file_names(tmp_path):
     assert len({k.lower() for k in keys}) == len(names)
     for key in keys:
         assert not set(key) & WINDOWS_FORBIDDEN and key not in (".", "..") and key[-1] not in ". "
-        assert key.split(".")[0].lower() not in {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
-                                                 *(f"lpt{i}" for i in range(10))}
+        assert key.split(".")[0].lower() not in {
+            "con",
+            "prn",
+            "aux",
+            "nul",
+            *(f"com{i}" for i in range(10)),
+            *(f"lpt{i}" for i in range(10)),
+        }
         assert len(key.encode()) <= 255
         (tmp_path / key).write_text("x")
     listed = sorted(p.name for p in tmp_path.iterdir())
@@ -91,9 +126,13 @@ def test_tracking_params_for_any_flip_policy_pass_mlflow_validation():
     from pipeline.adapters import tracking
 
     policy = {COMMA: "h", "a/b": "v"}
-    cfg = config_from_dict({"data": {"landing_uri": "s3://x/", "expected_classes": [COMMA, "a/b"]},
-                            "train": {"flip_policy": policy},
-                            "backbones": {"efficientnet_lite0": {"img_size": 160}}})
+    cfg = config_from_dict(
+        {
+            "data": {"landing_uri": "s3://x/", "expected_classes": [COMMA, "a/b"]},
+            "train": {"flip_policy": policy},
+            "backbones": {"efficientnet_lite0": {"img_size": 160}},
+        }
+    )
     params = tracking.config_params(cfg.to_dict())
     for key in params:
         validation._validate_param_name(key)
@@ -106,8 +145,13 @@ def test_tracking_params_for_any_flip_policy_pass_mlflow_validation():
 def test_nested_run_params_of_a_trained_network_pass_mlflow_validation():
     from pipeline.adapters import tracking
 
-    meta = {"backbone": "efficientnet_lite0", "class_names": [COMMA, "a/b"], "flips": {COMMA: "h", "a/b": "none"},
-            "mean": [0.5, 0.5, 0.5], "best_val_weighted_f1": None}
+    meta = {
+        "backbone": "efficientnet_lite0",
+        "class_names": [COMMA, "a/b"],
+        "flips": {COMMA: "h", "a/b": "none"},
+        "mean": [0.5, 0.5, 0.5],
+        "best_val_weighted_f1": None,
+    }
     params = tracking.trained_params(meta)
     for key in params:
         validation._validate_param_name(key)

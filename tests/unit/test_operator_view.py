@@ -2,6 +2,7 @@
 
 The same pieces under a running api-server: tests/integration/test_operator_view.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,13 +21,15 @@ def _workspace(tmp_path):
     (tmp_path / "reports" / "data_docs").mkdir(parents=True)
     (tmp_path / "reports" / "data_docs" / "index.html").write_text("<html>docs</html>", encoding="utf-8")
     (tmp_path / "reports" / "validation.json").write_text(json.dumps({"files": 40}), encoding="utf-8")
-    rows = ["source_key,path,class_name,reason",
-            "l/곰팡이/a.png,곰팡이/a.png,곰팡이,not a decodable image",
-            "l/곰팡이/b.png,곰팡이/b.png,곰팡이,not a decodable image",
-            '"l/창틀,문틀수정/c.png","창틀,문틀수정/c.png","창틀,문틀수정",label conflict: same bytes as l/오염/d.png',
-            # several rules broken at once, as validate writes them: counted under the first
-            '"l/오염/e.png","오염/e.png","오염","not a decodable image; format not in [\'PNG\']; width below '
-            'validate.min_side=16 (UnidentifiedImageError: cannot identify image file \'data/raw/오염/e.png\')"']
+    rows = [
+        "source_key,path,class_name,reason",
+        "l/곰팡이/a.png,곰팡이/a.png,곰팡이,not a decodable image",
+        "l/곰팡이/b.png,곰팡이/b.png,곰팡이,not a decodable image",
+        '"l/창틀,문틀수정/c.png","창틀,문틀수정/c.png","창틀,문틀수정",label conflict: same bytes as l/오염/d.png',
+        # several rules broken at once, as validate writes them: counted under the first
+        '"l/오염/e.png","오염/e.png","오염","not a decodable image; format not in [\'PNG\']; width below '
+        "validate.min_side=16 (UnidentifiedImageError: cannot identify image file 'data/raw/오염/e.png')\"",
+    ]
     (tmp_path / "data" / "quarantine.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return tmp_path
 
@@ -67,20 +70,48 @@ def test_plugin_declares_a_nav_view_an_app_and_only_get_routes(plugin):
     p = plugin.DefectModelsPlugin
     assert p.fastapi_apps[0]["url_prefix"] == "/defect-models"
     assert p.external_views[0]["href"] == "defect-models/" and p.external_views[0]["destination"] == "nav"
-    methods = {m for r in plugin.app.routes if hasattr(r, "methods") and r.path.startswith(("/", "/validation"))
-               and not r.path.startswith(("/docs", "/openapi", "/redoc")) for m in r.methods}
+    methods = {
+        m
+        for r in plugin.app.routes
+        if hasattr(r, "methods")
+        and r.path.startswith(("/", "/validation"))
+        and not r.path.startswith(("/docs", "/openapi", "/redoc"))
+        for m in r.methods
+    }
     assert methods <= {"GET", "HEAD"}, methods
     assert plugin.app.router.dependencies, "every route needs Airflow's login"
 
 
 def test_page_renders_hangul_escapes_html_and_links_each_version_to_its_dag_run(plugin):
-    models = [{"name": "m<x>", "aliases": {"champion": "2", "challenger": "3"}, "versions": [
-        {"version": "3", "url": "http://mlflow/#/models/m/versions/3", "run_id": "r3",
-         "airflow_dag_id": "defect_training", "airflow_run_id": "manual__2026-11-26T20:00:00+00:00",
-         "tags": {"gate": "rejected", "weighted_f1": "0.400000", "gate_reason": "P = 0.1 < 0.9",
-                  "per_class_f1": json.dumps({"곰팡이": 0.5, "창틀,문틀수정": 0.25}, ensure_ascii=False)}},
-        {"version": "2", "url": "http://mlflow/#/models/m/versions/2", "run_id": "r2", "airflow_dag_id": "",
-         "airflow_run_id": "", "tags": {"gate": "promoted", "weighted_f1": "0.900000"}}]}]
+    models = [
+        {
+            "name": "m<x>",
+            "aliases": {"champion": "2", "challenger": "3"},
+            "versions": [
+                {
+                    "version": "3",
+                    "url": "http://mlflow/#/models/m/versions/3",
+                    "run_id": "r3",
+                    "airflow_dag_id": "defect_training",
+                    "airflow_run_id": "manual__2026-11-26T20:00:00+00:00",
+                    "tags": {
+                        "gate": "rejected",
+                        "weighted_f1": "0.400000",
+                        "gate_reason": "P = 0.1 < 0.9",
+                        "per_class_f1": json.dumps({"곰팡이": 0.5, "창틀,문틀수정": 0.25}, ensure_ascii=False),
+                    },
+                },
+                {
+                    "version": "2",
+                    "url": "http://mlflow/#/models/m/versions/2",
+                    "run_id": "r2",
+                    "airflow_dag_id": "",
+                    "airflow_run_id": "",
+                    "tags": {"gate": "promoted", "weighted_f1": "0.900000"},
+                },
+            ],
+        }
+    ]
     html = plugin.models_section(models)
     # each class with its F1 unbroken, joined so that the comma inside 창틀,문틀수정 separates nothing
     assert "<span class='nw'>곰팡이 0.50</span> · <span class='nw'>창틀,문틀수정 0.25</span>" in html
@@ -88,16 +119,24 @@ def test_page_renders_hangul_escapes_html_and_links_each_version_to_its_dag_run(
     assert "class='rejected'" in html and "class='promoted'" in html
     assert "/dags/defect_training/runs/manual__2026-11-26T20%3A00%3A00%2B00%3A00" in html
     assert "<b>champion</b> → v2" in html and "<b>challenger</b> → v3" in html
-    q = plugin.quarantine_section({"quarantined": 3, "files": 40,
-                                   "by_reason": {"not a decodable image": 2, "label conflict": 1}},
-                                  "defect_training", "run 1")
+    q = plugin.quarantine_section(
+        {"quarantined": 3, "files": 40, "by_reason": {"not a decodable image": 2, "label conflict": 1}},
+        "defect_training",
+        "run 1",
+    )
     assert "3 of 40 files" in q and "<td>not a decodable image</td><td>2</td>" in q
 
 
 def test_recent_runs_show_each_runs_prefix_and_quarantine_counts(plugin):
-    runs = [{"run_id": "asset_triggered__1", "state": "running", "landing_uri": "s3://landing/new/", "report": None},
-            {"run_id": "manual__2", "state": "success", "landing_uri": "s3://landing/곰팡이/",
-             "report": {"quarantined": 1, "files": 25, "by_reason": {"not a decodable image": 1}}}]
+    runs = [
+        {"run_id": "asset_triggered__1", "state": "running", "landing_uri": "s3://landing/new/", "report": None},
+        {
+            "run_id": "manual__2",
+            "state": "success",
+            "landing_uri": "s3://landing/곰팡이/",
+            "report": {"quarantined": 1, "files": 25, "by_reason": {"not a decodable image": 1}},
+        },
+    ]
     html = plugin.recent_runs_section(runs)
     assert html.count("<tr>") == 3  # header + one row per run: the newest run does not hide the one before
     assert "s3://landing/new/" in html and "no quarantine report" in html
@@ -109,16 +148,22 @@ def test_recent_runs_show_each_runs_prefix_and_quarantine_counts(plugin):
 def test_watch_section_shows_when_the_data_watch_fired_and_the_fingerprint(plugin):
     from datetime import datetime
 
-    events = [{"timestamp": datetime(2026, 11, 26, 20, 0, tzinfo=UTC), "source_run_id": "w1",
-               "extra": {"landing_uri": "s3://landing/곰팡이/", "fingerprint": "ab" * 32, "objects": 25}}]
+    events = [
+        {
+            "timestamp": datetime(2026, 11, 26, 20, 0, tzinfo=UTC),
+            "source_run_id": "w1",
+            "extra": {"landing_uri": "s3://landing/곰팡이/", "fingerprint": "ab" * 32, "objects": 25},
+        }
+    ]
     html = plugin.watch_section(events, {"s3://landing/곰팡이/": "ab" * 32})
     assert "2026-11-26 20:00:00+00:00" in html and "s3://landing/곰팡이/" in html and "abababababababab" in html
     assert "<td>25</td>" in html
     assert "has not fired yet" in plugin.watch_section([], {})
 
 
-def test_an_older_runs_validation_files_come_from_its_mlflow_copy_once_the_workspace_moved_on(plugin, tmp_path,
-                                                                                               monkeypatch):
+def test_an_older_runs_validation_files_come_from_its_mlflow_copy_once_the_workspace_moved_on(
+    plugin, tmp_path, monkeypatch
+):
     import tempfile
 
     from fastapi import HTTPException
@@ -129,8 +174,10 @@ def test_an_older_runs_validation_files_come_from_its_mlflow_copy_once_the_works
     (tmp_path / "ws").mkdir()
     ws = _workspace(tmp_path / "ws")
     report = orc.validation_summary(str(ws))
-    archive = {"quarantine.csv": (ws / "data" / "quarantine.csv").read_bytes(),
-               "data_docs/index.html": b"<html>docs</html>"}
+    archive = {
+        "quarantine.csv": (ws / "data" / "quarantine.csv").read_bytes(),
+        "data_docs/index.html": b"<html>docs</html>",
+    }
     fetched = []
 
     def download(run_id, rel, dst):  # what archive_validation logged into the parent run

@@ -1,4 +1,5 @@
 """Test-time augmentation: the symmetries every class was trained with (model.tta), in one place for every path."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,8 +54,10 @@ def test_bag_averages_over_its_members_views_and_tta_off_gives_the_plain_image()
     ims = _images()
     arr = np.stack([np.asarray(im) for im in ims])
     plain = predict_images(bag, ims, tta=False)
-    views = [predict_images(bag, [Image.fromarray(np.ascontiguousarray(apply_variant(a, v, "hwc"))) for a in arr],
-                            tta=False) for v in (0, 1, 4)]
+    views = [
+        predict_images(bag, [Image.fromarray(np.ascontiguousarray(apply_variant(a, v, "hwc"))) for a in arr], tta=False)
+        for v in (0, 1, 4)
+    ]
     np.testing.assert_allclose(predict_images(bag, ims, tta=True), np.mean(views, axis=0), atol=1e-5)
     assert not np.allclose(np.mean(views, axis=0), plain, atol=1e-4)  # the views changed something
 

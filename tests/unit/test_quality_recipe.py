@@ -1,4 +1,5 @@
 """The recipe's quality levers: frozen-layer cache, K-fold bag, gate floor on test images, malloc in stage processes."""
+
 from __future__ import annotations
 
 import json
@@ -118,12 +119,22 @@ def test_stage_processes_start_with_the_malloc_thresholds(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PIPELINE_MALLOC")}
     env.update(PIPELINE_LOG_LEVEL="DEBUG", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "summary", "--dir", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "summary", "--dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert f"GLIBC_TUNABLES={MALLOC_TUNABLES}" in proc.stderr, proc.stderr[-2000:]
     env["PIPELINE_MALLOC"] = "default"
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "summary", "--dir", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "summary", "--dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "GLIBC_TUNABLES=\n" in proc.stderr or "GLIBC_TUNABLES=" + "\n" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -136,19 +147,44 @@ def test_train_stage_with_cached_frozen_layers_matches_its_record(tmp_path):
     from tests.integration.helpers import write_tiny_split
 
     write_tiny_split(tmp_path, per_class=8)
-    params = {"data": {"landing_uri": "s3://x/"},
-              "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none",
-                        "freeze": "all_but_last:2", "tta": True},
-              "train": {"epochs": 2, "batch_size": 8, "num_threads": 1, "num_workers": 0, "amp": "none",
-                        "flip_default": "d4", "cache_frozen": True, "sampler_power": 0.0},
-              "bag": {"seeds": [0, 1], "bootstrap": False, "folds": True}}
+    params = {
+        "data": {"landing_uri": "s3://x/"},
+        "model": {
+            "backbone": "test_efficientnet",
+            "img_size": 32,
+            "weights": "none",
+            "freeze": "all_but_last:2",
+            "tta": True,
+        },
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "num_threads": 1,
+            "num_workers": 0,
+            "amp": "none",
+            "flip_default": "d4",
+            "cache_frozen": True,
+            "sampler_power": 0.0,
+        },
+        "bag": {"seeds": [0, 1], "bootstrap": False, "folds": True},
+    }
     cfg = config_from_dict(params)
-    meta = run_train(cfg, tmp_path / "split.csv", tmp_path / "raw", 1, tmp_path / "m1", tmp_path / "cache" / "images",
-                     tmp_path / "ckpt")
+    meta = run_train(
+        cfg,
+        tmp_path / "split.csv",
+        tmp_path / "raw",
+        1,
+        tmp_path / "m1",
+        tmp_path / "cache" / "images",
+        tmp_path / "ckpt",
+    )
     assert meta["cache_frozen"] is True and meta["tta_variants"] == list(range(8))
     split = load_split(tmp_path / "split.csv")
-    assert meta["train_images"] == len(member_indices(split.labels["train"], split.groups["train"], (0, 1), 1,
-                                                      False, True)) < len(split.labels["train"])
+    assert (
+        meta["train_images"]
+        == len(member_indices(split.labels["train"], split.groups["train"], (0, 1), 1, False, True))
+        < len(split.labels["train"])
+    )
     assert len(list((tmp_path / "cache" / "features").glob("*/*.npy"))) > 0
     bag = BagPredictor.from_dirs([tmp_path / "m1"])
     assert bag.views(bag.members[0]) == list(range(8))
@@ -162,10 +198,18 @@ def test_train_stage_with_cached_frozen_layers_matches_its_record(tmp_path):
     assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache" / "features").glob("*/*.npy"))] == stamps
     np.testing.assert_allclose(cached[0], bag.member_proba_arrays(imgs)[0], atol=2e-2)
     assert json.loads((tmp_path / "m1" / "meta.json").read_text())["folds"] is True
-    off = config_from_dict(yaml.safe_load(yaml.safe_dump({**params, "train": {**params["train"],
-                                                                              "cache_frozen": False}})))
-    meta_off = run_train(off, tmp_path / "split.csv", tmp_path / "raw", 1, tmp_path / "m1off",
-                         tmp_path / "cache2" / "images", tmp_path / "ckpt2")
+    off = config_from_dict(
+        yaml.safe_load(yaml.safe_dump({**params, "train": {**params["train"], "cache_frozen": False}}))
+    )
+    meta_off = run_train(
+        off,
+        tmp_path / "split.csv",
+        tmp_path / "raw",
+        1,
+        tmp_path / "m1off",
+        tmp_path / "cache2" / "images",
+        tmp_path / "ckpt2",
+    )
     assert meta_off["cache_frozen"] is False and not (tmp_path / "cache2" / "features").exists()
 
 
@@ -178,8 +222,15 @@ def test_members_sharing_frozen_layers_predict_as_each_would_alone():
         torch.manual_seed(100 + seed)  # different tails, same frozen prefix (the pretrained weights)
         for p in model.classifier.parameters():
             p.data.normal_()
-        meta = {"img_size": 32, "class_names": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.5] * 3,
-                "tta_variants": [0, 1, 5], "freeze": "all_but_last:2", "backbone": "test_efficientnet"}
+        meta = {
+            "img_size": 32,
+            "class_names": ["a", "b", "c"],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "tta_variants": [0, 1, 5],
+            "freeze": "all_but_last:2",
+            "backbone": "test_efficientnet",
+        }
         m = Member(model, meta)
         m.frozen = split_frozen(model, "all_but_last:2")
         m.frozen_id = prefix_key(m.frozen.prefix, "test_efficientnet", 32, meta["mean"], meta["std"], [])

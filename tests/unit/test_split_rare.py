@@ -1,4 +1,5 @@
 """Rare classes: a total split policy, stratified bag resamples, and no near-duplicate spanning two classes."""
+
 import dataclasses
 import hashlib
 import itertools
@@ -82,8 +83,12 @@ def test_split_property_over_random_class_sizes_and_duplicates():
     rng = np.random.default_rng(20240611)
     for case in range(N_CASES):
         tf, vf = (float(x) for x in rng.uniform(0.02, 0.45, 2))
-        cfg = _cfg(seed=int(rng.integers(1000)), test_fraction=tf, val_fraction=vf,
-                   min_class_for_split=int(rng.choice([MIN_SPLIT_GROUPS, 7, 10])))
+        cfg = _cfg(
+            seed=int(rng.integers(1000)),
+            test_fraction=tf,
+            val_fraction=vf,
+            min_class_for_split=int(rng.choice([MIN_SPLIT_GROUPS, 7, 10])),
+        )
         rows, n_groups = [], {}
         for c in range(int(rng.integers(1, 6))):
             class_rows, n_groups[f"c{c}"] = _random_class(rng, f"c{c}", int(rng.integers(1, 41)))
@@ -92,8 +97,9 @@ def test_split_property_over_random_class_sizes_and_duplicates():
         try:
             _check_case(rows, n_groups, cfg)
         except Exception as exc:
-            raise AssertionError(f"case {case} of {N_CASES} (sizes {n_groups}, tf={tf:.2f}, vf={vf:.2f}): "
-                                 f"{type(exc).__name__}: {exc}") from exc
+            raise AssertionError(
+                f"case {case} of {N_CASES} (sizes {n_groups}, tf={tf:.2f}, vf={vf:.2f}): {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _shas_with_u_below(bound: float, seed: int, count: int) -> list[str]:
@@ -129,8 +135,10 @@ def test_split_moves_a_trained_group_out_of_train_only_when_the_class_was_capped
     tf, vf = cfg.split.test_fraction, cfg.split.val_fraction
     for case in range(N_CASES):
         n_old = int(rng.integers(MIN_SPLIT_GROUPS, 30))
-        rows = [{"path": f"a/{i}.png", "class_name": "a", "sha256": _hex(rng, 32), "dhash": _hex(rng, 8)}
-                for i in range(n_old + int(rng.integers(1, 20)))]
+        rows = [
+            {"path": f"a/{i}.png", "class_name": "a", "sha256": _hex(rng, 32), "dhash": _hex(rng, 8)}
+            for i in range(n_old + int(rng.integers(1, 20)))
+        ]
         before = {r["path"]: r["split"] for r in assign_splits(rows[:n_old], cfg)[0]}
         after = {r["path"]: r["split"] for r in assign_splits(rows, cfg)[0]}
         capped = sum(_unit(cfg.split.seed, r["sha256"]) < tf + vf for r in rows[:n_old]) > (n_old - 1) // 2
@@ -146,8 +154,11 @@ def test_min_class_for_split_below_the_floor_is_refused_with_its_key():
 def test_near_duplicates_of_two_classes_never_share_a_group():
     """Defensive: validate quarantines them, but should one slip through, the split keeps the classes apart."""
     cfg = _cfg(min_class_for_split=MIN_SPLIT_GROUPS)
-    rows = [{"path": f"{c}/{i}.png", "class_name": c, "sha256": f"{c}{i}", "dhash": f"{c}{i}"}
-            for c in ("a", "b") for i in range(10)]
+    rows = [
+        {"path": f"{c}/{i}.png", "class_name": c, "sha256": f"{c}{i}", "dhash": f"{c}{i}"}
+        for c in ("a", "b")
+        for i in range(10)
+    ]
     rows.append({"path": "b/twin.png", "class_name": "b", "sha256": "twin", "dhash": "a3"})  # near-dup of a/3
     out, _ = assign_splits(rows, cfg)
     group = {r["path"]: r["group"] for r in out}
@@ -175,12 +186,14 @@ def test_stratified_bootstrap_keeps_every_class_and_its_count_for_every_seed():
 
 
 def test_near_duplicate_under_another_class_is_quarantined_with_a_reason():
-    table = pd.DataFrame({
-        "source_key": ["s3/a/1.png", "s3/b/1.png", "s3/a/2.png", "s3/a/3.png", "s3/c/9.png", "s3/d/9.png"],
-        "class_name": ["a", "b", "a", "a", "c", "d"],
-        "sha256": ["x1", "y1", "x2", "x3", "same", "same"],
-        "dhash": ["d1", "d1", "d2", "d2", "d9", "d9"],
-    })
+    table = pd.DataFrame(
+        {
+            "source_key": ["s3/a/1.png", "s3/b/1.png", "s3/a/2.png", "s3/a/3.png", "s3/c/9.png", "s3/d/9.png"],
+            "class_name": ["a", "b", "a", "a", "c", "d"],
+            "sha256": ["x1", "y1", "x2", "x3", "same", "same"],
+            "dhash": ["d1", "d1", "d2", "d2", "d9", "d9"],
+        }
+    )
     ok = pd.Series([True] * len(table), index=table.index)
     out = label_conflicts(table, ok)
     assert out[0] == "label conflict: near-duplicate of s3/b/1.png (same difference hash) under class b"

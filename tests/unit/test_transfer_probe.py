@@ -4,6 +4,7 @@ A linear probe (standardised features, logistic regression, 5-fold CV) on effici
 for 400 real ELPV cells (defect probability 0 vs 1, 160 px). Measured here: pretrained weighted F1 0.856,
 random init 0.757 (seed 0) / 0.772 (seed 1). The 8-class task shows almost no margin (docs/BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def _features(weights: str, seed: int, images: np.ndarray) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 64):
-            x = torch.from_numpy(images[i:i + 64]).permute(0, 3, 1, 2)
+            x = torch.from_numpy(images[i : i + 64]).permute(0, 3, 1, 2)
             out.append(model(normalize_batch(x, (0.5,) * 3, (0.5,) * 3, channels_last=False)).numpy())
     return np.concatenate(out)
 
@@ -45,7 +46,9 @@ def test_linear_probe_on_pretrained_features_beats_random_init_on_real_defects()
     from pipeline.core.images import decode_rgb, resize_uint8
 
     torch.set_num_threads(2)
-    cells = [(i, int(i.class_name.endswith("p100"))) for i in load_elpv_items() if i.class_name.endswith(("p000", "p100"))]
+    cells = [
+        (i, int(i.class_name.endswith("p100"))) for i in load_elpv_items() if i.class_name.endswith(("p000", "p100"))
+    ]
     pick = np.random.default_rng(0).permutation(len(cells))[:400]
     images = np.stack([resize_uint8(decode_rgb(str(cells[k][0].path)), 160) for k in pick])
     y = np.array([cells[k][1] for k in pick])

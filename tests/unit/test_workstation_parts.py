@@ -1,5 +1,6 @@
 """The workstation's parts without services: the profile step on params.yaml, DVC's hashes computed by us, the
 lineage stored with a version, and reproduce's checks against planted differences."""
+
 from __future__ import annotations
 
 import hashlib
@@ -80,14 +81,18 @@ def test_lineage_drops_the_register_stage_and_hashes_what_mlflow_stores(tmp_path
     from pipeline.adapters.workspace import lineage_files
     from pipeline.core.io import text_sha256
 
-    lock = {"schema": "2.0", "stages": {"split": {"cmd": "x", "outs": [{"path": "data/split.csv", "md5": "a"}]},
-                                        "register": {"cmd": "y"}}}
+    lock = {
+        "schema": "2.0",
+        "stages": {"split": {"cmd": "x", "outs": [{"path": "data/split.csv", "md5": "a"}]}, "register": {"cmd": "y"}},
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     (tmp_path / "params.yaml").write_text("profile: test  # 한국어\n", encoding="utf-8")
     files = lineage_files(tmp_path / "dvc.lock", tmp_path / "params.yaml")
     assert list(yaml.safe_load(files["lineage/dvc.lock"])["stages"]) == ["split"]
     assert files["lineage/params.yaml"] == "profile: test  # 한국어\n"
-    assert text_sha256(files["lineage/params.yaml"]) == hashlib.sha256((tmp_path / "params.yaml").read_bytes()).hexdigest()
+    assert (
+        text_sha256(files["lineage/params.yaml"]) == hashlib.sha256((tmp_path / "params.yaml").read_bytes()).hexdigest()
+    )
     assert lineage_files(tmp_path / "absent.lock", tmp_path / "params.yaml") == {}
 
 
@@ -100,10 +105,16 @@ def ws(tmp_path):
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "x.py").write_text("X = 1\n")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"split": {"seed": 42}, "bag": {"bootstrap": True}}))
-    lock = {"split": {"deps": [{"path": "pipeline/x.py", "md5": dvc_md5(tmp_path / "pipeline/x.py")},
-                               {"path": "data/raw", "md5": dvc_md5(tmp_path / "data/raw")}],
-                      "params": {"params.yaml": {"split": {"seed": 42}, "bag.bootstrap": True}},
-                      "outs": [{"path": "data/split.csv", "md5": dvc_md5(tmp_path / "data/split.csv")}]}}
+    lock = {
+        "split": {
+            "deps": [
+                {"path": "pipeline/x.py", "md5": dvc_md5(tmp_path / "pipeline/x.py")},
+                {"path": "data/raw", "md5": dvc_md5(tmp_path / "data/raw")},
+            ],
+            "params": {"params.yaml": {"split": {"seed": 42}, "bag.bootstrap": True}},
+            "outs": [{"path": "data/split.csv", "md5": dvc_md5(tmp_path / "data/split.csv")}],
+        }
+    }
     return tmp_path, lock
 
 
@@ -115,14 +126,21 @@ def test_reproduce_checks_pass_on_the_recorded_workspace(ws):
     assert all(c.ok for c in checks) and [c.what for c in checks] == ["params", "code", "data/raw", "data/split.csv"]
 
 
-@pytest.mark.parametrize("plant,what", [
-    (lambda r: (r / "data/raw/crack/0.png").write_bytes(b"PNG"), "data/raw"),
-    (lambda r: (r / "data/raw/crack/1.png").write_bytes(b"new"), "data/raw"),
-    (lambda r: (r / "data/split.csv").unlink(), "data/split.csv"),
-    (lambda r: (r / "pipeline/x.py").write_text("X = 2\n"), "code"),
-    (lambda r: (r / "params.yaml").write_text(yaml.safe_dump({"split": {"seed": 7}, "bag": {"bootstrap": True}})),
-     "params"),
-])
+@pytest.mark.parametrize(
+    "plant,what",
+    [
+        (lambda r: (r / "data/raw/crack/0.png").write_bytes(b"PNG"), "data/raw"),
+        (lambda r: (r / "data/raw/crack/1.png").write_bytes(b"new"), "data/raw"),
+        (lambda r: (r / "data/split.csv").unlink(), "data/split.csv"),
+        (lambda r: (r / "pipeline/x.py").write_text("X = 2\n"), "code"),
+        (
+            lambda r: (r / "params.yaml").write_text(
+                yaml.safe_dump({"split": {"seed": 7}, "bag": {"bootstrap": True}})
+            ),
+            "params",
+        ),
+    ],
+)
 def test_reproduce_names_what_differs(ws, plant, what):
     from pipeline.commands.reproduce import file_checks, param_checks, report
 
@@ -142,7 +160,6 @@ def test_reproduce_refuses_a_version_without_stored_lineage():
         fetch_lineage("run", {"weighted_f1": "0.5"}, "v3")
 
 
-
 def test_committed_dvc_config_names_the_default_remote_and_nothing_machine_bound():
     import configparser
 
@@ -150,6 +167,6 @@ def test_committed_dvc_config_names_the_default_remote_and_nothing_machine_bound
 
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / ".dvc" / "config")
-    assert cfg["core"]["remote"] == "store" and cfg['\'remote "store"\'']["url"] == DEFAULT_REMOTE
-    assert set(cfg['\'remote "store"\'']) == {"url"}  # endpoint and keys come from the environment or config.local
+    assert cfg["core"]["remote"] == "store" and cfg["'remote \"store\"'"]["url"] == DEFAULT_REMOTE
+    assert set(cfg["'remote \"store\"'"]) == {"url"}  # endpoint and keys come from the environment or config.local
     assert "/config.local" in (ROOT / ".dvc" / ".gitignore").read_text().split()
