@@ -40,11 +40,11 @@ PROFILE     ?= cpu-demo
 export PIPELINE_LANDING_URI ?= $(LANDING_URI)
 export PIPELINE_PROFILE     ?= $(PROFILE)
 
-.PHONY: help credentials venv services-up services-down ui demo demo-data profile test bench bench-serve bench-loop \
+.PHONY: help credentials venv services-up services-down ui demo demo-data profile lint test bench bench-serve bench-loop \
 	bench-label-noise bench-quality label-studio-roundtrip gpu-check clean
 help:
 	@echo "make demo          fresh clone -> services -> ELPV data -> training DAG -> registered model"
-	@echo "make test          the full test suite (what CI runs)"
+	@echo "make test          ruff (make lint), then the full test suite (what CI runs)"
 	@echo "make services-up   start SeaweedFS S3 (:$(S3_PORT)) and MLflow (:$(MLFLOW_PORT)); migrate Airflow's DB"
 	@echo "make services-down stop them"
 	@echo "make ui            also start Airflow (api-server :8080, scheduler, dag-processor, triggerer) on 127.0.0.1"
@@ -103,7 +103,12 @@ profile: venv
 system-deps:
 	scripts/install-system-deps.sh
 
-test: venv system-deps
+# ruff (settings in pyproject.toml): formatting and lint, first, because they take seconds.
+lint: venv
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: venv lint system-deps
 	$(PY) -m pytest tests
 
 bench: venv
