@@ -16,7 +16,7 @@
 --single-item``; they would read today's bucket and today's champion instead of the version's data and exclusion
 list, and ``register`` is never run) and prints the new weighted F1
 beside the registered one. On the CPU the test and demo profiles retrain bit for bit (same weights, same F1);
-on a GPU, cuDNN and bf16 kernels are not deterministic, so pass ``--tolerance`` (see docs/ARCHITECTURE.md).
+on a GPU, cuDNN and bf16 kernels are not deterministic, so pass ``--tolerance`` (see docs/GUIDE.md, "Reproduce a registered version").
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ class SplitConfig:
     seed: int = 42  # fixed so every model of a data version sees the same test set
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    min_class_for_split: int = 10  # classes with fewer duplicate groups train only (docs/ARCHITECTURE.md, Rare classes)
+    min_class_for_split: int = (
+        10  # classes with fewer duplicate groups train only (docs/decisions/0008-rare-classes.md)
+    )
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class BagConfig:
 
 @dataclass(frozen=True)
 class LabelIssuesConfig:
-    """Stage ``label_issues``: cleanlab on the bag's out-of-sample probabilities (docs/ARCHITECTURE.md)."""
+    """Stage ``label_issues``: cleanlab on the bag's out-of-sample probabilities (docs/decisions/0006-label-issues.md)."""
 
     filter_by: str = "prune_by_noise_rate"  # cleanlab's confident-learning rule that flags an image as an issue
     ranked_by: str = "self_confidence"  # cleanlab's label-quality score (0..1, low = likely wrong) that ranks all

@@ -6,7 +6,7 @@ resample, and a train image missing from a member's resample is *out of bag* for
 out-of-sample, the input cleanlab needs. Val images are never trained on (they only pick the best epoch), so every
 member may score them. A train image in every member's resample has no out-of-sample probabilities in the bag; we
 leave it *unscored* and count it rather than fall back to in-sample probabilities, which a model that memorised the
-label would make look clean (docs/ARCHITECTURE.md, "Label issues").
+label would make look clean (docs/decisions/0006-label-issues.md).
 
 A near-duplicate counts as seen: ``split`` puts identical and near-identical pictures of one class in one duplicate
 group, and a member that trained on one copy has, in effect, trained on all of them.

@@ -3,7 +3,7 @@
     python -m pipeline register --params params.yaml --split data/split.csv --raw-dir data/raw \
         --models-dir models --metrics metrics/eval.json --reports-dir reports --decision registry/decision.json
 
-Gate (docs/ARCHITECTURE.md, "The gate"): candidate and champion are scored by one code path, each through its
+Gate (docs/decisions/0004-the-gate.md): candidate and champion are scored by one code path, each through its
 own registered pyfunc, on one frame of today's test split. Promote only if the candidate's weighted F1 >=
 ``registry.f1_floor`` and, when there is a champion, a paired bootstrap over the test images gives
 P(ΔwF1 > ``registry.min_delta``) >= ``registry.confidence``. The interval, the probability and n go into the

@@ -6,7 +6,7 @@ Identical bytes (sha256) and near-identical pictures (equal difference hash) of 
 group and always land in the same split, so an augmented or re-saved copy can never sit on both sides.
 Classes with fewer than ``split.min_class_for_split`` groups go to train only (DACON has classes of
 3 and 5 images); the report lists them. A split class keeps at least one test and one val group and
-more than half of its groups in train (docs/ARCHITECTURE.md, "Rare classes"). Split first, augment
+more than half of its groups in train (docs/decisions/0008-rare-classes.md). Split first, augment
 after (augmentation happens in training).
 
 ``--exclusions data/label_exclusions.csv`` (stage ``label_exclusions``, ``data.exclude_label_issues``): the
