@@ -7,7 +7,9 @@
 # when no GPU is visible) and airflow-worker-gpu (needs the NVIDIA driver + NVIDIA Container Toolkit on the host,
 # and a driver new enough for CUDA 13). A CPU-only image would need torch from PyTorch's own CPU wheel index
 # (`2.14.1+cpu`), which this project does not pin.
-FROM python:3.11.7-slim-bookworm
+# The official image by default; compose passes PIPELINE_PYTHON_IMAGE for a stand-in on a machine without a registry.
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
