@@ -119,6 +119,7 @@ def local_registry(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PIPELINE_LOCAL", str(tmp_path / "no-stack"))
+    monkeypatch.chdir(tmp_path)  # a SQLite store puts artifacts under ./mlruns: here, not in the checkout
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)  # back to the environment (monkeypatch restores its old value next)
