@@ -137,5 +137,25 @@ GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_CHECK_PY) -m bench.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
+# The production compose stack on this machine (docs/DEPLOY.md; issue 29). docker-engine: dockerd + the Compose
+# plugin (root); images-offline: stand-ins for the registry images and the project image, for a machine without a
+# registry (their PIPELINE_*_IMAGE lines go to .local/offline-images.env, which stack-up reads).
+.PHONY: docker-engine images-offline stack-up stack-down stack-ps
+docker-engine:
+	deploy/docker-engine.sh
+
+images-offline: venv docker-engine
+	@mkdir -p .local
+	deploy/offline-images.sh > .local/offline-images.env.tmp && mv .local/offline-images.env.tmp .local/offline-images.env
+
+stack-up: venv docker-engine
+	deploy/stack.sh up
+
+stack-down:
+	deploy/stack.sh down
+
+stack-ps:
+	deploy/stack.sh ps
+
 clean: services-down
 	rm -rf .local
