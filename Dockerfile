@@ -25,11 +25,13 @@ RUN python -m pip install "pip==25.3"
 
 # Dependencies first, against a stub package, so that a code change does not reinstall them. The editable install
 # maps the `pipeline` package to /opt/pipeline/pipeline, where the real code is copied next.
-COPY pyproject.toml README.md ./
+# (README.md, which pyproject names, is a stub here and copied below: a README edit must not reinstall torch.)
+COPY pyproject.toml ./
 COPY requirements/ requirements/
-RUN mkdir pipeline && touch pipeline/__init__.py \
+RUN mkdir pipeline && touch pipeline/__init__.py README.md \
  && pip install -c requirements/constraints.txt -e '.[celery]'
 
+COPY README.md ./
 COPY pipeline/ pipeline/
 COPY dags/ dags/
 COPY plugins/ plugins/

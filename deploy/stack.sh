@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 cmd=${1:?usage: deploy/stack.sh up|down|ps}
 PY=${PY:-.venv/bin/python}
 ENV_FILE=${PIPELINE_STACK_ENV:-.env}
-OFFLINE=.local/offline-images.env
+OFFLINE=${PIPELINE_OFFLINE_ENV:-.local/offline-images.env}
 
 compose() {
     local extra=()

@@ -163,7 +163,7 @@ def airflow_api(stack, stack_env, tmp_path_factory):
         os.environ.update(old)
 
 
-TIER_ORDER = ("unit", "security", "data", "dags", "integration", "faults", "celery")
+TIER_ORDER = ("unit", "security", "data", "dags", "integration", "faults", "celery", "stack")
 
 
 def pytest_collection_modifyitems(items):
