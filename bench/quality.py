@@ -41,7 +41,14 @@ DATA = {"data": {"landing_uri": "s3://bench/elpv/"}, "train": {"num_threads": 2}
 # The cpu-demo profile before this benchmark (git show 18ef2e3:profiles/cpu-demo.yaml), spelled out key by key.
 BASELINE = {
     "model": {"img_size": 160, "tta": False},
-    "train": {"epochs": 4, "sampler_power": 1.0, "flip_default": "both", "cache_frozen": False},
+    "train": {
+        "epochs": 4,
+        "sampler_power": 1.0,
+        "flip_default": "both",
+        "cache_frozen": False,
+        "focal_gamma": 2.0,  # the recipe's focal loss and CutMix, which the old profile kept and the new one drops
+        "cutmix_prob": 0.5,
+    },
     "bag": {"seeds": [0, 1], "bootstrap": True, "folds": False},
 }
 ROWS: dict[str, tuple[str, dict | None, bool]] = {  # name -> (what changed, overrides or None = cpu-demo, tuned)
