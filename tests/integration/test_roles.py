@@ -110,6 +110,14 @@ def test_mlflow_roles_auditor_reads_everything_and_changes_nothing(stack, stack_
             200,
         )
     v1, v2 = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))[-2:]
+    for v in (v1, v2):  # what the register stage writes last; `rollback` moves champion only to such versions
+        gate_tag = {"name": MODEL, "version": v.version, "key": "gate", "value": "promoted"}
+        table.add(
+            "pipeline",
+            "POST set tag gate",
+            _http("POST", f"{api}/model-versions/set-tag", gate_tag, basic=pipeline)[0],
+            200,
+        )
     table.add(
         "pipeline",
         "POST set alias champion",
