@@ -130,7 +130,7 @@ def claim_model(client: MlflowClient, name: str, experiment: str) -> None:
     if owner is None:
         with registry_errors(f"versions of {name}"):
             versions = client.search_model_versions(f"name = {_literal(name)}")
-        if all(v.tags.get("gate") for v in versions):
+        if versions and all(v.tags.get("gate") for v in versions):  # an empty model proves nothing
             client.set_registered_model_tag(name, OWNER_TAG, experiment)
             return
     if owner != experiment:

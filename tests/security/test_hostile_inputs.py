@@ -541,6 +541,9 @@ def test_the_pipeline_registers_only_into_models_it_owns(local_registry, tmp_pat
     claim_model(client, "brand-new", "wallpaper-defect")
     assert client.get_registered_model("brand-new").tags[OWNER_TAG] == "wallpaper-defect"
     claim_model(client, "brand-new", "wallpaper-defect")  # ours: no error
+    client.create_registered_model("empty-other")  # someone else's, no versions yet: nothing proves it is ours
+    with pytest.raises(PipelineError, match="belongs to no pipeline"):
+        claim_model(client, "empty-other", "wallpaper-defect")
     client.create_registered_model("legacy")
     client.set_model_version_tag("legacy", client.create_model_version("legacy", str(src)).version, "gate", "promoted")
     claim_model(client, "legacy", "wallpaper-defect")
