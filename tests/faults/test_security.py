@@ -159,7 +159,7 @@ def test_hostile_object_keys_never_leave_the_raw_dir(s3, tmp_path):
         "crack//etc/cron.d/x.png": "absolute",
         "crack\\..\\..\\x.png": "backslash",
         "crack/.bashrc": "hidden file",
-        "crack/a\x01b.png": "control character",
+        "crack/a\x01b.png": "unprintable character U+0001",
         "crack/./x.png": "'.'",
     }
     from botocore.exceptions import ClientError
