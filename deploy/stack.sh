@@ -18,9 +18,17 @@ ENV_FILE=${PIPELINE_STACK_ENV:-.env}
 OFFLINE=${PIPELINE_OFFLINE_ENV:-.local/offline-images.env}
 
 compose() {
-    local extra=()
+    local extra=() unset=()
     [ -f "$OFFLINE" ] && extra+=(--env-file "$OFFLINE")
-    docker compose --env-file "$ENV_FILE" "${extra[@]}" "$@"
+    # The env file wins over the caller's environment (compose's own order is the reverse): a shell that exports
+    # AWS_* for another S3, or make's generated keys, must not hand its values to the stack.
+    if [ -f "$ENV_FILE" ]; then
+        while IFS='=' read -r key _; do
+            case "$key" in '' | \#*) continue ;; esac
+            unset+=(-u "$key")
+        done < "$ENV_FILE"
+    fi
+    env "${unset[@]}" docker compose --env-file "$ENV_FILE" "${extra[@]}" "$@"
 }
 
 write_env() {

@@ -83,8 +83,10 @@ def stack(tmp_path_factory) -> Stack:
     if os.geteuid() != 0:
         pytest.fail("the stack tier needs root: it installs and starts a Docker engine (deploy/docker-engine.sh)")
     tmp = tmp_path_factory.mktemp("stack")
+    # Without the caller's S3 settings (make exports the embedded stack's keys): the stack's own come from its .env.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env = {
-        **os.environ,
+        **inherited,
         **{k: str(v) for k, v in PORTS.items()},
         "COMPOSE_PROJECT_NAME": PROJECT,
         "PIPELINE_STACK_ENV": str(tmp / ".env"),
