@@ -75,6 +75,11 @@ ROWS: dict[str, tuple[str, dict | None, bool]] = {  # name -> (what changed, ove
     ),
     "all": ("new cpu-demo profile (all of the above)", None, True),
     "all-seeds345": ("new cpu-demo profile, member seeds 3,4,5", {"bag": {"seeds": [3, 4, 5]}}, True),
+    "all-valplain": (
+        "new cpu-demo profile, best epoch picked on the plain val view (train.val_tta false)",
+        {"train": {"val_tta": False}},
+        True,
+    ),
     "all-nofolds": (
         "new cpu-demo profile, each member on all train images (bag.folds false)",
         {"bag": {"folds": False}},
@@ -159,6 +164,7 @@ def run_row(name: str, out: Path, split_fp: Path) -> dict:
     return {
         "name": name,
         "weighted_f1": metrics["weighted_f1"],
+        "val_weighted_f1": metrics["val"].get("weighted_f1"),
         "macro_f1": metrics["macro_f1"],
         "accuracy": metrics["accuracy"],
         "n_test": metrics["n_test"],
@@ -269,12 +275,14 @@ def run_peer(out: Path, split_fp: Path, budget_s: float) -> dict:
     if best_state is not None:
         model.load_state_dict(best_state)
     pred = predict(test_items)
+    val_f1 = float(f1_score(split.labels["val"], predict(val_items), average="weighted", zero_division=0))
     names = split.class_names
     y = split.labels["test"]
     per_class = f1_score(y, pred, average=None, labels=list(range(len(names))), zero_division=0)
     return {
         "name": "peer",
         "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        "val_weighted_f1": val_f1,
         "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
         "accuracy": float(accuracy_score(y, pred)),
         "n_test": len(y),
@@ -313,8 +321,8 @@ def table(results: dict[str, dict]) -> str:
     base = results.get("baseline")
     classes = sorted(next(iter(results.values()))["per_class_f1"])
     lines = [
-        "| row | what changed | test wF1 | Δ vs baseline [95 % CI] | macro F1 | train s | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| row | what changed | val wF1 | test wF1 | Δ vs baseline [95 % CI] | macro F1 | train s | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         what = (
@@ -329,7 +337,8 @@ def table(results: dict[str, dict]) -> str:
         else:
             delta = "—"
         lines.append(
-            f"| `{name}` | {what} | {r['weighted_f1']:.4f} | {delta} | {r['macro_f1']:.4f} | "
+            f"| `{name}` | {what} | {_f4(r.get('val_weighted_f1'))} | {r['weighted_f1']:.4f} | {delta} | "
+            f"{r['macro_f1']:.4f} | "
             f"{r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |"
         )
     lines += ["", "Per-class F1 (test):", "", "| row | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
@@ -343,6 +352,10 @@ def table(results: dict[str, dict]) -> str:
             f"P(Δ > 0) = {s.p_improve:.3f}, n = {s.n}.",
         ]
     return "\n".join(lines)
+
+
+def _f4(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
 
 
 def write_doc(text: str, command: str) -> None:

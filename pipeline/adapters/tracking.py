@@ -317,6 +317,7 @@ def log_candidate(
         mlflow.set_tag("candidate_id", candidate_id)
         _log_params(MlflowClient(), run.info.run_id, cfg_dict)
         mlflow.log_metrics({f"test_{k}": v for k, v in _finite(metrics).items()})
+        mlflow.log_metrics({f"val_{k}": v for k, v in _finite(metrics.get("val", {})).items()})
         for group in ("members", "backbones"):
             for who, scores in metrics.get(group, {}).items():
                 mlflow.log_metrics({f"test_{encode_key(who)}_{k}": v for k, v in _finite(scores).items()})

@@ -97,6 +97,9 @@ class TrainConfig:
     # with model.freeze all_but_last:N, run the frozen layers once per image and symmetry and train the last
     # stages on their cached output (BatchNorm frozen: the same numbers, without recomputing them every epoch)
     cache_frozen: bool = True
+    # pick the best epoch on val averaged over model.tta's symmetries (true), or on the plain image only (false:
+    # 1/8 of the validation work with d4; evaluate, the gate and serving still average over every symmetry)
+    val_tta: bool = True
 
 
 @dataclass(frozen=True)

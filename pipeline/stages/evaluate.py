@@ -62,8 +62,11 @@ def calibrate_bag(
     y_test: list[int],
     cache_dir: Path | None,
     reports_dir: Path,
-) -> dict:
-    """Fit the bag's temperature on val; write calibration.json and reliability.png; return the summary."""
+) -> tuple[dict, dict]:
+    """Fit the bag's temperature on val; write calibration.json and reliability.png.
+
+    Returns the calibration summary and the bag's scores on val (the split recipes are chosen on; empty when
+    there is no val split)."""
     val_arrays, y_val = split_arrays(raw_dir, split, "val", bag.sizes(), cache_dir)
     n_classes = len(bag.class_names)
     val_probs = bag.predict_proba_arrays(val_arrays) if y_val else np.zeros((0, n_classes))
@@ -94,7 +97,7 @@ def calibrate_bag(
         )
         or "none",
     )
-    return summary
+    return summary, (score(y_val, val_probs.argmax(1)) if y_val else {})
 
 
 def run_evaluate(
@@ -138,10 +141,11 @@ def run_evaluate(
     probs = np.mean(member_probs, axis=0)  # = bag.predict_proba_arrays(arrays)
     y_pred = probs.argmax(1)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    calibration = calibrate_bag(bag, raw_dir, split, probs, y_true, cache_dir, reports_dir)
+    calibration, val_scores = calibrate_bag(bag, raw_dir, split, probs, y_true, cache_dir, reports_dir)
     metrics = {
         **score(y_true, y_pred),
         "n_test": len(y_true),
+        "val": {**val_scores, "n_val": len(split.labels["val"])},
         "members": members,
         "backbones": backbones,
         "calibration": calibration,

@@ -154,7 +154,8 @@ def _run_train(
         split.labels["train"], split.groups["train"], cfg.bag.seeds, seed, cfg.bag.bootstrap, cfg.bag.folds
     )
     flips = flips_per_label(split.class_names, cfg.train.flip_policy, cfg.train.flip_default)
-    views = tta_variants(flips) if cfg.model.tta else [0]  # what validation, evaluate and serving average over
+    views = tta_variants(flips) if cfg.model.tta else [0]  # what evaluate and serving average over
+    val_views = views if cfg.train.val_tta else [0]  # what picks the best epoch
     frozen = split_frozen(model, cfg.model.freeze) if cfg.train.cache_frozen else None
     if frozen is not None:
         # train the tail on the frozen layers' cached output (core/features.py); the model saved is still whole
@@ -178,8 +179,8 @@ def _run_train(
                 frozen.prefix,
                 val_imgs,
                 split.sha256["val"],
-                views,
-                prefix_key(frozen.prefix, cfg.model.backbone, size, mean, std, views),
+                val_views,
+                prefix_key(frozen.prefix, cfg.model.backbone, size, mean, std, val_views),
                 feat_dir,
                 mean,
                 std,
@@ -191,10 +192,10 @@ def _run_train(
         if ddp.main:
             ddp.barrier()
         dataset = FeatureDataset(train_feats, drawn, split.labels["train"], indices, [VARIANTS[f] for f in flips], seed)
-        val_inputs, trained = (val_feats, views), frozen.tail
+        val_inputs, trained = (val_feats, val_views), frozen.tail
     else:
         dataset = CachedImageDataset(train_imgs, split.labels["train"], indices, flips, seed)
-        val_inputs, trained = (val_imgs, views), model
+        val_inputs, trained = (val_imgs, val_views), model
     criterion = FocalLoss(cfg.train.focal_gamma, cfg.train.label_smoothing)
     mixup = None
     if cfg.train.cutmix_prob > 0:
@@ -333,6 +334,7 @@ def _run_train(
         ),
         "flips": dict(zip(split.class_names, flips)),
         "tta_variants": views,
+        "val_views": val_views,
         "cache_frozen": frozen is not None,
         "malloc": os.environ.get("GLIBC_TUNABLES", ""),
         "freeze": cfg.model.freeze,

@@ -71,6 +71,7 @@ def test_bad_backbone_entry_names_the_key():
         ("registry", "min_test_images", 0, "registry.min_test_images must be >= 1"),
         ("train", "cache_frozen", "yes", "train.cache_frozen must be true or false"),
         ("model", "tta", "on", "model.tta must be true or false"),
+        ("train", "val_tta", 1, "train.val_tta must be true or false"),
     ],
 )
 def test_bad_value_names_the_key(section, key, value, needle):

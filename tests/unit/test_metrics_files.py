@@ -178,3 +178,31 @@ def test_dvc_takes_the_split_report_as_metrics_and_refuses_utf8(tmp_path):
     assert DACON_CLASSES[14] in ascii_json(tmp_path / "split.json")["counts"]["train"]
     refused = dvc_run("repro", "utf8_control")
     assert refused.returncode != 0 and "cannot be used as metrics" in refused.stdout + refused.stderr
+
+
+def test_evaluate_scores_the_bag_on_val_as_well(tmp_path):
+    """eval.json's ``val`` block is the bag's score on the val split (what recipes are chosen on, never test)."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from pipeline.core.data import build_cache, load_split
+    from pipeline.core.inference import BagPredictor
+    from pipeline.core.io import write_csv
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.split import SPLIT_FIELDS
+
+    rows = [
+        dict(r, split="val" if r["path"].endswith("1.png") else "test", group=str(i))
+        for i, r in enumerate(write_landing(tmp_path / "raw", 2))
+    ]
+    write_csv(tmp_path / "split.csv", rows, SPLIT_FIELDS)
+    _member(tmp_path / "models")
+    args = (tmp_path / "split.csv", tmp_path / "raw", tmp_path / "models", tmp_path / "eval.json", tmp_path / "eval")
+    run_evaluate(config_from_dict(PARAMS), *args)
+    val = ascii_json(tmp_path / "eval.json")["val"]
+    split = load_split(tmp_path / "split.csv")
+    bag = BagPredictor.from_dirs([tmp_path / "models" / "member_0"])
+    arrays = {s: build_cache(tmp_path / "raw", split.paths["val"], split.sha256["val"], s, None) for s in bag.sizes()}
+    pred = np.argmax(bag.predict_proba_arrays(arrays), 1)
+    assert val["n_val"] == len(DACON_CLASSES)
+    assert val["weighted_f1"] == pytest.approx(f1_score(split.labels["val"], pred, average="weighted", zero_division=0))

@@ -245,3 +245,35 @@ def test_members_sharing_frozen_layers_predict_as_each_would_alone():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not np.allclose(alone[0], alone[1], atol=1e-3)
     np.testing.assert_allclose(bag.predict_proba_arrays(images), (alone[0] + alone[1]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_val_tta_off_picks_the_epoch_on_the_plain_view_and_serving_keeps_every_view(tmp_path):
+    """``train.val_tta: false`` caches and scores val in the plain view only; the saved model still averages all."""
+    from pipeline.core.config import config_from_dict
+    from pipeline.core.data import load_split
+    from pipeline.stages.train import run_train
+    from tests.integration.helpers import write_tiny_split
+
+    write_tiny_split(tmp_path, per_class=8, val_per_class=2)
+    params = {
+        "data": {"landing_uri": "s3://x/"},
+        "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none", "freeze": "all_but_last:2"},
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "num_threads": 1,
+            "num_workers": 0,
+            "amp": "none",
+            "flip_default": "d4",
+            "val_tta": False,
+        },
+        "bag": {"seeds": [0]},
+    }
+    meta = run_train(
+        config_from_dict(params), tmp_path / "split.csv", tmp_path / "raw", 0, tmp_path / "m", tmp_path / "c" / "i"
+    )
+    assert meta["tta_variants"] == list(range(8)) and meta["val_views"] == [0]
+    val_shas = set(load_split(tmp_path / "split.csv").sha256["val"])
+    assert val_shas
+    shapes = {np.load(f).shape[0] for f in (tmp_path / "c" / "features").glob("*/*.npy") if f.stem in val_shas}
+    assert shapes == {1}  # val's frozen maps: the plain view only
