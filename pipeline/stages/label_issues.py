@@ -57,13 +57,34 @@ def find_issues(labels: np.ndarray, probs: np.ndarray, filter_by: str, ranked_by
 
 
 def member_probabilities(
-    dirs: list[Path], device, raw_dir: Path, paths: list[str], shas: list[str], cache_dir: Path | None
+    dirs: list[Path],
+    device,
+    raw_dir: Path,
+    paths: list[str],
+    shas: list[str],
+    cache_dir: Path | None,
+    rows: list[np.ndarray] | None = None,
 ) -> tuple[list[str], list[np.ndarray]]:
-    """Each member's own probabilities on the given images (class names, one N×K array per member)."""
+    """Each member's own probabilities on the given images (class names, one N×K array per member).
+
+    With ``rows`` (one index array per member) a member computes only those images, e.g. the ones it never
+    trained on; its other rows stay 0 (weight 0 in :func:`pipeline.core.oob.out_of_bag_probs`). With fold
+    members that is a third of the work of scoring every image with every member.
+    """
     bag = BagPredictor.from_dirs(dirs, device)
     arrays = {s: build_cache(raw_dir, paths, shas, s, cache_dir) for s in bag.sizes()}
     feature_dir = cache_dir.parent / "features" if cache_dir is not None else None  # the train stage's cache
-    return bag.class_names, bag.member_proba_arrays(arrays, shas=shas, feature_dir=feature_dir)
+    if rows is None:
+        return bag.class_names, bag.member_proba_arrays(arrays, shas=shas, feature_dir=feature_dir)
+    out = []
+    for member, idx in zip(bag.members, rows):
+        probs = np.zeros((len(paths), len(bag.class_names)), dtype=np.float32)
+        if len(idx):
+            probs[idx] = BagPredictor([member]).member_proba_arrays(
+                {s: a[idx] for s, a in arrays.items()}, shas=[shas[i] for i in idx], feature_dir=feature_dir
+            )[0]
+        out.append(probs)
+    return bag.class_names, out
 
 
 def rank_rows(records: list[dict]) -> list[dict]:
@@ -164,12 +185,18 @@ def run_label_issues(
     groups = [r.get("group") or r["path"] for r in read_csv(split_fp) if r["split"] == "train"]
     dirs = member_dirs(cfg.bag.seeds, models_dir)
     names = [d.name for d in dirs]
+    seen = in_bag_matrix(split.labels["train"], cfg.bag.seeds, cfg.bag.bootstrap, groups, cfg.bag.folds)
     class_names, train_probs = member_probabilities(
-        dirs, device, raw_dir, split.paths["train"], split.sha256["train"], cache_dir
+        dirs,
+        device,
+        raw_dir,
+        split.paths["train"],
+        split.sha256["train"],
+        cache_dir,
+        rows=[np.flatnonzero(~seen[:, m]) for m in range(seen.shape[1])],  # each member: what it never saw
     )
     if tuple(class_names) != split.class_names:
         raise ValueError(f"the bag was trained on other classes than {split_fp} holds; rerun the train stages")
-    seen = in_bag_matrix(split.labels["train"], cfg.bag.seeds, cfg.bag.bootstrap, groups, cfg.bag.folds)
     probs = [out_of_bag_probs(train_probs, seen)]
     sources = train_sources(seen, names)
     if split.labels["val"]:

@@ -135,7 +135,7 @@ def test_stage_writes_ranked_csv_ascii_metrics_and_grid(tmp_path, monkeypatch):
         w.writerows(rows)
     truth = {r["path"]: (2 if r["path"] == flipped else CLASSES.index(r["class_name"])) for r in rows}
 
-    def fake_members(dirs, device, raw_dir, paths, shas, cache_dir):  # two confident, correct members
+    def fake_members(dirs, device, raw_dir, paths, shas, cache_dir, rows=None):  # two confident, correct members
         p = np.full((len(paths), 3), 0.05)
         p[np.arange(len(paths)), [truth[x] for x in paths]] = 0.9
         return CLASSES, [p, p]
