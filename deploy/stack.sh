@@ -10,6 +10,7 @@
 # worker is not started and the training DAG's tasks go to the CPU worker (PIPELINE_GPU_QUEUE=default); set
 # PIPELINE_STACK_GPU=1 to start it anyway. On a machine without an image registry, run
 # deploy/offline-images.sh first: its PIPELINE_*_IMAGE lines are read from .local/offline-images.env when present.
+# PIPELINE_STACK_WORKERS (default 1) CPU workers consume the `default` queue; they share the DVC workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:?usage: deploy/stack.sh up|down|ps}
@@ -62,7 +63,7 @@ up)
         echo "stack: no GPU here; airflow-worker-gpu is not started, training runs on airflow-worker" >&2
     fi
     # shellcheck disable=SC2086
-    compose up -d --no-build $services
+    compose up -d --no-build --scale "airflow-worker=${PIPELINE_STACK_WORKERS:-1}" $services
     deadline=$((SECONDS + ${PIPELINE_STACK_TIMEOUT:-900}))
     while :; do
         # One line per container: service, state, health, exit code.

@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).debug("malloc: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     for noisy in ("great_expectations", "botocore", "urllib3", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A stage's output ends up in a log file (DVC, Airflow): MLflow's per-file download bars are 40 lines of noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     try:
         from pipeline.adapters.credentials import use_local_account

@@ -17,11 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib import error, request
+from urllib.parse import quote
 
 import boto3
 import pytest
 
 from devstack.airflow_rest import AirflowAPI, watch_and_follow
+from pipeline.core.errors import PipelineError
 from tests.conftest import ROOT
 from tests.integration.helpers import png_bytes, upload_tiny_dataset
 
@@ -94,6 +96,8 @@ def stack(tmp_path_factory) -> Stack:
         "PIPELINE_PROFILE": "test",  # what runs started by the data watch train with
         "PIPELINE_LANDING_URI": WATCHED,
         "PIPELINE_MLFLOW_UI_URL": f"http://127.0.0.1:{PORTS['PIPELINE_STACK_MLFLOW_PORT']}",
+        "PIPELINE_STACK_WORKERS": "2",  # a task whose worker dies must be able to go on on the other one
+        "PIPELINE_TASK_HEARTBEAT_TIMEOUT": "40",  # (default 300 s) how soon a dead worker's task is retried
     }
     _run([str(ROOT / "deploy" / "docker-engine.sh")], env, 900)
     t0 = time.monotonic()
@@ -152,20 +156,95 @@ def test_new_data_trains_and_registers_on_the_celery_worker_containers(stack):
     assert sidecar["model_version"] == "1" and sidecar["label"] and not sidecar["error"], sidecar
 
 
+def _tis(api: AirflowAPI, run_id: str) -> list[dict]:
+    return api.get(f"/api/v2/dags/defect_training/dagRuns/{quote(run_id)}/taskInstances", limit=200)["task_instances"]
+
+
+def _task_log(api: AirflowAPI, run_id: str, ti: dict) -> str:
+    path = f"/api/v2/dags/defect_training/dagRuns/{quote(run_id)}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}"
+    return json.dumps(api.get(path, map_index=ti["map_index"]).get("content"), ensure_ascii=False)
+
+
+def _training_past_epoch(api: AirflowAPI, run_id: str, epoch: int, timeout: float) -> dict:
+    """The first running train/backbone task instance whose log shows epoch ``epoch`` done (a checkpoint exists)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ti in _tis(api, run_id):
+            if ti["task_id"] in ("train", "backbone") and ti["state"] == "running":
+                if f" epoch {epoch}: " in _task_log(api, run_id, ti):
+                    return ti
+        time.sleep(2)
+    raise AssertionError(f"no training task of {run_id} passed epoch {epoch} in {timeout:.0f} s: {_tis(api, run_id)}")
+
+
+def _wait_through_outage(stack: Stack, run_id: str, timeout: float) -> dict:
+    """The run's end state, polling through API errors (the api-server answers 5xx while its database is down)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return stack.airflow().wait_run("defect_training", run_id, timeout=max(deadline - time.monotonic(), 1))
+        except PipelineError as exc:
+            if "did not finish" in str(exc):
+                raise
+            time.sleep(5)
+    raise AssertionError(f"{run_id} did not finish in {timeout:.0f} s")
+
+
+LONG_TRAINING = {"landing_uri": WATCHED, "profile": "test", "set": ["train.epochs=120", "train.patience=1000"]}
+
+
+def test_a_worker_killed_mid_train_resumes_from_its_checkpoint_on_the_other_worker(stack):
+    """A CPU worker container is removed (SIGKILL) in the middle of a training task: after the heartbeat timeout
+    the scheduler fails that try, the retry runs on the other worker and resumes from the epoch checkpoint in
+    the shared workspace, and the run ends in success."""
+    api = stack.airflow()
+    workers = stack.compose("ps", "-q", "airflow-worker").stdout.split()
+    assert len(workers) == 2, workers
+    run_id = api.trigger("defect_training", LONG_TRAINING)
+    victim = _training_past_epoch(api, run_id, 3, timeout=900)
+    container = next(c for c in workers if c.startswith(victim["hostname"]))
+    _run(["docker", "rm", "--force", container], stack.env, 120)  # killed and gone: no restart policy brings it back
+    try:
+        assert _wait_through_outage(stack, run_id, 1500)["state"] == "success"
+        api = stack.airflow()
+        ti = next(
+            t for t in _tis(api, run_id) if (t["task_id"], t["map_index"]) == (victim["task_id"], victim["map_index"])
+        )
+        assert ti["try_number"] > victim["try_number"] and ti["hostname"] != victim["hostname"], (victim, ti)
+        assert "resuming" in _task_log(api, run_id, ti), _task_log(api, run_id, ti)[-3000:]
+    finally:
+        stack.compose("up", "-d", "--no-build", "--scale", "airflow-worker=2", "airflow-worker")
+
+
+def test_a_postgres_restart_mid_run_loses_nothing(stack):
+    """Airflow's database (and the registry's) restarted while a member trains: the run still ends in success,
+    and the history and the champion from before are all there."""
+    api = stack.airflow()
+    runs_before = {r["dag_run_id"] for r in api.runs("defect_training")}
+    run_id = api.trigger("defect_training", LONG_TRAINING)
+    _training_past_epoch(api, run_id, 3, timeout=900)
+    stack.compose("restart", "postgres")
+    assert _wait_through_outage(stack, run_id, 1500)["state"] == "success"
+    assert runs_before | {run_id} == {r["dag_run_id"] for r in stack.airflow().runs("defect_training")}
+    path = f"/api/2.0/mlflow/registered-models/alias?name={MODEL}&alias=champion"
+    assert stack.mlflow_status(path, "auditor")[0] == 200
+
+
 def test_down_then_up_keeps_champion_remote_and_history(stack):
     """`compose down` (volumes kept) and up again: the registry, the DVC remote and Airflow's history survive."""
     api = stack.airflow()
     runs_before = {r["dag_run_id"] for r in api.runs("defect_training")}
     dvc_before = stack.s3().list_objects_v2(Bucket="dvc").get("KeyCount", 0)
     assert runs_before and dvc_before > 0  # the previous test trained and pushed
+    path = f"/api/2.0/mlflow/registered-models/alias?name={MODEL}&alias=champion"
+    champion = stack.mlflow_status(path, "auditor")[1]["model_version"]["version"]
     stack.compose("down", "--timeout", "30")
     _run([str(ROOT / "deploy" / "stack.sh"), "up"], stack.env, 1200)
     api = stack.airflow()
     assert {r["dag_run_id"] for r in api.runs("defect_training")} == runs_before
     assert stack.s3().list_objects_v2(Bucket="dvc").get("KeyCount", 0) == dvc_before
-    path = f"/api/2.0/mlflow/registered-models/alias?name={MODEL}&alias=champion"
     status, body = stack.mlflow_status(path, "auditor")
-    assert status == 200 and body["model_version"]["version"] == "1", (status, body)
+    assert status == 200 and body["model_version"]["version"] == champion, (status, body)
 
 
 def test_no_secret_is_a_process_argument(stack):
