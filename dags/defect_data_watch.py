@@ -4,8 +4,9 @@
 Looks at the landing prefix through the Amazon provider's S3 hook (Airflow connection `aws_conn_id`, or the
 `AWS_*` variables and `AWS_ENDPOINT_URL`), fingerprints it (keys + ETags + sizes), waits until two listings a
 settle window apart agree (a half-finished upload never starts training), and emits an event on the Asset
-`landing_data` only when the fingerprint differs from the last one it emitted. That last fingerprint is an
-Airflow Variable (`defect_watch_last_fingerprint:<landing uri>`), so it survives restarts. The event's extra
+`landing_data` only when the fingerprint differs from the last one it emitted. That last fingerprint is kept in
+the asset's state store (Airflow 3.3, key `last_fingerprint:<landing uri>`), so it survives restarts; the Variable
+`defect_watch_last_fingerprint:<landing uri>` an older version kept is taken over once and deleted. The event's extra
 carries the fingerprint, object count and landing URI; `defect_training` is scheduled on that Asset.
 """
 
@@ -28,9 +29,10 @@ def stable_fingerprint() -> dict | None:
 
 @task(outlets=[orc.LANDING_DATA], retries=1)
 def emit_if_new(found: dict | None) -> str:
-    uri = get_current_context()["params"]["landing_uri"]
-    with orc.only_new_listing(found, uri, "watch"):
-        get_current_context()["outlet_events"][orc.LANDING_DATA].extra = found
+    context = get_current_context()
+    uri = context["params"]["landing_uri"]
+    with orc.only_new_listing(found, uri, "watch", context["asset_state_store"][orc.LANDING_DATA]):
+        context["outlet_events"][orc.LANDING_DATA].extra = found
     return found["fingerprint"]
 
 

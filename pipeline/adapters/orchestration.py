@@ -43,21 +43,44 @@ def fingerprint_key(kind: str, uri: str) -> str:
     return f"defect_{kind}_last_fingerprint:{uri}"
 
 
+def state_key(uri: str) -> str:
+    """The asset state store key of the last fingerprint the data watch emitted for ``uri``."""
+    return f"last_fingerprint:{uri}"
+
+
 @contextmanager
-def only_new_listing(found: dict | None, uri: str, kind: str) -> Iterator[dict]:
+def only_new_listing(found: dict | None, uri: str, kind: str, store=None) -> Iterator[dict]:
     """Skip the task unless ``found`` (from :func:`stable_listing`) is stable, non-empty and not seen before;
-    when the ``with`` body finishes without an error, remember its fingerprint (a durable Airflow Variable)."""
+    when the ``with`` body finishes without an error, remember its fingerprint.
+
+    Where it is remembered: ``store`` (the task's ``context["asset_state_store"][asset]``, Airflow's asset state
+    store: the data watch) or a durable Airflow Variable (:func:`fingerprint_key`: the batch DAG, which emits no
+    asset). A store that is still empty takes over the Variable an older version kept for ``uri``, once: the
+    Variable is read as the last fingerprint and deleted after the store holds the new one.
+    """
     from airflow.sdk.exceptions import AirflowSkipException
 
     if found is None:
         raise AirflowSkipException(f"{uri} still changing; will look again next time")
     if found["objects"] == 0:
         raise AirflowSkipException(f"{uri} is empty")
-    key = fingerprint_key(kind, uri)
-    if Variable.get(key, default=None) == found["fingerprint"]:
+    legacy = fingerprint_key(kind, uri)
+    last = store.get(state_key(uri)) if store is not None else None
+    migrating = store is not None and last is None and Variable.get(legacy, default=None) is not None
+    if store is None or migrating:
+        last = Variable.get(legacy, default=None)
+    if last == found["fingerprint"]:
+        if migrating:
+            store.set(state_key(uri), last)
+            Variable.delete(legacy)
         raise AirflowSkipException(f"same data as last time ({found['fingerprint'][:12]}); nothing to do")
     yield found
-    Variable.set(key, found["fingerprint"])
+    if store is None:
+        Variable.set(legacy, found["fingerprint"])
+        return
+    store.set(state_key(uri), found["fingerprint"])
+    if migrating:
+        Variable.delete(legacy)
 
 
 def s3_client(conn_id: str):

@@ -1,7 +1,7 @@
 """Data-arrival detection: fingerprint a landing prefix, wait until it is stable, decide whether it is new.
 
-Pure functions plus one loop; the Airflow DAG ``defect_data_watch`` wires them to an S3 hook, an Airflow
-Variable (the durable "last processed" fingerprint) and an Asset outlet.
+Pure functions plus one loop; the Airflow DAG ``defect_data_watch`` wires them to an S3 hook, the Asset's state
+store (the durable "last processed" fingerprint, ``orchestration.only_new_listing``) and an Asset outlet.
 """
 
 from __future__ import annotations

@@ -21,26 +21,28 @@ from airflow.models.asset import AssetEvent
 from airflow.utils.session import create_session
 with create_session() as s:
     print(json.dumps([e.extra for e in s.query(AssetEvent).all() if (e.extra or {}).get("landing_uri") == URI]))
-""".replace("URI", repr(URI))
+"""
 
 
-def _asset_events(env) -> list[dict]:
+def _python(env, code: str) -> str:
+    """Last line ``code`` prints, run against the stack's Airflow database."""
+    import os
     import subprocess
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", COUNT_EVENTS],
-        env={**__import__("os").environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return out.stdout.strip().splitlines()[-1]
 
 
-def _watch(env, settle: int = 1, checks: int = 2) -> None:
-    conf = json.dumps({"landing_uri": URI, "settle_seconds": settle, "max_checks": checks})
+def _asset_events(env, uri: str = URI) -> list[dict]:
+    return json.loads(_python(env, COUNT_EVENTS.replace("URI", repr(uri))))
+
+
+def _watch(env, settle: int = 1, checks: int = 2, uri: str = URI) -> None:
+    conf = json.dumps({"landing_uri": uri, "settle_seconds": settle, "max_checks": checks})
     out = run_cli(["devstack", "run-dag", "defect_data_watch", "--conf", conf], env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
@@ -113,3 +115,26 @@ def test_new_data_fires_once_same_data_never_growing_upload_waits_relabel_fires(
     events = _asset_events(stack_env)
     assert len(events) == 3 and events[2]["objects"] == events[1]["objects"]
     assert events[2]["fingerprint"] != events[1]["fingerprint"]
+
+
+def test_a_fingerprint_an_older_version_kept_in_a_variable_is_taken_over_once(stack, stack_env, s3):
+    """The last fingerprint used to be an Airflow Variable; it now lives in the asset state store. A Variable
+    holding today's data is taken over (no event, the Variable deleted), the same data stays quiet, new data fires."""
+    from pipeline.adapters import storage
+    from pipeline.adapters.watch import listing_fingerprint
+
+    uri = "s3://landing/watch-old/"
+    for i in range(2):
+        s3.put_object(Bucket="landing", Key=f"watch-old/crack/{i}.png", Body=png_bytes(200 + i))
+    key = f"defect_watch_last_fingerprint:{uri}"
+    fingerprint = listing_fingerprint(storage.list_objects(uri, s3))
+    _python(stack_env, f"from airflow.models import Variable; Variable.set({key!r}, {fingerprint!r}); print('ok')")
+    get_var = f"from airflow.models import Variable; print(Variable.get({key!r}, default_var='gone'))"
+
+    _watch(stack_env, uri=uri)
+    assert _asset_events(stack_env, uri) == [] and _python(stack_env, get_var) == "gone"
+    _watch(stack_env, uri=uri)  # the state store holds it now
+    assert _asset_events(stack_env, uri) == []
+    s3.put_object(Bucket="landing", Key="watch-old/crack/2.png", Body=png_bytes(202))
+    _watch(stack_env, uri=uri)
+    assert [e["objects"] for e in _asset_events(stack_env, uri)] == [3]
