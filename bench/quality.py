@@ -80,6 +80,16 @@ ROWS: dict[str, tuple[str, dict | None, bool]] = {  # name -> (what changed, ove
         {"train": {"val_tta": False}},
         True,
     ),
+    "all-single": (
+        "new cpu-demo profile, one member on all train images (bag.seeds [0], bag.folds false)",
+        {"bag": {"seeds": [0], "folds": False}},
+        True,
+    ),
+    "all-single-valplain": (
+        "`all-single`, best epoch picked on the plain val view (train.val_tta false)",
+        {"bag": {"seeds": [0], "folds": False}, "train": {"val_tta": False}},
+        True,
+    ),
     "all-nofolds": (
         "new cpu-demo profile, each member on all train images (bag.folds false)",
         {"bag": {"folds": False}},

@@ -112,14 +112,34 @@ def _watch_events(limit: int = 5) -> list[dict]:
 
 
 def _watched_fingerprints() -> dict[str, str]:
+    """Prefix -> the last fingerprint the data watch emitted: the Asset's state store, and for prefixes the watch has
+    not looked at since the upgrade, the Variable an older version kept."""
+    import json
+
     from airflow.models import Variable
+    from airflow.models.asset import AssetModel
+    from airflow.models.asset_state_store import AssetStateStoreModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    prefix = orc.fingerprint_key("watch", "")
+    legacy, key = orc.fingerprint_key("watch", ""), orc.state_key("")
     with create_session() as session:
-        found = session.scalars(select(Variable).where(Variable.key.like(prefix + "%"))).all()
-        return {v.key[len(prefix) :]: v.val for v in found}
+        found = {
+            v.key[len(legacy) :]: v.val
+            for v in session.scalars(select(Variable).where(Variable.key.like(legacy + "%")))
+        }
+        rows = session.execute(
+            select(AssetStateStoreModel.key, AssetStateStoreModel.value)
+            .join(AssetModel, AssetModel.id == AssetStateStoreModel.asset_id)
+            .where(AssetModel.name == orc.LANDING_DATA.name, AssetStateStoreModel.key.like(key + "%"))
+        ).all()
+    for k, value in rows:
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+        found[k[len(key) :]] = str(value)
+    return found
 
 
 # --- pages --------------------------------------------------------------------------------------------------------

@@ -229,6 +229,8 @@ def test_links_and_the_defect_models_page_under_a_running_api_server(
     rows = {run_id: next((r for r in recent.split("<tr>") if f">{run_id}</a>" in r), "") for run_id in (good, bad)}
     assert all("not a decodable image: 1" in r and "s3://landing/view/" in r for r in rows.values()), rows
     assert event["extra"]["fingerprint"][:16] in page and "s3://landing/view/" in page
+    last = page.split("Last processed fingerprint per prefix</h3>", 1)[1].split("</table>", 1)[0]
+    assert "s3://landing/view/" in last and event["extra"]["fingerprint"][:16] in last, last  # the asset state store
     fired = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
     assert str(fired) in page and "has not fired yet" not in page, (event, page[-2000:])  # when it fired
     assert good in unquote(page) and bad in unquote(page)  # each version names the DAG run that made it

@@ -173,6 +173,10 @@ def _training_past_epoch(api: AirflowAPI, run_id: str, epoch: int, timeout: floa
             if ti["task_id"] in ("train", "backbone") and ti["state"] == "running":
                 if f" epoch {epoch}: " in _task_log(api, run_id, ti):
                     return ti
+        state = api.get(f"/api/v2/dags/defect_training/dagRuns/{quote(run_id)}")["state"]
+        assert state not in ("success", "failed"), (
+            f"{run_id} ended ({state}) before a training task passed epoch {epoch}"
+        )
         time.sleep(2)
     raise AssertionError(f"no training task of {run_id} passed epoch {epoch} in {timeout:.0f} s: {_tis(api, run_id)}")
 
@@ -190,7 +194,9 @@ def _wait_through_outage(stack: Stack, run_id: str, timeout: float) -> dict:
     raise AssertionError(f"{run_id} did not finish in {timeout:.0f} s")
 
 
-LONG_TRAINING = {"landing_uri": WATCHED, "profile": "test", "set": ["train.epochs=120", "train.patience=1000"]}
+def _long_training(epochs: int) -> dict:
+    """A run that trains long enough to be interrupted; each test its own epochs, or DVC finds the stages done."""
+    return {"landing_uri": WATCHED, "profile": "test", "set": [f"train.epochs={epochs}", "train.patience=1000"]}
 
 
 def test_a_worker_killed_mid_train_resumes_from_its_checkpoint_on_the_other_worker(stack):
@@ -200,7 +206,7 @@ def test_a_worker_killed_mid_train_resumes_from_its_checkpoint_on_the_other_work
     api = stack.airflow()
     workers = stack.compose("ps", "-q", "airflow-worker").stdout.split()
     assert len(workers) == 2, workers
-    run_id = api.trigger("defect_training", LONG_TRAINING)
+    run_id = api.trigger("defect_training", _long_training(120))
     victim = _training_past_epoch(api, run_id, 3, timeout=900)
     container = next(c for c in workers if c.startswith(victim["hostname"]))
     _run(["docker", "rm", "--force", container], stack.env, 120)  # killed and gone: no restart policy brings it back
@@ -221,7 +227,7 @@ def test_a_postgres_restart_mid_run_loses_nothing(stack):
     and the history and the champion from before are all there."""
     api = stack.airflow()
     runs_before = {r["dag_run_id"] for r in api.runs("defect_training")}
-    run_id = api.trigger("defect_training", LONG_TRAINING)
+    run_id = api.trigger("defect_training", _long_training(100))
     _training_past_epoch(api, run_id, 3, timeout=900)
     stack.compose("restart", "postgres")
     assert _wait_through_outage(stack, run_id, 1500)["state"] == "success"
