@@ -195,8 +195,14 @@ def _wait_through_outage(stack: Stack, run_id: str, timeout: float) -> dict:
 
 
 def _long_training(epochs: int) -> dict:
-    """A run that trains long enough to be interrupted; each test its own epochs, or DVC finds the stages done."""
-    return {"landing_uri": WATCHED, "profile": "test", "set": [f"train.epochs={epochs}", "train.patience=1000"]}
+    """A run whose bag member trains long enough to be interrupted (the two backbones train 2 epochs, so only
+    ``train`` gets past epoch 3); each test its own epochs, or DVC finds the stages done."""
+    backbones = [f"backbones.{name}.epochs=2" for name in ("test_efficientnet", "test_resnet")]
+    return {
+        "landing_uri": WATCHED,
+        "profile": "test",
+        "set": [f"train.epochs={epochs}", "train.patience=1000", *backbones],
+    }
 
 
 def test_a_worker_killed_mid_train_resumes_from_its_checkpoint_on_the_other_worker(stack):
@@ -206,7 +212,7 @@ def test_a_worker_killed_mid_train_resumes_from_its_checkpoint_on_the_other_work
     api = stack.airflow()
     workers = stack.compose("ps", "-q", "airflow-worker").stdout.split()
     assert len(workers) == 2, workers
-    run_id = api.trigger("defect_training", _long_training(120))
+    run_id = api.trigger("defect_training", _long_training(60))
     victim = _training_past_epoch(api, run_id, 3, timeout=900)
     container = next(c for c in workers if c.startswith(victim["hostname"]))
     _run(["docker", "rm", "--force", container], stack.env, 120)  # killed and gone: no restart policy brings it back
@@ -227,7 +233,7 @@ def test_a_postgres_restart_mid_run_loses_nothing(stack):
     and the history and the champion from before are all there."""
     api = stack.airflow()
     runs_before = {r["dag_run_id"] for r in api.runs("defect_training")}
-    run_id = api.trigger("defect_training", _long_training(100))
+    run_id = api.trigger("defect_training", _long_training(50))
     _training_past_epoch(api, run_id, 3, timeout=900)
     stack.compose("restart", "postgres")
     assert _wait_through_outage(stack, run_id, 1500)["state"] == "success"
