@@ -66,21 +66,24 @@ def only_new_listing(found: dict | None, uri: str, kind: str, store=None) -> Ite
         raise AirflowSkipException(f"{uri} is empty")
     legacy = fingerprint_key(kind, uri)
     last = store.get(state_key(uri)) if store is not None else None
-    migrating = store is not None and last is None and Variable.get(legacy, default=None) is not None
-    if store is None or migrating:
+    from_variable = last is None and Variable.get(legacy, default=None) is not None
+    if from_variable:
         last = Variable.get(legacy, default=None)
+
+    def remember(fingerprint: str) -> None:
+        if store is None:
+            Variable.set(legacy, fingerprint)
+            return
+        store.set(state_key(uri), fingerprint)
+        if from_variable:
+            Variable.delete(legacy)  # taken over: the store holds it now
+
     if last == found["fingerprint"]:
-        if migrating:
-            store.set(state_key(uri), last)
-            Variable.delete(legacy)
+        if from_variable and store is not None:
+            remember(last)
         raise AirflowSkipException(f"same data as last time ({found['fingerprint'][:12]}); nothing to do")
     yield found
-    if store is None:
-        Variable.set(legacy, found["fingerprint"])
-        return
-    store.set(state_key(uri), found["fingerprint"])
-    if migrating:
-        Variable.delete(legacy)
+    remember(found["fingerprint"])
 
 
 def s3_client(conn_id: str):
