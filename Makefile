@@ -109,7 +109,7 @@ lint: venv
 	$(PY) -m ruff check .
 
 test: venv lint system-deps
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 bench: venv
 	$(PY) -m bench

@@ -80,15 +80,27 @@ class AirflowAPI:
             time.sleep(poll)
         raise PipelineError(f"{dag_id} run {run_id} did not finish within {timeout:.0f} s")
 
-    def wait_new_run(self, dag_id: str, known: set[str], timeout: float, poll: float = 3.0) -> dict | None:
-        """The first run of ``dag_id`` not in ``known`` that appears within ``timeout`` seconds, else None."""
+    def wait_new_run(
+        self, dag_id: str, known: set[str], timeout: float, poll: float = 3.0, landing_uri: str | None = None
+    ) -> dict | None:
+        """The first run of ``dag_id`` not in ``known`` that appears within ``timeout`` seconds, else None.
+
+        With ``landing_uri``: the first such run started by an Asset event for that prefix (a run another
+        prefix's event started is not it)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             fresh = [r for r in self.runs(dag_id) if r["dag_run_id"] not in known]
+            if landing_uri is not None:
+                fresh = [r for r in fresh if landing_uri in self.upstream_landing_uris(dag_id, r["dag_run_id"])]
             if fresh:
                 return fresh[-1]
             time.sleep(poll)
         return None
+
+    def upstream_landing_uris(self, dag_id: str, run_id: str) -> set[str]:
+        """The landing prefixes of the Asset events that started this run (empty for a run started otherwise)."""
+        path = f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/upstreamAssetEvents"
+        return {(e.get("extra") or {}).get("landing_uri") for e in self.get(path)["asset_events"]} - {None}
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value"):
         path = (
@@ -131,7 +143,9 @@ def watch_and_follow(
         "asset_events": events_for_prefix() - events_before,
         "training_runs": 0,
     }
-    first = api.wait_new_run("defect_training", known, timeout=120 if emitted else quiet_seconds)
+    first = api.wait_new_run(
+        "defect_training", known, timeout=120 if emitted else quiet_seconds, landing_uri=landing_uri
+    )
     if first is not None:
         started = time.monotonic()
         run = api.wait_run("defect_training", first["dag_run_id"], timeout)
@@ -143,6 +157,8 @@ def watch_and_follow(
             if run["state"] == "success"
             else None,
         )
+        if run["state"] != "success":  # which task, so a failure in CI names its cause
+            out["task_states"] = api.task_states("defect_training", first["dag_run_id"])
         time.sleep(min(quiet_seconds, 15))  # a second run would have been created by now
     out["training_runs"] = len([r for r in api.runs("defect_training") if r["dag_run_id"] not in known])
     return out

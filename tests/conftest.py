@@ -148,8 +148,14 @@ def airflow_api(stack, stack_env, tmp_path_factory):
     from devstack.airflow_rest import AirflowAPI
 
     old = dict(os.environ)
-    # Runs started by an Asset event use the defaults: the tiny test profile, a workspace of their own.
-    os.environ.update(PIPELINE_PROFILE="test", PIPELINE_WORKSPACE=str(tmp_path_factory.mktemp("loop-ws")))
+    # Runs started by an Asset event use the defaults: the tiny test profile, a workspace of their own. The
+    # scheduled watch (every 10 minutes) looks at a prefix no test writes to, so it skips: on the whole bucket it
+    # would train on every test's uploads, hostile ones included, in the middle of a test's own runs.
+    os.environ.update(
+        PIPELINE_PROFILE="test",
+        PIPELINE_WORKSPACE=str(tmp_path_factory.mktemp("loop-ws")),
+        PIPELINE_LANDING_URI="s3://landing/scheduled-watch-idle/",
+    )
     try:
         services.start_airflow(stack)
         api = AirflowAPI(f"http://127.0.0.1:{stack.airflow_port}", "pipeline", accounts.password("pipeline"))
