@@ -23,7 +23,7 @@ def test_committed_params_and_profiles_are_valid(tmp_path):
         assert config_from_dict(merged_params(ROOT, profile, {})).profile == profile
     # A profile's backbones replace the GPU list; a --set override merges into it.
     demo = config_from_dict(merged_params(ROOT, "cpu-demo", {}))
-    assert list(demo.backbones) == ["efficientnet_lite0"]
+    assert list(demo.backbones) == ["efficientnet_lite0"] and demo.bag.seeds == (0,)
     assert (
         demo.bag.folds,
         demo.bag.bootstrap,
@@ -31,7 +31,7 @@ def test_committed_params_and_profiles_are_valid(tmp_path):
         demo.model.tta,
         demo.train.cache_frozen,
         demo.registry.min_test_images,
-    ) == (True, False, "d4", True, True, 100)
+    ) == (False, False, "d4", True, True, 100)
     one = demo.for_backbone("efficientnet_lite0")
     assert (
         one.model.backbone,
