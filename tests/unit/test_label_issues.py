@@ -265,3 +265,38 @@ def test_model_card_states_the_label_issue_counts():
     assert "unscored 12 train images" in card and "18 train images" in card and "13 val images" in card
     assert "reports/label_issues.csv" in card and "reports/label_issues.png" in card
     assert label_issues_card({}) == []  # a run without the stage: no section
+
+
+def test_one_member_on_all_train_images_scores_val_only(tmp_path):
+    """The cpu-demo shape (one member, no resample, no folds): that member trained on every train image, so no
+    train image gets an in-sample score; the val images are scored by it, and the stage still writes its list."""
+    from pipeline.core.data import build_cache, load_split
+    from pipeline.core.inference import BagPredictor
+    from pipeline.stages.train import run_train
+    from tests.integration.helpers import write_tiny_split
+
+    write_tiny_split(tmp_path, per_class=8, val_per_class=2)
+    cfg = config_from_dict(
+        {
+            "data": {"landing_uri": "s3://x/"},
+            "model": {"backbone": "test_efficientnet", "img_size": 32, "weights": "none"},
+            "train": {"epochs": 1, "batch_size": 6, "num_workers": 0, "amp": "none", "device": "cpu"},
+            "bag": {"seeds": [0], "bootstrap": False, "folds": False},
+        }
+    )
+    models = tmp_path / "models"
+    run_train(cfg, tmp_path / "split.csv", tmp_path / "raw", 0, models / "member_0", cache_dir=tmp_path / "cache")
+    out = tmp_path / "reports"
+    summary = li.run_label_issues(
+        cfg, tmp_path / "split.csv", tmp_path / "raw", models, out / "li.csv", out / "li.json", out / "li.png"
+    )
+    split = load_split(tmp_path / "split.csv")
+    with open(out / "li.csv", newline="", encoding="utf-8") as fh:
+        got = {r["path"]: r for r in csv.DictReader(fh)}
+    assert summary["n_unscored"] == len(split.paths["train"]) == 18
+    assert all(got[p]["source"] == SOURCE_UNSCORED and got[p]["p_given"] == "" for p in split.paths["train"])
+    imgs = {32: build_cache(tmp_path / "raw", split.paths["val"], split.sha256["val"], 32, None)}
+    probs = BagPredictor.from_dirs([models / "member_0"]).predict_proba_arrays(imgs)
+    for i, path in enumerate(split.paths["val"]):
+        assert got[path]["source"] == "val:all_members"
+        assert float(got[path]["p_given"]) == pytest.approx(probs[i, split.labels["val"][i]], abs=2e-6)
