@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             t0,
         )
     order = [n for n in [*ROWS, "peer"] if n in results]
+    if not order:  # `--rows ""`: the split only
+        return 0
     text = table({n: results[n] for n in order})
     print(text)
     if not args.no_doc:
