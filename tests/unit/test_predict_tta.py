@@ -81,3 +81,43 @@ def test_pyfunc_param_tta_switches_it(tmp_path):
     off = model.predict(None, frame, params={"tta": False})["confidence"].to_numpy()
     np.testing.assert_allclose(on, default)
     assert not np.allclose(on, off, atol=1e-5)
+
+
+def test_the_pyfunc_holds_one_decoded_photo_at_a_time(monkeypatch):
+    """Issue 32: a request of many large photos must not hold them all decoded (each may be up to MAX_PIXELS).
+    When a row is decoded, no earlier row's decoded photo is still alive; the answer is the bag's own."""
+    import base64
+    import gc
+    import io
+    import weakref
+
+    from pipeline.adapters.serving import predict_frame
+    from pipeline.core import images as core_images
+
+    bag = BagPredictor([_member([0, 1])])
+    photos = _images(6)
+    live: list[weakref.ref] = []
+    alive_at_decode: list[int] = []
+    real = core_images.decode_rgb
+
+    def tracked(data, **kwargs):
+        gc.collect()
+        alive_at_decode.append(sum(ref() is not None for ref in live))
+        image = real(data, **kwargs)
+        live.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(core_images, "decode_rgb", tracked)
+
+    def b64(image: Image.Image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    frame = pd.DataFrame({"image": [b64(p) for p in photos[:3]] + ["bm90IGFuIGltYWdl"] + [b64(p) for p in photos[3:]]})
+    out = predict_frame(bag, frame)
+    assert alive_at_decode == [0] * 7, alive_at_decode
+    assert list(out["error"] != "") == [False, False, False, True, False, False, False]
+    probs = bag.predict_proba(photos)
+    expected = [bag.class_names[int(p.argmax())] for p in probs]
+    assert [label for label in out["label"] if label] == expected
