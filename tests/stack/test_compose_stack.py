@@ -238,9 +238,9 @@ def _retry_resumed(api: AirflowAPI, run_id: str, victim: dict, timeout: float) -
 
 
 def test_a_killed_worker_then_a_postgres_restart_lose_nothing(stack):
-    """One run on the DACON-shaped set (19 Korean class names), two faults. A CPU worker container is removed (SIGKILL) in the middle of a training task: after
-    the heartbeat timeout the scheduler fails that try, and the retry runs on the other worker, resuming from the
-    epoch checkpoint in the shared workspace. While that retry trains, Airflow's database (and the registry's) is
+    """One run on the DACON-shaped set (19 Korean class names), two faults. A CPU worker container is removed
+    (SIGKILL) in the middle of a training task: after the heartbeat timeout the scheduler fails that try, and the
+    retry runs on the other worker, resuming from the epoch checkpoint in the shared workspace. While that retry trains, Airflow's database (and the registry's) is
     restarted. The run still ends in success and registers the Korean-named model; the history and the champion
     from before are all there."""
     upload_train(stack.s3(), "landing", DACON.removeprefix("s3://landing/"))
