@@ -66,9 +66,10 @@ def only_new_listing(found: dict | None, uri: str, kind: str, store=None) -> Ite
         raise AirflowSkipException(f"{uri} is empty")
     legacy = fingerprint_key(kind, uri)
     last = store.get(state_key(uri)) if store is not None else None
-    from_variable = last is None and Variable.get(legacy, default=None) is not None
-    if from_variable:
+    from_variable = False
+    if last is None:
         last = Variable.get(legacy, default=None)
+        from_variable = last is not None
 
     def remember(fingerprint: str) -> None:
         if store is None:

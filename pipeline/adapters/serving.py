@@ -54,25 +54,20 @@ def decode_rows(values) -> tuple[list, list[str]]:
 def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
     """Labels, calibrated confidence and per-row errors. Rows are decoded one at a time and kept only at the bag's
     input sizes, so a request of many large photos (each up to ``MAX_PIXELS``) never holds them all decoded."""
-    from pipeline.core.images import resize_uint8, to_rgb
-
     if "image" not in frame.columns:
         raise ValueError("input must have a column named 'image' holding base64-encoded image files")
-    sizes = predictor.sizes()
-    arrays: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
-    ok, errors = [], []
+    inputs, ok, errors = [], [], []
     for row, value in enumerate(frame["image"].tolist()):
         (image,), (error,) = decode_rows([value])
         errors.append(error)
         if image is not None:
             ok.append(row)
-            for s in sizes:  # what BagPredictor.predict_proba does with the image
-                arrays[s].append(resize_uint8(to_rgb(image), s))
+            inputs.append(predictor.input_arrays(image))
         del image
     labels = [""] * len(errors)
     conf = np.zeros(len(errors), dtype=np.float64)
     if ok:
-        probs = predictor.predict_proba_arrays({s: np.stack(a) for s, a in arrays.items()})
+        probs = predictor.predict_proba_arrays(predictor.stack_inputs(inputs))
         shown = predictor.calibrated(probs)
         for row, p, q in zip(ok, probs, shown):
             k = int(p.argmax())  # from the raw probabilities: the temperature only changes the confidence

@@ -228,9 +228,16 @@ class BagPredictor:
     def sizes(self) -> set[int]:
         return {m.meta["img_size"] for m in self.members}
 
-    def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
-        arrays = {
-            s: np.stack([resize_uint8(to_rgb(im), s) for im in images]) if images else np.zeros((0, s, s, 3), np.uint8)
-            for s in self.sizes()
+    def input_arrays(self, image: Image.Image) -> dict[int, np.ndarray]:
+        """One photo as the members take it: RGB, resized to each member size (HWC uint8)."""
+        rgb = to_rgb(image)
+        return {s: resize_uint8(rgb, s) for s in self.sizes()}
+
+    def stack_inputs(self, inputs: list[dict[int, np.ndarray]]) -> dict[int, np.ndarray]:
+        """:meth:`input_arrays` of several photos as the batch arrays :meth:`predict_proba_arrays` takes."""
+        return {
+            s: np.stack([x[s] for x in inputs]) if inputs else np.zeros((0, s, s, 3), np.uint8) for s in self.sizes()
         }
-        return self.predict_proba_arrays(arrays)
+
+    def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
+        return self.predict_proba_arrays(self.stack_inputs([self.input_arrays(im) for im in images]))
